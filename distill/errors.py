@@ -1,0 +1,13 @@
+"""Errors that reach the user as one line, naming the file and the place."""
+
+
+class DistillError(Exception):
+    """Bad input or a refused action; the CLI prints it on one line and exits 2."""
+
+
+class ConfigError(DistillError):
+    """A config file that does not match the schema (`file: key.path: reason`)."""
+
+
+class DataError(DistillError):
+    """A data file that cannot be read (`file:line: reason`)."""
