@@ -17,8 +17,10 @@ from typing import Any
 from distill.errors import DataError
 
 
-def iter_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> Iterator[dict[str, Any]]:
-    """Yield the records of a JSONL file.
+def iter_jsonl_numbered(
+    path: str | Path, *, allow_partial_tail: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line number, record)` pairs of a JSONL file.
 
     `allow_partial_tail` drops a last line without its newline: that is what a process killed
     mid-write leaves behind in a shard it owns, and resuming must redo that record, not fail.
@@ -41,7 +43,12 @@ def iter_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> Iterato
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield record
+            yield lineno, record
+
+
+def iter_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> Iterator[dict[str, Any]]:
+    for _, record in iter_jsonl_numbered(path, allow_partial_tail=allow_partial_tail):
+        yield record
 
 
 def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> list[dict[str, Any]]:

@@ -1,0 +1,275 @@
+"""The run configuration: YAML files checked against typed dataclasses before any job starts.
+
+Every mistake is reported as one line naming the file and the key path, e.g.
+`configs/tiny.yaml: train.lr: expected float, got 'fast'`, so a typo never costs a queue wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distill.errors import ConfigError
+
+
+@dataclass
+class ModelsConfig:
+    """Local model directories (a hub id works only where the hub is reachable)."""
+
+    teacher: str
+    student: str
+
+
+@dataclass
+class DataConfig:
+    """Problem files (JSONL) and the names of their fields."""
+
+    train: str
+    validation: str | None = None
+    test: str | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = "id"
+    train_limit: int | None = None
+
+
+@dataclass
+class PromptConfig:
+    template: str = "Question: {question}\nAnswer: "
+    # Applied only when the tokenizer ships a chat template.
+    use_chat_template: bool = True
+
+
+@dataclass
+class GenerationConfig:
+    """Teacher generation. `temperature: 0` means greedy decoding."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    num_shards: int = 1
+    seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    """Student training; one optimizer step consumes `batch_size * grad_accum` examples."""
+
+    objective: Literal["sft"] = "sft"
+    lr: float = 2e-5
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 2048
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    save_steps: int = 100
+    keep_checkpoints: int = 2
+    log_steps: int = 10
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["train", "validation", "test"] = "test"
+    limit: int | None = None
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    num_shards: int = 1
+    # Iteration 0 also evaluates the teacher and the untrained student, for reference.
+    baselines: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str
+    models: ModelsConfig
+    data: DataConfig
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_root: str = "runs"
+    # `soft` for filesystems without working flock (e.g. Lustre mounted without -o flock).
+    lock: Literal["flock", "soft"] = "flock"
+    source: str = field(default="", metadata={"internal": True})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def hash(self) -> str:
+        """Content hash of the resolved config: a changed config is a different experiment."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "int", float: "float", str: "string", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check one value against a type hint, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    prefix = f"{where}." if not where.endswith(": ") else where
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where.rstrip(': ')}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key missing")
+    return cls(**kwargs)
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {dotted}: {k} is not a mapping")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Turn `key.path=value` strings (values in YAML syntax) into pairs."""
+    pairs = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected key.path=value")
+        pairs.append((key.strip(), yaml.safe_load(text)))
+    return pairs
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a YAML config; `overrides` are `key.path=value` strings."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        place = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{place}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in parse_overrides(overrides or []):
+        _set_path(raw, key, value, f"{path} (--set)")
+    cfg = _build(RunConfig, raw, f"{path}: ")
+    cfg.source = str(path)
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: RunConfig) -> None:
+    """Constraints a type cannot express."""
+    where = cfg.source
+    positive = {
+        "generation.n": cfg.generation.n,
+        "generation.max_new_tokens": cfg.generation.max_new_tokens,
+        "generation.batch_size": cfg.generation.batch_size,
+        "generation.num_shards": cfg.generation.num_shards,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.max_length": cfg.train.max_length,
+        "train.save_steps": cfg.train.save_steps,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.num_shards": cfg.eval.num_shards,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{where}: {key}: must be >= 1, got {value}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"{where}: train.lr: must be > 0, got {cfg.train.lr}")
+    if cfg.generation.temperature < 0:
+        raise ConfigError(f"{where}: generation.temperature: must be >= 0, got {cfg.generation.temperature}")
+    if not 0 < cfg.generation.top_p <= 1:
+        raise ConfigError(f"{where}: generation.top_p: must be in (0, 1], got {cfg.generation.top_p}")
+    if "{question}" not in cfg.prompt.template:
+        raise ConfigError(f"{where}: prompt.template: must contain the {{question}} slot")
+    if cfg.eval.split != "train" and getattr(cfg.data, cfg.eval.split) is None:
+        raise ConfigError(f"{where}: eval.split: data.{cfg.eval.split} is not set")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail before submitting anything if a model or data path does not exist."""
+    for key in ("teacher", "student"):
+        p = getattr(cfg.models, key)
+        if not Path(p).exists():
+            raise ConfigError(f"{cfg.source}: models.{key}: path not found: {p}")
+    for key in ("train", "validation", "test"):
+        p = getattr(cfg.data, key)
+        if p is not None and not Path(p).is_file():
+            raise ConfigError(f"{cfg.source}: data.{key}: file not found: {p}")

@@ -1,0 +1,187 @@
+"""Generation backends and the resumable shard writer.
+
+A shard appends one JSON line per (problem, sample) and flushes after every batch; on restart it
+skips the samples already on disk, so a killed shard redoes at most one batch and never writes a
+record twice. Backends only turn prompts into completions, so a vLLM backend slots in beside
+the transformers one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from distill.errors import DistillError
+from distill.jsonl import append_jsonl, iter_jsonl, truncate_partial_tail, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_tokens: int
+    finished: bool  # ended with an end-of-sequence token rather than the length limit
+
+
+class Backend(Protocol):
+    tokenizer: Any
+
+    def generate(self, prompts: Sequence[str], spec: SamplingSpec, seed: int) -> list[list[Completion]]:
+        """`spec.n` completions for each prompt, in order."""
+        ...
+
+
+class TransformersBackend:
+    """`model.generate` on left-padded batches: works anywhere torch runs, CPU included."""
+
+    def __init__(self, model_path: str | Path, device: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(self.device)
+        self.model.eval()
+
+    def generate(self, prompts: Sequence[str], spec: SamplingSpec, seed: int) -> list[list[Completion]]:
+        import torch
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sample = spec.temperature > 0
+        gen_cfg = GenerationConfig(
+            do_sample=sample,
+            temperature=spec.temperature if sample else None,
+            top_p=spec.top_p if sample else None,
+            top_k=None,
+            max_new_tokens=spec.max_new_tokens,
+            num_return_sequences=spec.n,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, generation_config=gen_cfg)
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        completions = [self._completion(ids) for ids in new]
+        return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
+
+    def _completion(self, ids: list[int]) -> Completion:
+        eos = self.tokenizer.eos_token_id
+        finished = eos in ids
+        if finished:
+            ids = ids[: ids.index(eos) + 1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Completion(text=text, n_tokens=len(ids), finished=finished)
+
+
+def load_backend(name: str, model_path: str | Path) -> Backend:
+    if name == "transformers":
+        return TransformersBackend(model_path)
+    raise DistillError(f"generation backend {name!r} is not available here")
+
+
+def record_id(problem_id: str, sample: int) -> str:
+    return f"{problem_id}#{sample}"
+
+
+def batch_seed(seed: int, first_id: str) -> int:
+    """A seed fixed by the batch's content, so a resumed shard samples what the first run would."""
+    digest = hashlib.sha256(f"{seed}:{first_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def generate_shard(
+    backend: Backend,
+    tasks: list[dict[str, Any]],
+    out_path: Path,
+    spec: SamplingSpec,
+    batch_size: int,
+    *,
+    desc: str = "generate",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write `spec.n` samples for every task (`id` and `prompt` keys plus any metadata).
+
+    Returns throughput figures for the manifest.
+    """
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dropped = truncate_partial_tail(out_path)
+    if dropped:
+        log.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run", out_path, dropped)
+    have = Counter(r["problem_id"] for r in iter_jsonl(out_path)) if out_path.exists() else Counter()
+    written = {r["id"] for r in iter_jsonl(out_path)} if have else set()
+    todo = [t for t in tasks if have[t["id"]] < spec.n]
+    new_tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="prob", disable=not progress)
+    for i in range(0, len(todo), batch_size):
+        batch = todo[i : i + batch_size]
+        outputs = backend.generate([t["prompt"] for t in batch], spec, batch_seed(spec.seed, batch[0]["id"]))
+        records = []
+        for task, completions in zip(batch, outputs, strict=True):
+            for k, c in enumerate(completions):
+                rid = record_id(task["id"], k)
+                if rid in written:
+                    continue
+                meta = {key: v for key, v in task.items() if key not in ("id", "prompt")}
+                records.append(
+                    {"id": rid, "problem_id": task["id"], "sample": k, **meta, "prompt": task["prompt"],
+                     "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished}
+                )
+                new_tokens += c.n_tokens
+        append_jsonl(out_path, records)
+        written.update(r["id"] for r in records)
+        bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {
+        "records": len(written),
+        "generated_records": len(todo) * spec.n,
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new_tokens / seconds, 1) if seconds > 0 and new_tokens else 0.0,
+    }
+
+
+def merge_shards(
+    shard_paths: list[Path], expected: list[list[str]], n: int, out_path: Path
+) -> int:
+    """Concatenate complete shards in problem order; refuse if any sample is missing."""
+    merged: list[dict[str, Any]] = []
+    missing: list[str] = []
+    for path, problem_ids in zip(shard_paths, expected, strict=True):
+        records = {r["id"]: r for r in iter_jsonl(path)} if path.exists() else {}
+        want = [record_id(pid, k) for pid in problem_ids for k in range(n)]
+        absent = [rid for rid in want if rid not in records]
+        if absent:
+            missing.append(f"{path.name}: {len(absent)} of {len(want)} records missing")
+            continue
+        merged.extend(records[rid] for rid in want)
+    if missing:
+        raise DistillError("cannot merge incomplete shards: " + "; ".join(missing))
+    write_jsonl(out_path, merged)
+    return len(merged)

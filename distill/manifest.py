@@ -1,0 +1,167 @@
+"""The run manifest: what each iteration has finished, shared by every job of a run.
+
+Many jobs (array tasks on several nodes, the driver on a login node) update it at once, so
+every change is a read-modify-write under a lock file, and the new content replaces the old
+with an atomic rename: a reader never sees a half-written file, and no update is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, SoftFileLock
+
+from distill.errors import DistillError
+from distill.jsonl import atomic_write_text, sha256_file
+
+STATES = ("pending", "running", "done", "failed")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+
+
+class Manifest:
+    """`runs/<name>/manifest.json` plus its lock file."""
+
+    def __init__(self, run_dir: str | Path, *, soft_lock: bool = False, timeout: float = 120.0) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "manifest.json"
+        lock_cls = SoftFileLock if soft_lock else FileLock
+        self._lock = lock_cls(str(self.path) + ".lock", timeout=timeout)
+
+    def read(self) -> dict[str, Any]:
+        """A consistent snapshot; needs no lock because writes are atomic renames."""
+        if not self.path.exists():
+            return {"iterations": {}}
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DistillError(f"{self.path}:{exc.lineno}: manifest is not valid JSON ({exc.msg})") from None
+
+    @contextmanager
+    def update(self) -> Iterator[dict[str, Any]]:
+        """Yield the current content for in-place edits; they land when the block exits cleanly."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            data = self.read()
+            yield data
+            atomic_write_text(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    # -- views -------------------------------------------------------------------------------
+
+    def stage(self, iteration: int, stage: str) -> dict[str, Any]:
+        return stage_entry(self.read(), iteration, stage)
+
+    def is_done(self, iteration: int, stage: str) -> bool:
+        return self.stage(iteration, stage).get("state") == "done"
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def mark(self, iteration: int, stage: str, state: str, **fields: Any) -> None:
+        """Set a stage's state and merge `fields` into its entry, stamping start/end times."""
+        assert state in STATES, state
+        with self.update() as data:
+            entry = stage_entry(data, iteration, stage, create=True)
+            if state == "running" and entry.get("state") != "running":
+                entry["started"] = now()
+                entry.pop("ended", None)
+                entry.pop("error", None)
+            if state in ("done", "failed"):
+                entry["ended"] = now()
+            entry["state"] = state
+            for key, value in fields.items():
+                if isinstance(value, dict) and isinstance(entry.get(key), dict):
+                    entry[key].update(value)
+                else:
+                    entry[key] = value
+
+    def mark_shard(self, iteration: int, stage: str, shard: str, state: str, **fields: Any) -> None:
+        with self.update() as data:
+            entry = stage_entry(data, iteration, stage, create=True)
+            entry.setdefault("state", "running")
+            shard_entry = entry.setdefault("shards", {}).setdefault(str(shard), {})
+            if state == "running":
+                shard_entry["started"] = now()
+                shard_entry["attempts"] = shard_entry.get("attempts", 0) + 1
+            if state in ("done", "failed"):
+                shard_entry["ended"] = now()
+            shard_entry["state"] = state
+            shard_entry.update(fields)
+
+    def add_job_ids(self, iteration: int, stage: str, job_ids: dict[str, str]) -> None:
+        """Remember which job runs which shard (`"0": "1234_0"`), so the driver can ask squeue."""
+        with self.update() as data:
+            entry = stage_entry(data, iteration, stage, create=True)
+            entry.setdefault("state", "pending")
+            entry.setdefault("job_ids", {}).update(job_ids)
+
+    def set_meta(self, **fields: Any) -> None:
+        with self.update() as data:
+            data.update(fields)
+
+
+def stage_entry(data: dict[str, Any], iteration: int, stage: str, create: bool = False) -> dict[str, Any]:
+    iters = data.setdefault("iterations", {}) if create else data.get("iterations", {})
+    it = iters.setdefault(str(iteration), {"stages": {}}) if create else iters.get(str(iteration), {})
+    stages = it.setdefault("stages", {}) if create else it.get("stages", {})
+    return stages.setdefault(stage, {}) if create else stages.get(stage, {})
+
+
+def artifact(path: str | Path, run_dir: str | Path) -> dict[str, str]:
+    """An artifact record: its path relative to the run and its content hash."""
+    path = Path(path)
+    try:
+        rel = str(path.resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        rel = str(path)
+    if path.is_dir():
+        return {"path": rel, "sha256": _dir_hash(path)}
+    return {"path": rel, "sha256": sha256_file(path)}
+
+
+def _dir_hash(path: Path) -> str:
+    """Hash of a directory's files (names and contents), e.g. a saved model."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """The manifest as a table: one row per iteration and stage."""
+    rows = [("iter", "stage", "state", "shards", "started", "ended", "detail")]
+    for it in sorted(data.get("iterations", {}), key=int):
+        for name, entry in data["iterations"][it].get("stages", {}).items():
+            shards = entry.get("shards", {})
+            total = entry.get("num_shards", len(shards))
+            done = sum(1 for s in shards.values() if s.get("state") == "done")
+            shard_text = f"{done}/{total}" if total else "-"
+            detail = entry.get("error") or _summary(entry.get("metrics", {}))
+            rows.append(
+                (it, name, entry.get("state", "pending"), shard_text,
+                 entry.get("started", "-"), entry.get("ended", "-"), detail)
+            )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for r in rows:
+        cells = [str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=False)]
+        lines.append("  ".join(cells + [str(r[-1])]).rstrip())
+    return "\n".join(lines)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif isinstance(value, (int, str)):
+            parts.append(f"{key}={value}")
+    return " ".join(parts[:5])

@@ -1,0 +1,283 @@
+"""Student training: a loop you can read top to bottom, with checkpoints that survive any kill.
+
+Why not `transformers.Trainer`: its checkpoints are written in place, so a job killed mid-save
+leaves a newest checkpoint that auto-resume picks and fails on. Here every checkpoint is written
+to a temporary directory and renamed into place only when complete, and the batch order is a
+pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted run
+would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from distill.config import TrainConfig
+
+log = logging.getLogger(__name__)
+CKPT_RE = re.compile(r"^step-(\d{8})$")
+IGNORE = -100
+
+
+@dataclass
+class TrainResult:
+    finished: bool  # False when stopped early by `should_stop` (preemption, time limit)
+    step: int
+    total_steps: int
+    loss: float | None
+    tokens_per_s: float
+    resumed_from: int | None
+    model_dir: Path | None
+
+
+def tokenize_pairs(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int
+) -> list[dict[str, list[int]]]:
+    """(prompt, completion) -> ids with the prompt masked out of the loss.
+
+    The completion ends with the end-of-sequence token so the student learns to stop.
+    Prompt and completion are tokenized apart so the mask boundary is exact.
+    """
+    examples = []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(p) >= max_length:
+            continue
+        ids = (p + c)[:max_length]
+        labels = ([IGNORE] * len(p) + c)[:max_length]
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ex["input_ids"]) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        ids[i, :n] = torch.tensor(ex["input_ids"])
+        labels[i, :n] = torch.tensor(ex["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def micro_batch_indices(n_examples: int, batch_size: int, seed: int, micro: int) -> list[int]:
+    """Example indices of global micro-batch `micro`: reshuffled each epoch, fixed by the seed."""
+    per_epoch = math.ceil(n_examples / batch_size)
+    epoch, pos = divmod(micro, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return perm[pos * batch_size : (pos + 1) * batch_size].tolist()
+
+
+def total_steps(cfg: TrainConfig, n_examples: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+    return loss, int((shift_labels != IGNORE).sum())
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest *complete* checkpoint; temporary directories of an interrupted save are ignored."""
+    if not ckpt_dir.is_dir():
+        return None
+    complete = [p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name) and (p / "state.json").is_file()]
+    return max(complete, key=lambda p: int(CKPT_RE.match(p.name).group(1)), default=None)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
+    final = ckpt_dir / f"step-{step:08d}"
+    tmp = ckpt_dir / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    complete = sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    weights = load_file(str(path / "weights.safetensors"))
+    params = dict(model.named_parameters())
+    for name, tensor in weights.items():
+        params[name].data.copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    return json.loads((path / "state.json").read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- model -------------------------------------------------------------------------------------
+
+
+def load_student(model_path: str | Path, cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model, tokenizer
+
+
+def save_final(model, tokenizer, out_dir: Path) -> Path:
+    """A plain `from_pretrained`-loadable model (LoRA merged), renamed into place when complete."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def train(
+    model_path: str | Path,
+    pairs: Sequence[tuple[str, str]],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on (prompt, completion) pairs; resume from `out_dir/checkpoints` if any."""
+    from transformers import get_scheduler
+
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    model, tokenizer = load_student(model_path, cfg)
+    examples = tokenize_pairs(tokenizer, pairs, cfg.max_length)
+    if not examples:
+        raise ValueError("no training examples (all prompts longer than train.max_length?)")
+    steps = total_steps(cfg, len(examples))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps
+    )
+    state: dict[str, Any] = {"step": 0, "total_steps": steps, "n_examples": len(examples), "history": []}
+    resumed_from = None
+    ckpt = newest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        resumed_from = state["step"]
+        log.info("resumed from %s (step %d of %d)", ckpt, state["step"], steps)
+
+    model.train()
+    tokens, start, loss_value = 0, time.perf_counter(), None
+    bar = tqdm(total=steps, initial=state["step"], desc="train", unit="step", disable=not progress)
+    while state["step"] < steps:
+        step = state["step"]
+        micro_batches = [
+            collate(
+                [examples[i] for i in micro_batch_indices(len(examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + j)],
+                tokenizer.pad_token_id,
+            )
+            for j in range(cfg.grad_accum)
+        ]
+        n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+        total = 0.0
+        for batch in micro_batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum, _ = completion_loss(logits, batch["labels"])
+            (loss_sum / max(n_target, 1)).backward()
+            total += loss_sum.item()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = total / max(n_target, 1)
+        state["step"] = step + 1
+        if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
+            state["history"].append({"step": state["step"], "loss": round(loss_value, 6), "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        stop = should_stop is not None and should_stop()
+        if state["step"] % cfg.save_steps == 0 or state["step"] == steps or stop:
+            state["loss"] = loss_value
+            save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints)
+        if stop and state["step"] < steps:
+            bar.close()
+            return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
+    bar.close()
+    model_dir = save_final(model, tokenizer, out_dir / "model")
+    return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from, model_dir)
+
+
+def _rate(tokens: int, start: float) -> float:
+    seconds = time.perf_counter() - start
+    return round(tokens / seconds, 1) if seconds > 0 else 0.0

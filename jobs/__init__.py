@@ -1,0 +1,1 @@
+"""Batch-job glue: stage callables for submitit, executor selection, the iteration driver."""

@@ -1,0 +1,34 @@
+"""Executor selection: SLURM when `sbatch` is reachable, local subprocesses otherwise."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import submitit
+
+Kind = Literal["auto", "slurm", "local", "debug"]
+
+
+def resolve_kind(kind: str | None) -> str:
+    """`auto` (default, or EXECUTOR env) becomes `slurm` when sbatch is on PATH, else `local`."""
+    kind = kind or os.environ.get("EXECUTOR") or "auto"
+    if kind not in ("auto", "slurm", "local", "debug"):
+        raise ValueError(f"EXECUTOR must be auto, slurm, local or debug, got {kind!r}")
+    if kind == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    return kind
+
+
+def make_executor(kind: str, folder: Path, *, name: str, timeout_min: int = 24 * 60) -> submitit.AutoExecutor:
+    """An executor whose logs go to `folder` (on a filesystem the compute nodes share)."""
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)
+    executor.update_parameters(name=name, timeout_min=timeout_min)
+    return executor
+
+
+def local_threads(parallel_jobs: int) -> int | None:
+    """Split this machine's cores between the jobs the local executor runs at once."""
+    return max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
