@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from distill.config import check_paths, load_config
+from distill.errors import ConfigError
+
+BASE = """\
+name: demo
+models: {teacher: m/t, student: m/s}
+data: {train: d/train.jsonl, test: d/test.jsonl}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def error_of(path: Path, overrides=None) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, overrides)
+    return str(exc.value)
+
+
+def test_valid_config_fills_defaults_and_hashes_stably(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + "train: {lr: 1}\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.generation.backend == "transformers"
+    assert cfg.train.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.run_dir == Path("runs/demo")
+    again = load_config(write(tmp_path, BASE + "train: {lr: 1.0}\n"))
+    assert cfg.hash() == again.hash()
+    changed = load_config(write(tmp_path, BASE + "train: {lr: 2.0}\n"))
+    assert changed.hash() != cfg.hash()
+
+
+def test_wrong_type_names_file_and_key_path(tmp_path):
+    p = write(tmp_path, BASE + "train: {lr: fast}\n")
+    assert error_of(p) == f"{p}: train.lr: expected float, got 'fast'"
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    p = write(tmp_path, BASE + "train: {lora: {rank: 4}}\n")
+    msg = error_of(p)
+    assert msg.startswith(f"{p}: train.lora.rank: unknown key")
+    assert "r, alpha" in msg
+
+
+def test_missing_required_key(tmp_path):
+    p = write(tmp_path, "name: x\nmodels: {teacher: a}\ndata: {train: b}\n")
+    assert error_of(p) == f"{p}: models.student: required key missing"
+
+
+def test_choice_bool_and_value_checks(tmp_path):
+    p = write(tmp_path, BASE + "generation: {backend: tgi}\n")
+    assert error_of(p) == f"{p}: generation.backend: expected one of transformers, vllm, got 'tgi'"
+    p = write(tmp_path, BASE + "train: {batch_size: true}\n")
+    assert error_of(p) == f"{p}: train.batch_size: expected int, got True"
+    p = write(tmp_path, BASE + "train: {batch_size: 0}\n")
+    assert error_of(p) == f"{p}: train.batch_size: must be >= 1, got 0"
+    p = write(tmp_path, BASE + "eval: {split: validation}\n")
+    assert "eval.split: data.validation is not set" in error_of(p)
+
+
+def test_invalid_yaml_gives_file_and_line(tmp_path):
+    p = write(tmp_path, BASE + "train:\n  lr: [1,\n")
+    assert error_of(p).startswith(f"{p}:")
+    assert "invalid YAML" in error_of(p)
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    p = write(tmp_path, BASE)
+    cfg = load_config(p, ["train.lr=0.5", "generation.n=4"])
+    assert cfg.train.lr == 0.5 and cfg.generation.n == 4
+    assert error_of(p, ["train.lr=slow"]) == f"{p}: train.lr: expected float, got 'slow'"
+
+
+def test_missing_paths_are_reported_before_anything_runs(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    with pytest.raises(ConfigError, match=r"models.teacher: path not found: m/t"):
+        check_paths(cfg)
