@@ -13,6 +13,10 @@ from distill.errors import DistillError
 def cmd_status(args: argparse.Namespace) -> None:
     from distill.manifest import Manifest, format_table
 
+    if args.run is None:
+        from distill.config import load_config
+
+        args.run = load_config(args.config, [f"name={args.name}"] if args.name else []).run_dir
     manifest = Manifest(args.run)
     if not manifest.path.exists():
         raise DistillError(f"{manifest.path}: no manifest (has this run started?)")
@@ -29,12 +33,22 @@ def cmd_grade(args: argparse.Namespace) -> None:
     print(f"{summary['correct']}/{summary['n']} correct (accuracy {summary['accuracy']:.4f}) -> {args.output}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from distill.report import write_report
+
+    path, table = write_report(args.run)
+    print(table)
+    print(f"-> {path} (+ report.json, report.png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("status", help="print a run's manifest as a table")
-    p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
+    p.add_argument("--run", type=Path, help="run directory, e.g. runs/tiny (default: from --config)")
+    p.add_argument("--config", default="configs/tiny.yaml", help="config whose run to show (default: %(default)s)")
+    p.add_argument("--name", help="run name, when it differs from the config's")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.set_defaults(func=cmd_status)
 
@@ -46,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-field", default="response", help="field holding the response (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="grading processes (default: one per CPU)")
     p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("report", help="write report.md/.json/.png for a run from its manifest")
+    p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

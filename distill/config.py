@@ -103,6 +103,37 @@ class EvalConfig:
     baselines: bool = True
 
 
+DEFAULT_UNDO_TEMPLATE = (
+    "Question: {question}\nPrevious answer: {previous}\nStudent answer: {student_answer}\n"
+    "Verdict: {verdict}\nAnswer: "
+)
+
+
+@dataclass
+class UndoConfig:
+    """Iterations >= 1: mine the student's errors, have the teacher answer them again, retrain.
+
+    Whether only failed problems are regenerated, whether data accumulates and when to stop
+    are not pinned down by the paper, so each is a setting here.
+    """
+
+    # Where errors are mined: the paper diagnoses on a validation split.
+    probe_split: Literal["train", "validation"] = "validation"
+    probe_limit: int | None = None
+    # Slots: {question}, {previous} (the teacher's earlier rationale or "none"),
+    # {student_answer}, {verdict}.
+    template: str = DEFAULT_UNDO_TEMPLATE
+    n: int = 4
+    temperature: float = 0.7
+    # accumulate: D_N = D_{N-1} + new; replace: new rationales replace a problem's old ones.
+    dataset: Literal["accumulate", "replace"] = "accumulate"
+    cap_per_problem: int = 4
+    # base: retrain the student from the base model each iteration (as in the paper).
+    init: Literal["base", "previous"] = "base"
+    max_iters: int = 3
+    patience: int = 1
+
+
 @dataclass
 class RunConfig:
     name: str
@@ -112,6 +143,7 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    undo: UndoConfig = field(default_factory=UndoConfig)
     run_root: str = "runs"
     # `soft` for filesystems without working flock (e.g. Lustre mounted without -o flock).
     lock: Literal["flock", "soft"] = "flock"
@@ -247,6 +279,10 @@ def _check_values(cfg: RunConfig) -> None:
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.num_shards": cfg.eval.num_shards,
+        "undo.n": cfg.undo.n,
+        "undo.cap_per_problem": cfg.undo.cap_per_problem,
+        "undo.max_iters": cfg.undo.max_iters,
+        "undo.patience": cfg.undo.patience,
     }
     for key, value in positive.items():
         if value < 1:
@@ -259,7 +295,7 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"{where}: generation.top_p: must be in (0, 1], got {cfg.generation.top_p}")
     if "{question}" not in cfg.prompt.template:
         raise ConfigError(f"{where}: prompt.template: must contain the {{question}} slot")
-    if cfg.eval.split != "train" and getattr(cfg.data, cfg.eval.split) is None:
+    if getattr(cfg.data, cfg.eval.split) is None:
         raise ConfigError(f"{where}: eval.split: data.{cfg.eval.split} is not set")
 
 

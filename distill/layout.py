@@ -37,6 +37,23 @@ class RunPaths:
     def verified(self, it: int) -> Path:
         return self.iteration(it) / "verified.jsonl"
 
+    def unsolved(self, it: int) -> Path:
+        """Problems for which no teacher sample was verified correct."""
+        return self.iteration(it) / "unsolved.jsonl"
+
+    def mine_dir(self, it: int) -> Path:
+        return self.iteration(it) / "mine"
+
+    def errors(self, it: int) -> Path:
+        return self.iteration(it) / "errors.jsonl"
+
+    def train_data(self, it: int) -> Path:
+        """The training set D_it after the dataset policy (accumulate/replace, cap)."""
+        return self.iteration(it) / "train_data.jsonl"
+
+    def baseline_dir(self, it: int) -> Path:
+        return self.iteration(it) / "oneshot"
+
     def train_dir(self, it: int) -> Path:
         return self.iteration(it) / "train"
 

@@ -15,9 +15,11 @@ def fill(template: str, **slots: Any) -> str:
     return out
 
 
-def build_prompt(tokenizer: Any, prompt: PromptConfig, question: str, template: str | None = None) -> str:
+def build_prompt(
+    tokenizer: Any, prompt: PromptConfig, question: str, template: str | None = None, **slots: Any
+) -> str:
     """The model-ready prompt: the tokenizer's chat template when it has one, else plain text."""
-    text = fill(template or prompt.template, question=question)
+    text = fill(template or prompt.template, **slots, question=question)
     if prompt.use_chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False

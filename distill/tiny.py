@@ -8,6 +8,9 @@ of the pipeline loads them exactly as it would load a hub checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
+import random
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,8 +25,10 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
+from distill.config import TrainConfig
 from distill.errors import DataError
 from distill.jsonl import iter_jsonl
+from distill.prompts import fill
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
@@ -157,6 +162,51 @@ def corpus_texts(data_dir: str | Path) -> list[str]:
     return texts
 
 
+TEACHER_PROMPT = "Question: {question}\nAnswer: "
+# The error-conditioned prompt of UNDO iterations >= 1 (configs/tiny.yaml: undo.template).
+UNDO_PROMPT = (
+    "Question: {question}\nPrevious answer: {previous}\nStudent answer: {student_answer}\n"
+    "Verdict: {verdict}\nAnswer: "
+)
+
+
+def teacher_train_config(steps: int) -> TrainConfig:
+    """Settings that make the tiny teacher competent in a few CPU minutes."""
+    return TrainConfig(lr=2e-3, max_steps=steps, batch_size=64, warmup_ratio=0.05, lr_scheduler="cosine",
+                       save_steps=max(1, steps // 10), log_steps=50, max_length=160, seed=0)
+
+
+def teacher_pairs(records: list[dict], seed: int = 0) -> list[tuple[str, str]]:
+    """Gold solutions behind both prompts the teacher will see: the plain one, and UNDO's
+    error-conditioned one (a previous rationale or none, some wrong student answer), so regeneration
+    prompts are familiar to it. The target is always the correct worked solution."""
+    rng = random.Random(seed)
+    pairs = []
+    for r in records:
+        if rng.random() < 0.5:
+            prompt = fill(TEACHER_PROMPT, question=r["question"])
+        else:
+            previous = rng.choice([r["solution"], rng.choice(records)["solution"], "none"])
+            wrong = str(rng.choice([v for v in range(0, 130) if str(v) != r["answer"]]))
+            prompt = fill(UNDO_PROMPT, question=r["question"], previous=previous, student_answer=wrong, verdict="wrong")
+        pairs.append((prompt, r["solution"]))
+    return pairs
+
+
+def train_teacher(data_dir: str | Path, init_dir: str | Path, out_dir: str | Path, steps: int) -> Path:
+    """Train the teacher with the project's own training stage on the gold worked solutions."""
+    from distill.training import train
+
+    pairs = teacher_pairs(list(iter_jsonl(Path(data_dir) / "train.jsonl")))
+    work = Path(out_dir).with_name(Path(out_dir).name + "-train")
+    result = train(init_dir, pairs, teacher_train_config(steps), work)
+    if Path(out_dir).exists():
+        shutil.rmtree(out_dir)
+    os.replace(result.model_dir, out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return Path(out_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m distill.tiny",
@@ -173,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="model init seed (default 0)")
+    parser.add_argument("--teacher-steps", type=int, default=0,
+                        help="if > 0, also train OUT/teacher from teacher-init on the gold solutions for this many steps")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
 
@@ -184,6 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, shape in (("teacher-init", TEACHER_SHAPE), ("student", STUDENT_SHAPE)):
         path = build_model(out / "tokenizer", out / name, seed=args.seed, **shape)
         print(f"{name}: {count_parameters(path):,} parameters -> {path}")
+    if args.teacher_steps > 0:
+        path = train_teacher(args.data, out / "teacher-init", out / "teacher", args.teacher_steps)
+        shutil.rmtree(out / "teacher-init")
+        print(f"teacher: trained {args.teacher_steps} steps -> {path}")
 
 
 if __name__ == "__main__":

@@ -37,19 +37,27 @@ class GenerateShard(submitit.helpers.Checkpointable):
         return pipeline.generate_teacher_shard(cfg, it, shard, job_id=job_id())
 
 
+class Mine(submitit.helpers.Checkpointable):
+    def __call__(self, cfg: RunConfig, it: int, threads: int | None = None) -> dict:
+        set_threads(threads)
+        return pipeline.mine(cfg, it, job_id=job_id())
+
+
 class Verify(submitit.helpers.Checkpointable):
     def __call__(self, cfg: RunConfig, it: int, threads: int | None = None) -> dict:
         return pipeline.verify(cfg, it, job_id=job_id())
 
 
 class Train(submitit.helpers.Checkpointable):
-    def __call__(self, cfg: RunConfig, it: int, threads: int | None = None) -> dict:
+    def __call__(self, cfg: RunConfig, it: int, threads: int | None = None, baseline: bool = False) -> dict:
         set_threads(threads)
-        result = pipeline.train_student(cfg, it, job_id=job_id())
+        result = pipeline.train_student(cfg, it, baseline=baseline, job_id=job_id())
         return {"finished": result.finished, "step": result.step, "loss": result.loss}
 
 
 class EvaluateShard(submitit.helpers.Checkpointable):
-    def __call__(self, cfg: RunConfig, it: int, label: str, shard: int, threads: int | None = None) -> dict:
+    def __call__(
+        self, cfg: RunConfig, it: int, label: str, shard: int, threads: int | None = None, stage: str = "evaluate"
+    ) -> dict:
         set_threads(threads)
-        return pipeline.evaluate_shard(cfg, it, label, shard, job_id=job_id())
+        return pipeline.evaluate_shard(cfg, it, label, shard, stage=stage, job_id=job_id())

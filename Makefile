@@ -1,0 +1,46 @@
+# distill: every target creates or refreshes the virtualenv it needs.
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+CONFIG   ?= configs/tiny.yaml
+ITER     ?= 0
+RUN      ?=
+EXECUTOR ?=
+TEACHER_STEPS ?= 1500
+
+RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR))
+
+.PHONY: help venv iter status demo teacher test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed  ## create/refresh the CPU virtualenv (.venv)
+
+iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local)
+	$(PY) -m jobs.driver --config $(CONFIG) --iter $(ITER) $(RUN_ARGS)
+
+status: venv  ## print the run's manifest as a table
+	$(PY) -m distill status --config $(CONFIG) $(if $(RUN),--name $(RUN))
+
+demo: venv  ## the embedded demo on the tiny world
+	$(PY) -m jobs.driver --config configs/tiny.yaml --iter 0 $(RUN_ARGS)
+
+teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained teacher)
+	$(PY) -m distill.world --out data/tiny --train 4000 --validation 300 --test 300 --seed 0
+	$(PY) -m distill.tiny --data data/tiny --out models/tiny --teacher-steps $(TEACHER_STEPS)
+
+test: venv  ## the test suite
+	$(PY) -m pytest -q
+
+lint: venv  ## ruff
+	$(VENV)/bin/ruff check distill jobs tests
+
+clean:  ## remove runs/ (keeps the virtualenv)
+	rm -rf runs

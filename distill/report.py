@@ -1,0 +1,125 @@
+"""The run report: what each iteration measured, read from the manifest alone.
+
+Every number in `report.md`, `report.json` and `report.png` comes from the manifest's stage
+metrics, so the report can be rebuilt at any time and never disagrees with the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distill.errors import DistillError
+from distill.jsonl import atomic_write_text, write_json
+from distill.manifest import Manifest
+
+COLUMNS = [
+    ("model", "model"), ("iteration", "iter"), ("accuracy", "test acc"), ("train_rationales", "train rationales"),
+    ("errors_mined", "errors mined"), ("regenerated", "new verified"), ("teacher_unsolved", "teacher unsolved"),
+    ("student_steps", "student steps"), ("tokens_mean", "mean tokens"),
+]
+
+
+def _metrics(data: dict[str, Any], it: str, stage: str) -> dict[str, Any]:
+    return data["iterations"].get(it, {}).get("stages", {}).get(stage, {}).get("metrics", {})
+
+
+def _result(data: dict[str, Any], it: str, stage: str, label: str) -> dict[str, Any] | None:
+    entry = data["iterations"].get(it, {}).get("stages", {}).get(stage, {})
+    return entry.get("results", {}).get(label) if entry.get("state") == "done" else None
+
+
+def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluated model: teacher, untrained student, the student of each
+    iteration, and each one-shot baseline."""
+    iters = sorted(data.get("iterations", {}), key=int)
+    rows: list[dict[str, Any]] = []
+    for label, name in (("teacher", "teacher"), ("base", "student (untrained)")):
+        res = _result(data, "0", "evaluate", label)
+        if res:
+            rows.append({"model": name, "iteration": None, "accuracy": res["accuracy"], "tokens_mean": res["tokens_mean"]})
+    steps = 0
+    for it in iters:
+        res = _result(data, it, "evaluate", "student")
+        if res is None:
+            continue
+        steps += _metrics(data, it, "train").get("step", 0)
+        rows.append({
+            "model": "student (UNDO)" if int(it) > 0 else "student (distilled)",
+            "iteration": int(it),
+            "accuracy": res["accuracy"],
+            "train_rationales": _metrics(data, it, "train").get("examples"),
+            "errors_mined": _metrics(data, it, "mine").get("errors") if int(it) > 0 else None,
+            "regenerated": _metrics(data, it, "verify").get("kept"),
+            "teacher_unsolved": _metrics(data, it, "verify").get("problems_unsolved"),
+            "student_steps": steps,
+            "tokens_mean": res["tokens_mean"],
+        })
+    for it in iters:
+        res = _result(data, it, "baseline_evaluate", "oneshot")
+        if res:
+            train = _metrics(data, it, "baseline_train")
+            rows.append({"model": "one-shot (same steps)", "iteration": int(it), "accuracy": res["accuracy"],
+                         "train_rationales": train.get("examples"), "student_steps": train.get("step"),
+                         "tokens_mean": res["tokens_mean"]})
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if key == "accuracy":
+            return f"{100 * value:.1f}%"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    students = [r for r in rows if r["model"].startswith("student (") and r["iteration"] is not None]
+    ax.plot([r["iteration"] for r in students], [100 * r["accuracy"] for r in students], "o-", label="student (UNDO)")
+    oneshot = [r for r in rows if r["model"].startswith("one-shot")]
+    if oneshot:
+        ax.plot([r["iteration"] for r in oneshot], [100 * r["accuracy"] for r in oneshot], "s", ms=9,
+                label="one-shot, same steps")
+    for r, style in zip([r for r in rows if r["iteration"] is None], ("--", ":"), strict=False):
+        ax.axhline(100 * r["accuracy"], ls=style, color="gray", label=r["model"])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    if students:
+        ax.set_xticks(range(max(r["iteration"] for r in students) + 1))
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, str]:
+    """Write report.md, report.json and report.png into the run directory."""
+    run_dir = Path(run_dir)
+    manifest = Manifest(run_dir)
+    if not manifest.path.exists():
+        raise DistillError(f"{manifest.path}: no manifest (has this run started?)")
+    data = manifest.read()
+    rows = build_rows(data)
+    if not rows:
+        raise DistillError(f"{run_dir}: no finished evaluation to report yet")
+    table = markdown_table(rows)
+    name = data.get("run", run_dir.name)
+    write_json(run_dir / "report.json", {"run": name, "config_hash": data.get("config_hash"), "rows": rows})
+    plot(rows, run_dir / "report.png", f"{name}: held-out accuracy")
+    text = (f"# Report: {name}\n\nconfig `{data.get('config_hash')}`; accuracy on the held-out test split; "
+            f"'student steps' counts optimizer steps across iterations.\n\n{table}\n\n![accuracy](report.png)\n")
+    atomic_write_text(run_dir / "report.md", text)
+    return run_dir / "report.md", table
