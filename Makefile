@@ -10,7 +10,7 @@ TEACHER_STEPS ?= 1500
 
 RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
-.PHONY: help venv iter status demo teacher test lint clean
+.PHONY: help venv iter status demo teacher test lint clean slurm-up slurm-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -41,6 +41,12 @@ test: venv  ## the test suite
 
 lint: venv  ## ruff
 	$(VENV)/bin/ruff check distill jobs tests
+
+slurm-up:  ## start a local single-node SLURM cluster (installs slurm-wlm + munge if absent)
+	slurm/local/up.sh
+
+slurm-down:  ## stop the local SLURM cluster
+	slurm/local/down.sh
 
 clean:  ## remove runs/ (keeps the virtualenv)
 	rm -rf runs
