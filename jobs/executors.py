@@ -9,6 +9,8 @@ from typing import Literal
 
 import submitit
 
+from jobs.cluster import ClusterProfile
+
 Kind = Literal["auto", "slurm", "local", "debug"]
 
 
@@ -22,11 +24,31 @@ def resolve_kind(kind: str | None) -> str:
     return kind
 
 
-def make_executor(kind: str, folder: Path, *, name: str, timeout_min: int = 24 * 60) -> submitit.AutoExecutor:
-    """An executor whose logs go to `folder` (on a filesystem the compute nodes share)."""
+def make_executor(
+    kind: str, folder: Path, *, name: str, timeout_min: int = 24 * 60,
+    profile: ClusterProfile | None = None, stage: str = "",
+) -> submitit.AutoExecutor:
+    """An executor whose logs go to `folder` (on a filesystem the compute nodes share).
+
+    With SLURM, `profile` gives the sbatch settings of `stage`'s jobs; the local executors
+    ignore it (they run on this machine, with `timeout_min`).
+    """
+    if kind == "slurm":
+        profile = profile or ClusterProfile()
+        executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind,
+                                         slurm_max_num_timeout=profile.max_num_timeout)
+        executor.update_parameters(name=name, **profile.executor_parameters(stage))
+        return executor
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)
     executor.update_parameters(name=name, timeout_min=timeout_min)
     return executor
+
+
+def attach(kind: str, folder: Path, job_id: str) -> submitit.Job:
+    """A handle on a job an earlier driver submitted, so this driver waits for its result
+    instead of submitting it again. SLURM only: local jobs are children of their driver."""
+    assert kind == "slurm", kind
+    return submitit.SlurmJob(folder=str(folder / "%j"), job_id=job_id)
 
 
 def local_threads(parallel_jobs: int) -> int | None:

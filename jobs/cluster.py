@@ -1,0 +1,164 @@
+"""Cluster profiles: where and with what resources the SLURM jobs of each stage run.
+
+A profile (`configs/cluster/*.yaml`) is checked like a run config, by the same `_build` machinery
+of `distill.config`, so a typo fails on the login node with one line
+(`configs/cluster/pace.yaml: stages.train.cpus: expected int, got 'four'`) instead of in the queue.
+Values still to be filled in are written `<like this>` and refused until they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.config import _build
+from distill.errors import ConfigError
+
+PROFILE_DIR = Path("configs/cluster")
+PLACEHOLDER = re.compile(r"<[^<>]+>")
+MEM = re.compile(r"^\d+[KMGT]?B?$")
+
+
+@dataclass
+class StageResources:
+    """One stage's resources; a key left out keeps the profile's top-level value."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gres: str | None = None
+    cpus: int | None = None
+    mem: str | None = None
+    time_min: int | None = None
+
+
+@dataclass
+class StageOverrides:
+    """Per-stage resources, e.g. GPUs for generation and evaluation, CPUs only for verify.
+    The one-shot baseline's stages use `train` and `evaluate`."""
+
+    mine: StageResources | None = None
+    generate: StageResources | None = None
+    verify: StageResources | None = None
+    train: StageResources | None = None
+    evaluate: StageResources | None = None
+
+
+@dataclass
+class ClusterProfile:
+    """sbatch settings shared by every job, with per-stage overrides under `stages`."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    # Generic resources as sbatch --gres takes them, e.g. gpu:H100:1.
+    gres: str | None = None
+    cpus: int = 1
+    # sbatch --mem, e.g. 32G; unset: the partition's default.
+    mem: str | None = None
+    # Wall-clock limit per allocation (sbatch --time, minutes). A stage that needs longer is
+    # checkpointed and requeued, at most `max_num_timeout` times.
+    time_min: int = 24 * 60
+    # At most this many tasks of one array run at once (the `%` in --array=0-7%4).
+    array_parallelism: int = 16
+    # USR2 comes this many seconds before the time limit (--signal=USR2@N): time to stop at a
+    # safe point and save.
+    signal_delay_s: int = 90
+    # Requeues after a timeout before the job fails (preemptions are not counted).
+    max_num_timeout: int = 3
+    # Shell lines run before the job's Python starts: module loads, conda activate.
+    setup: list[str] = field(default_factory=list)
+    stages: StageOverrides = field(default_factory=StageOverrides)
+    source: str = field(default="", metadata={"internal": True})
+
+    def resources(self, stage: str) -> StageResources:
+        """The resolved resources of `stage` (`baseline_train` counts as `train`)."""
+        base = StageResources(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StageResources)})
+        override = getattr(self.stages, stage.removeprefix("baseline_"), None)
+        if override is None:
+            return base
+        changes = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
+        return dataclasses.replace(base, **changes)
+
+    def executor_parameters(self, stage: str) -> dict[str, Any]:
+        """`AutoExecutor.update_parameters` keywords for the jobs of `stage`."""
+        r = self.resources(stage)
+        params = {
+            "timeout_min": r.time_min,
+            "cpus_per_task": r.cpus,
+            "slurm_partition": r.partition,
+            "slurm_account": r.account,
+            "slurm_qos": r.qos,
+            "slurm_gres": r.gres,
+            "slurm_mem": r.mem,
+            "slurm_setup": list(self.setup) or None,
+            "slurm_signal_delay_s": self.signal_delay_s,
+            "slurm_array_parallelism": self.array_parallelism,
+        }
+        return {k: v for k, v in params.items() if v is not None}
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """A path as given, or a bare name such as `pace` for `configs/cluster/pace.yaml`."""
+    path = Path(name_or_path)
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1:
+        candidate = PROFILE_DIR / f"{path}.yaml"
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def load_profile(name_or_path: str | Path) -> ClusterProfile:
+    path = resolve_profile_path(name_or_path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))) if PROFILE_DIR.is_dir() else ""
+        hint = f" (profiles in {PROFILE_DIR}: {known})" if known else ""
+        raise ConfigError(f"{path}: cluster profile not found{hint}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        place = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{place}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    profile = _build(ClusterProfile, raw, f"{path}: ")
+    profile.source = str(path)
+    _check_values(profile)
+    return profile
+
+
+def _check_values(p: ClusterProfile) -> None:
+    where = p.source
+    sections: list[tuple[str, Any]] = [("", p)]
+    sections += [(f"stages.{f.name}.", getattr(p.stages, f.name)) for f in dataclasses.fields(StageOverrides)]
+    for prefix, section in sections:
+        if section is None:
+            continue
+        for f in dataclasses.fields(StageResources):
+            value = getattr(section, f.name)
+            key = f"{prefix}{f.name}"
+            if isinstance(value, str) and PLACEHOLDER.search(value):
+                raise ConfigError(f"{where}: {key}: fill in {PLACEHOLDER.search(value).group(0)} in {value!r}")
+            if f.name in ("cpus", "time_min") and value is not None and value < 1:
+                raise ConfigError(f"{where}: {key}: must be >= 1, got {value}")
+            if f.name == "mem" and value is not None and not MEM.match(value):
+                raise ConfigError(f"{where}: {key}: expected a size like 32G or 4000M, got {value!r}")
+    for i, line in enumerate(p.setup):
+        if PLACEHOLDER.search(line):
+            raise ConfigError(f"{where}: setup[{i}]: fill in {PLACEHOLDER.search(line).group(0)} in {line!r}")
+    if p.array_parallelism < 1:
+        raise ConfigError(f"{where}: array_parallelism: must be >= 1, got {p.array_parallelism}")
+    if p.max_num_timeout < 0:
+        raise ConfigError(f"{where}: max_num_timeout: must be >= 0, got {p.max_num_timeout}")
+    shortest = min(p.resources(f.name).time_min for f in dataclasses.fields(StageOverrides))
+    if not 0 <= p.signal_delay_s < shortest * 60:
+        raise ConfigError(
+            f"{where}: signal_delay_s: must be >= 0 and below the shortest time limit "
+            f"({shortest} min), got {p.signal_delay_s}"
+        )
