@@ -10,7 +10,7 @@ TEACHER_STEPS ?= 1500
 
 RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR))
 
-.PHONY: help venv iter status demo teacher test lint clean slurm-up slurm-down
+.PHONY: help venv iter status demo undo baseline report teacher test lint clean slurm-up slurm-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -29,8 +29,18 @@ iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR
 status: venv  ## print the run's manifest as a table
 	$(PY) -m distill status --config $(CONFIG) $(if $(RUN),--name $(RUN))
 
-demo: venv  ## the embedded demo on the tiny world
-	$(PY) -m jobs.driver --config configs/tiny.yaml --iter 0 $(RUN_ARGS)
+demo: venv  ## the embedded demo: iteration 0, UNDO iteration 1, the one-shot baseline, the report
+	$(PY) -m jobs.driver --config configs/tiny.yaml --undo --with-baseline $(RUN_ARGS)
+	$(PY) -m distill report --run runs/$(or $(RUN),tiny)
+
+undo: venv  ## iterations 0, 1, ... of CONFIG until undo.max_iters / undo.patience stop them
+	$(PY) -m jobs.driver --config $(CONFIG) --undo $(RUN_ARGS)
+
+baseline: venv  ## one-shot student at the compute of iterations 0..ITER
+	$(PY) -m jobs.driver --config $(CONFIG) --baseline --iter $(ITER) $(RUN_ARGS)
+
+report: venv  ## report.md/.json/.png of the run (RUN=name, default: the config's name)
+	$(PY) -m distill report --run runs/$(or $(RUN),$(notdir $(basename $(CONFIG))))
 
 teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained teacher)
 	$(PY) -m distill.world --out data/tiny --train 4000 --validation 300 --test 300 --seed 0
