@@ -33,7 +33,10 @@ def say(msg: str) -> None:
 
 
 def failure(stage: str, job: submitit.Job, why: str) -> DistillError:
-    lines = why.strip().splitlines()
+    """One line: the job's final exception line (submitit wraps the remote traceback in text
+    that ends with log paths), and where its full log is."""
+    trace = why.split("You can check full logs")[0]
+    lines = [line.strip() for line in trace.splitlines() if line.strip().strip("-")]
     last = lines[-1] if lines else "no detail"
     return DistillError(f"{stage}: job {job.job_id} failed: {last} (log: {job.paths.stderr})")
 

@@ -125,8 +125,9 @@ def requeue_recorded(cfg: RunConfig, it: int, stage: str, shard: str | None) -> 
         mark_requeued(cfg, it, stage, shard)
         raise
     except UncompletedJobError as exc:
-        mark_failed(cfg, it, stage, shard, f"{TOO_MANY_TIMEOUTS} ({str(exc).strip()})")
-        raise
+        mark_failed(cfg, it, stage, shard, TOO_MANY_TIMEOUTS)
+        # Re-raised with the explanation, which is what the driver shows from the job's traceback.
+        raise UncompletedJobError(TOO_MANY_TIMEOUTS) from exc
 
 
 class SafeStop:
