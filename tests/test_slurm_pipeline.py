@@ -20,6 +20,7 @@ from slurm_cluster import job_state, release_pending, require_slurm, wait_for
 
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.manifest import Manifest
+from distill.training import newest_checkpoint
 from tests.conftest import ROOT
 from tests.test_driver import demo_config
 
@@ -325,3 +326,30 @@ def test_sbatch_training_requeues_itself_at_the_time_limit(slurm, cleanup, tmp_p
     assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], abs=1e-6)
     print(f"plain sbatch training: {got['requeued'] + 1} allocations, final loss {got['metrics']['loss']:.6f} "
           f"(uninterrupted {ref['metrics']['loss']:.6f})")
+
+
+@pytest.mark.slow
+def test_training_out_of_timeouts_fails_clearly_instead_of_looping(slurm, cleanup, tmp_path, tiny_world):
+    """max_num_timeout=0: the first USR2 (a timeout, with a 1-minute limit) is one too many."""
+    runs, procs = cleanup
+    cfg = demo_config(tmp_path, tiny_world)
+    run = tmp_path / "runs" / "limited"
+    runs.append(run)
+    write_verified(run, ROOT / "data" / "tiny" / "train.jsonl", 400)
+    sets = ["train.max_steps=2000", "train.save_steps=20", "train.batch_size=32"]
+    short = profile(tmp_path, "short", time_min=1, signal_delay_s=15, max_num_timeout=0)
+    log = tmp_path / "driver.log"
+    proc = start_driver(driver_args(cfg, short, sets, "--stages", "train", "--run", "limited"), log, procs)
+    wait_for(lambda: newest_checkpoint(run / "iter-0" / "train" / "checkpoints"), timeout=120)
+    job = Manifest(run).stage(0, "train")["job_ids"]["0"]
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)
+    proc.wait(timeout=120)
+    out = log.read_text()
+    assert proc.returncode == 2, out
+    error = next(line for line in out.splitlines() if line.startswith("error: "))
+    assert f"error: train: job {job} failed: " in error and "max_num_timeout" in error, out
+    entry = Manifest(run).stage(0, "train")
+    assert entry["state"] == "failed" and "max_num_timeout" in entry["error"], entry
+    assert entry["allocations"] == 1 and "requeued" not in entry
+    kept = newest_checkpoint(run / "iter-0" / "train" / "checkpoints")
+    assert kept is not None and int(kept.name.split("-")[1]) == entry["metrics"]["step"] < 2000
