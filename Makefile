@@ -6,11 +6,14 @@ CONFIG   ?= configs/tiny.yaml
 ITER     ?= 0
 RUN      ?=
 EXECUTOR ?=
+# A cluster profile: a name in configs/cluster/ (local, pace) or a YAML path. Plain `=`, not
+# `?=`: some sites export a CLUSTER variable of their own.
+CLUSTER  =
 TEACHER_STEPS ?= 1500
 
-RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR))
+RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER))
 
-.PHONY: help venv iter status demo undo baseline report teacher test lint clean slurm-up slurm-down
+.PHONY: help venv iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -23,7 +26,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed  ## create/refresh the CPU virtualenv (.venv)
 
-iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local)
+iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local, CLUSTER=profile)
 	$(PY) -m jobs.driver --config $(CONFIG) --iter $(ITER) $(RUN_ARGS)
 
 status: venv  ## print the run's manifest as a table
@@ -49,6 +52,9 @@ teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained
 test: venv  ## the test suite
 	$(PY) -m pytest -q
 
+test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-up first), with their figures
+	$(PY) -m pytest -q -m slurm -rP
+
 lint: venv  ## ruff
 	$(VENV)/bin/ruff check distill jobs tests
 
@@ -57,6 +63,9 @@ slurm-up:  ## start a local single-node SLURM cluster (installs slurm-wlm + mung
 
 slurm-down:  ## stop the local SLURM cluster
 	slurm/local/down.sh
+
+sbatch-iter: venv  ## submit iteration ITER of CONFIG as plain sbatch jobs chained by afterok (no driver)
+	PYTHON=$(abspath $(PY)) slurm/iteration.sh $(CONFIG) $(ITER)
 
 clean:  ## remove runs/ (keeps the virtualenv)
 	rm -rf runs
