@@ -12,9 +12,10 @@
 #   DISTILL_SBATCH_GENERATE="--gres=gpu:H100:1 --cpus-per-task=8"
 # Array parallelism: $DISTILL_ARRAY_PARALLELISM (default 4). Prints the job ids.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-config="${1:?usage: slurm/iteration.sh CONFIG ITER [sbatch flags...]}"
+config="$(realpath "${1:?usage: slurm/iteration.sh CONFIG ITER [sbatch flags...]}")"
 iter="${2:?usage: slurm/iteration.sh CONFIG ITER [sbatch flags...]}"
+# The jobs run in the submission directory: the project root, where `jobs` and relative paths are.
+cd "$(dirname "$0")/.."
 shift 2
 python="${PYTHON:-python}"
 par="${DISTILL_ARRAY_PARALLELISM:-4}"
