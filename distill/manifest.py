@@ -135,20 +135,24 @@ def _dir_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+STAGE_ORDER = ("mine", "generate", "verify", "train", "evaluate", "baseline_train", "baseline_evaluate")
+
+
 def format_table(data: dict[str, Any]) -> str:
-    """The manifest as a table: one row per iteration and stage."""
+    """The manifest as a table: one row per iteration and stage, in pipeline order."""
     rows = [("iter", "stage", "state", "shards", "started", "ended", "detail")]
     for it in sorted(data.get("iterations", {}), key=int):
-        for name, entry in data["iterations"][it].get("stages", {}).items():
+        stages = data["iterations"][it].get("stages", {})
+        order = sorted(stages, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else len(STAGE_ORDER), n))
+        for name in order:
+            entry = stages[name]
             shards = entry.get("shards", {})
             total = entry.get("num_shards", len(shards))
             done = sum(1 for s in shards.values() if s.get("state") == "done")
             shard_text = f"{done}/{total}" if total else "-"
             detail = entry.get("error") or _summary(entry.get("metrics", {}))
-            rows.append(
-                (it, name, entry.get("state", "pending"), shard_text,
-                 entry.get("started", "-"), entry.get("ended", "-"), detail)
-            )
+            started = entry.get("started") or min((s["started"] for s in shards.values() if "started" in s), default="-")
+            rows.append((it, name, entry.get("state", "pending"), shard_text, started, entry.get("ended", "-"), detail))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for r in rows:

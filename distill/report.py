@@ -95,11 +95,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.axhline(100 * r["accuracy"], ls=style, color="gray", label=r["model"])
     ax.set_xlabel("iteration")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-2, 105)
     if students:
         ax.set_xticks(range(max(r["iteration"] for r in students) + 1))
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
