@@ -19,6 +19,18 @@ import yaml
 
 from distill.errors import ConfigError
 
+# Fields added after runs were started with configs that lack them. At their default they are
+# left out of the config hash, so adding them does not make existing run directories refuse
+# their own (unchanged) config; set to anything else they count like every other field.
+COMPAT = {"compat": True}
+
+
+def compat(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A field added later: see `COMPAT`."""
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=COMPAT)
+    return field(default=default, metadata=COMPAT)
+
 
 @dataclass
 class ModelsConfig:
@@ -30,15 +42,26 @@ class ModelsConfig:
 
 @dataclass
 class DataConfig:
-    """Problem files (JSONL) and the names of their fields."""
+    """Where each split's problems come from, and the names of their fields.
 
-    train: str
+    A split is a file (JSONL, JSON array, parquet, or a `datasets.save_to_disk` directory)
+    or a named benchmark (`gsm8k`, `gsm8k:train`, `math500`, `svamp`; see distill.benchmarks),
+    which brings its own field mapping. `benchmark` fills the splits left unset with that
+    benchmark's splits. `train` is required unless `benchmark` provides it.
+    """
+
+    train: str | None = None
     validation: str | None = None
     test: str | None = None
     question_field: str = "question"
     answer_field: str = "answer"
     id_field: str | None = "id"
     train_limit: int | None = None
+    benchmark: str | None = compat(None)
+    # auto: by suffix (.jsonl, .json, .parquet) or, for a directory, `datasets.load_from_disk`.
+    format: Literal["auto", "jsonl", "json", "parquet", "datasets"] = compat("auto")
+    # Fields of user files kept as per-problem metadata, so reports can group by them.
+    meta_fields: list[str] = compat(default_factory=list)
 
 
 @dataclass
@@ -60,6 +83,22 @@ class GenerationConfig:
     batch_size: int = 16
     num_shards: int = 1
     seed: int = 0
+    # vLLM only: GPUs per model replica, and top-k logprobs kept per generated token (0 = none).
+    tensor_parallel_size: int = compat(1)
+    logprobs: int = compat(0)
+    gpu_memory_utilization: float = compat(0.9)
+
+
+@dataclass
+class VerifyConfig:
+    """Which verified (correct) rationales reach the training set.
+
+    `median_tokens` keeps those no longer than the median length of all verified rationales
+    (shorter rationales train students that answer in fewer tokens); `problem_median_tokens`
+    takes the median per problem, so no solved problem loses all its rationales.
+    """
+
+    filter: Literal["none", "median_tokens", "problem_median_tokens"] = "none"
 
 
 @dataclass
@@ -141,6 +180,7 @@ class RunConfig:
     data: DataConfig
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    verify: VerifyConfig = compat(default_factory=VerifyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     undo: UndoConfig = field(default_factory=UndoConfig)
@@ -160,11 +200,28 @@ class RunConfig:
 
     def hash(self) -> str:
         """Content hash of the resolved config: a changed config is a different experiment."""
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        canon = json.dumps(_hashed(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _hashed(obj: Any) -> Any:
+    """The config as hashed: like `to_dict`, less the `compat` fields still at their default."""
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("internal") or (f.metadata.get("compat") and value == _default_of(f)):
+            continue
+        out[f.name] = _hashed(value)
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -279,6 +336,7 @@ def _check_values(cfg: RunConfig) -> None:
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.num_shards": cfg.eval.num_shards,
+        "generation.tensor_parallel_size": cfg.generation.tensor_parallel_size,
         "undo.n": cfg.undo.n,
         "undo.cap_per_problem": cfg.undo.cap_per_problem,
         "undo.max_iters": cfg.undo.max_iters,
@@ -293,19 +351,49 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"{where}: generation.temperature: must be >= 0, got {cfg.generation.temperature}")
     if not 0 < cfg.generation.top_p <= 1:
         raise ConfigError(f"{where}: generation.top_p: must be in (0, 1], got {cfg.generation.top_p}")
+    if cfg.generation.logprobs < 0:
+        raise ConfigError(f"{where}: generation.logprobs: must be >= 0, got {cfg.generation.logprobs}")
+    _resolve_benchmark(cfg)
     if "{question}" not in cfg.prompt.template:
         raise ConfigError(f"{where}: prompt.template: must contain the {{question}} slot")
     if getattr(cfg.data, cfg.eval.split) is None:
         raise ConfigError(f"{where}: eval.split: data.{cfg.eval.split} is not set")
 
 
+def _resolve_benchmark(cfg: RunConfig) -> None:
+    """Check benchmark names and fill the splits `data.benchmark` provides (in place, so the
+    saved config and its hash name the exact sources)."""
+    from distill.benchmarks import BENCHMARKS, find_benchmark, split_names
+
+    where, data = cfg.source, cfg.data
+    if data.benchmark is not None:
+        if data.benchmark not in BENCHMARKS:
+            raise ConfigError(f"{where}: data.benchmark: unknown benchmark {data.benchmark!r} "
+                              f"(known: {', '.join(BENCHMARKS)})")
+        for split in ("train", "validation", "test"):
+            if getattr(data, split) is None and split in BENCHMARKS[data.benchmark]:
+                setattr(data, split, f"{data.benchmark}:{split}")
+    for split in ("train", "validation", "test"):
+        value = getattr(data, split)
+        if value is not None and ":" in value and value.split(":", 1)[0] in BENCHMARKS and not find_benchmark(value):
+            raise ConfigError(f"{where}: data.{split}: unknown benchmark split {value!r} (known: {', '.join(split_names())})")
+    if data.train is None:
+        extra = f" (benchmark {data.benchmark} has no train split)" if data.benchmark else ""
+        raise ConfigError(f"{where}: data.train: required key missing{extra}")
+
+
 def check_paths(cfg: RunConfig) -> None:
     """Fail before submitting anything if a model or data path does not exist."""
+    from distill.benchmarks import find_benchmark
+
     for key in ("teacher", "student"):
         p = getattr(cfg.models, key)
         if not Path(p).exists():
             raise ConfigError(f"{cfg.source}: models.{key}: path not found: {p}")
     for key in ("train", "validation", "test"):
         p = getattr(cfg.data, key)
-        if p is not None and not Path(p).is_file():
+        if p is None or find_benchmark(p):
+            continue
+        path = Path(p)
+        if not (path.is_file() or (path.is_dir() and cfg.data.format in ("auto", "datasets"))):
             raise ConfigError(f"{cfg.source}: data.{key}: file not found: {p}")

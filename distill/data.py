@@ -1,7 +1,14 @@
-"""Problem sets: JSONL files mapped onto `{id, question, gold}` records."""
+"""Problem sets: files or named benchmarks mapped onto `{id, question, gold[, meta]}` records.
+
+`meta` (when present) holds per-problem attributes such as MATH's `subject` and `level`; it
+travels with the problem into generation and graded records, so reports can group by it.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from distill.config import DataConfig
@@ -10,27 +17,126 @@ from distill.jsonl import iter_jsonl_numbered
 
 T = TypeVar("T")
 
+FORMATS = ("jsonl", "json", "parquet", "datasets")
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    """The reader for `path`: the configured one, else by suffix (a directory is a dataset)."""
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "datasets"
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix == ".json":
+        return "json"
+    return "jsonl"
+
+
+def _import_optional(module: str, what: str) -> Any:
+    """Parquet and `datasets` readers need packages the lean CPU install leaves out."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = "datasets==5.2.0" if module == "datasets" else "pyarrow"
+        raise DataError(f"{what}: reading this format needs the {module!r} package (pip install {package})") from None
+
+
+def iter_rows(path: str | Path, fmt: str = "auto", split: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield `(place, record)` pairs; `place` names the file and line (or row) for errors."""
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if fmt == "jsonl":
+        for lineno, rec in iter_jsonl_numbered(path):
+            yield f"{path}:{lineno}", rec
+    elif fmt == "json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: malformed JSON ({exc})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}[{i}]: expected a JSON object, got {type(rec).__name__}")
+            yield f"{path}[{i}]", rec
+    elif fmt == "parquet":
+        pq = _import_optional("pyarrow.parquet", str(path))
+        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}[row {i}]", rec
+    else:
+        datasets = _import_optional("datasets", str(path))
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split {split!r} in this DatasetDict (has: {', '.join(ds)})")
+            ds = ds[split]
+        for i, rec in enumerate(ds):
+            yield f"{path}[row {i}]", dict(rec)
+
+
+def _text(value: Any) -> str:
+    """Gold answers may be numbers (SVAMP's 27.0): an integral float is written as an integer."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def map_problem(
+    rec: dict[str, Any], place: str, *, question: str, answer: str, id_field: str | None,
+    meta_fields: list[str] | tuple[str, ...] = (), default_id: str,
+) -> dict[str, Any]:
+    """One record of a user file as a problem, with the configured field mapping."""
+    for key in (question, answer, *meta_fields):
+        if key not in rec:
+            raise DataError(f"{place}: missing field {key!r}")
+    problem = {
+        "id": str(rec[id_field]) if id_field and rec.get(id_field) is not None else default_id,
+        "question": str(rec[question]),
+        "gold": _text(rec[answer]),
+    }
+    if meta_fields:
+        problem["meta"] = {k: rec[k] for k in meta_fields}
+    return problem
+
+
+def check_unique(problems: list[dict[str, Any]], places: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for problem, place in zip(problems, places, strict=True):
+        if problem["id"] in seen:
+            raise DataError(f"{place}: duplicate id {problem['id']!r} (first at {seen[problem['id']]})")
+        seen[problem["id"]] = place
+
 
 def load_problems(data: DataConfig, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """The problems of a split, in file order; ids are stable across runs (field or position)."""
-    path = getattr(data, split)
-    if path is None:
+    """The problems of a split, in source order; ids are stable across runs (field or position)."""
+    from distill.benchmarks import find_benchmark, load_benchmark
+
+    source = getattr(data, split)
+    if source is None:
         raise DataError(f"data.{split}: no file configured for this split")
+    if find_benchmark(source):
+        return load_benchmark(source, limit)
     problems: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for lineno, rec in iter_jsonl_numbered(path):
-        for key in (data.question_field, data.answer_field):
-            if key not in rec:
-                raise DataError(f"{path}:{lineno}: missing field {key!r}")
-        pid = str(rec[data.id_field]) if data.id_field and data.id_field in rec else f"{split}-{len(problems):05d}"
-        if pid in seen:
-            raise DataError(f"{path}:{lineno}: duplicate id {pid!r} (first on line {seen[pid]})")
-        seen[pid] = lineno
-        problems.append({"id": pid, "question": str(rec[data.question_field]), "gold": str(rec[data.answer_field])})
+    places: list[str] = []
+    for place, rec in iter_rows(source, data.format, split):
+        problems.append(map_problem(
+            rec, place, question=data.question_field, answer=data.answer_field, id_field=data.id_field,
+            meta_fields=data.meta_fields, default_id=f"{split}-{len(problems):05d}",
+        ))
+        places.append(place)
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
-        raise DataError(f"{path}: no problems in file")
+        raise DataError(f"{source}: no problems in file")
+    check_unique(problems, places)
     return problems
 
 
