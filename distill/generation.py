@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from distill.config import GenerationConfig
 from distill.errors import DistillError
 from distill.jsonl import append_jsonl, iter_jsonl, truncate_partial_tail, write_jsonl
 
@@ -39,6 +40,9 @@ class Completion:
     text: str
     n_tokens: int
     finished: bool  # ended with an end-of-sequence token rather than the length limit
+    # Per generated token, the top-k `[token_id, logprob]` pairs (vLLM with `logprobs: k`),
+    # for distillation losses that need the teacher's distribution; None when not captured.
+    top_logprobs: list[list[list[float]]] | None = None
 
 
 class Backend(Protocol):
@@ -98,7 +102,70 @@ class TransformersBackend:
         return Completion(text=text, n_tokens=len(ids), finished=finished)
 
 
-def load_backend(name: str, model_path: str | Path) -> Backend:
+class VLLMBackend:
+    """vLLM's offline `LLM.generate`: continuous batching and paged attention on GPUs.
+
+    Installed only in the GPU environment (its wheels pin a CUDA torch). The request and
+    response mapping is tested on CPU against a stand-in `vllm` module.
+    """
+
+    # vLLM refuses `SamplingParams(logprobs=k)` above the engine's `max_logprobs` (default 20).
+    DEFAULT_MAX_LOGPROBS = 20
+
+    def __init__(
+        self, model_path: str | Path, *, tensor_parallel_size: int = 1, logprobs: int = 0,
+        gpu_memory_utilization: float = 0.9,
+    ) -> None:
+        from vllm import LLM
+
+        self.logprobs = logprobs
+        kwargs: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size,
+                                  "gpu_memory_utilization": gpu_memory_utilization}
+        if logprobs > self.DEFAULT_MAX_LOGPROBS:
+            kwargs["max_logprobs"] = logprobs
+        self.llm = LLM(model=str(model_path), **kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def sampling_params(self, spec: SamplingSpec, seed: int) -> Any:
+        from vllm import SamplingParams
+
+        greedy = spec.temperature == 0
+        return SamplingParams(
+            n=spec.n, temperature=spec.temperature, top_p=1.0 if greedy else spec.top_p,
+            max_tokens=spec.max_new_tokens, seed=seed, logprobs=self.logprobs or None,
+        )
+
+    def generate(self, prompts: Sequence[str], spec: SamplingSpec, seed: int) -> list[list[Completion]]:
+        outputs = self.llm.generate(list(prompts), self.sampling_params(spec, seed), use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise DistillError(f"vllm returned {len(outputs)} outputs for {len(prompts)} prompts")
+        return [[self._completion(o) for o in request.outputs] for request in outputs]
+
+    def _completion(self, out: Any) -> Completion:
+        top = None
+        if self.logprobs and out.logprobs is not None:
+            # Each position maps token id -> Logprob(logprob, rank, decoded_token) and holds up
+            # to k+1 entries (the top k plus the sampled token); keep the k best by logprob.
+            top = [
+                [[tid, lp.logprob] for tid, lp in sorted(pos.items(), key=lambda kv: -kv[1].logprob)[: self.logprobs]]
+                for pos in out.logprobs
+            ]
+        return Completion(text=out.text, n_tokens=len(out.token_ids), finished=out.finish_reason == "stop",
+                          top_logprobs=top)
+
+
+def load_backend(name: str, model_path: str | Path, gen: GenerationConfig | None = None) -> Backend:
+    """The configured backend; `vllm` falls back to transformers (with a warning) where vllm
+    is not installed, so a config written for GPUs still runs on a laptop."""
+    gen = gen or GenerationConfig(backend=name)  # type: ignore[arg-type]
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            log.warning("generation.backend is vllm but vllm is not installed here: using transformers instead")
+            return TransformersBackend(model_path)
+        return VLLMBackend(model_path, tensor_parallel_size=gen.tensor_parallel_size, logprobs=gen.logprobs,
+                           gpu_memory_utilization=gen.gpu_memory_utilization)
     if name == "transformers":
         return TransformersBackend(model_path)
     raise DistillError(f"generation backend {name!r} is not available here")
@@ -150,7 +217,8 @@ def generate_shard(
                 meta = {key: v for key, v in task.items() if key not in ("id", "prompt")}
                 records.append(
                     {"id": rid, "problem_id": task["id"], "sample": k, **meta, "prompt": task["prompt"],
-                     "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished}
+                     "response": c.text, "n_tokens": c.n_tokens, "finished": c.finished,
+                     **({"top_logprobs": c.top_logprobs} if c.top_logprobs is not None else {})}
                 )
                 new_tokens += c.n_tokens
         append_jsonl(out_path, records)

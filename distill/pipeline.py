@@ -16,6 +16,7 @@ from typing import Any
 
 from distill.config import RunConfig, check_paths
 from distill.data import load_problems, shard_slice
+from distill.efficiency import filter_rationales
 from distill.errors import DistillError
 from distill.generation import SamplingSpec, generate_shard, load_backend, merge_shards
 from distill.jsonl import atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
@@ -85,6 +86,18 @@ def token_stats(counts: list[int]) -> dict[str, float]:
     }
 
 
+def _load_backend(cfg: RunConfig, model_path: Any) -> Any:
+    """The configured backend; only vLLM reads the generation section's engine options."""
+    if cfg.generation.backend == "vllm":
+        return load_backend(cfg.generation.backend, model_path, cfg.generation)
+    return load_backend(cfg.generation.backend, model_path)
+
+
+def _meta(problem: dict[str, Any]) -> dict[str, Any]:
+    """A problem's metadata (MATH subject and level, ...) for its generated records."""
+    return {"meta": problem["meta"]} if problem.get("meta") else {}
+
+
 def grade_in_place(records: list[dict[str, Any]], progress: bool = True) -> list[dict[str, Any]]:
     from distill.grading import grade_records
 
@@ -108,7 +121,7 @@ def mine(cfg: RunConfig, it: int, *, job_id: str | None = None, progress: bool =
     paths, manifest = open_run(cfg)
     manifest.mark(it, "mine", "running", job_id=job_id)
     problems = _probe_problems(cfg)
-    backend = load_backend(cfg.generation.backend, paths.student(it - 1))
+    backend = _load_backend(cfg, paths.student(it - 1))
     tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, cfg.prompt, p["question"]),
               "question": p["question"], "gold": p["gold"]} for p in problems]
     out = paths.mine_dir(it) / "responses.jsonl"
@@ -159,9 +172,9 @@ def generate_teacher_shard(cfg: RunConfig, it: int, shard: int, *, job_id: str |
     manifest.mark_shard(it, "generate", str(shard), "running", job_id=job_id)
     try:
         problems = shard_slice(generation_problems(cfg, it), shard, num)
-        backend = load_backend(cfg.generation.backend, cfg.models.teacher)
+        backend = _load_backend(cfg, cfg.models.teacher)
         tasks = [{"id": p["id"], "prompt": teacher_prompt(cfg, backend.tokenizer, p, it),
-                  "question": p["question"], "gold": p["gold"]} for p in problems]
+                  "question": p["question"], "gold": p["gold"], **_meta(p)} for p in problems]
         stats = generate_shard(
             backend, tasks, paths.gen_shard(it, shard, num), teacher_spec(cfg, it), cfg.generation.batch_size,
             desc=f"generate shard {shard}/{num}", progress=progress,
@@ -200,8 +213,9 @@ def verify(cfg: RunConfig, it: int, *, job_id: str | None = None, progress: bool
     paths, manifest = open_run(cfg)
     manifest.mark(it, "verify", "running", job_id=job_id)
     graded = grade_in_place(read_jsonl(paths.generations(it)), progress=progress)
-    kept = [r for r in graded if r["correct"]]
-    solved = {r["problem_id"] for r in kept}
+    correct = [r for r in graded if r["correct"]]
+    kept, threshold = filter_rationales(correct, cfg.verify.filter)
+    solved = {r["problem_id"] for r in correct}
     unsolved = {r["problem_id"]: {"id": r["problem_id"], "question": r["question"], "gold": r["gold"],
                                   "last_response": r["response"]} for r in graded if r["problem_id"] not in solved}
     write_jsonl(paths.graded(it), graded)
@@ -210,7 +224,9 @@ def verify(cfg: RunConfig, it: int, *, job_id: str | None = None, progress: bool
     metrics = {
         "records": len(graded),
         "kept": len(kept),
-        "teacher_accuracy": round(len(kept) / len(graded), 4) if graded else 0.0,
+        "teacher_accuracy": round(len(correct) / len(graded), 4) if graded else 0.0,
+        **({"filter": cfg.verify.filter, "correct": len(correct), "filter_threshold": threshold}
+           if cfg.verify.filter != "none" else {}),
         "problems_solved": len(solved),
         "problems_unsolved": len(unsolved),
         **{f"kept_{k}": v for k, v in token_stats([r["n_tokens"] for r in kept]).items()},
@@ -342,9 +358,9 @@ def evaluate_shard(
     manifest.mark_shard(it, stage, key, "running", job_id=job_id)
     try:
         problems = shard_slice(_eval_problems(cfg), shard, num)
-        backend = load_backend(cfg.generation.backend, eval_models(cfg, it, stage)[label])
+        backend = _load_backend(cfg, eval_models(cfg, it, stage)[label])
         tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, cfg.prompt, p["question"]),
-                  "question": p["question"], "gold": p["gold"], "model": label} for p in problems]
+                  "question": p["question"], "gold": p["gold"], "model": label, **_meta(p)} for p in problems]
         out = paths.eval_shard(it, label, shard, num)
         stats = generate_shard(
             backend, tasks, out, SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens),

@@ -1,0 +1,63 @@
+"""Token efficiency: the `<= median tokens` filter, summaries by group, the token report."""
+
+from __future__ import annotations
+
+import pytest
+
+from distill import pipeline
+from distill.config import load_config
+from distill.efficiency import filter_rationales, summarize, write_token_report
+from distill.jsonl import read_jsonl, write_jsonl
+from distill.layout import RunPaths
+
+
+def _rec(pid: str, k: int, n_tokens: int, correct: bool = True, **meta) -> dict:
+    return {"id": f"{pid}#{k}", "problem_id": pid, "n_tokens": n_tokens, "correct": correct, "finished": True,
+            **({"meta": meta} if meta else {})}
+
+
+RECORDS = [_rec("a", 0, 10), _rec("a", 1, 40), _rec("b", 0, 60), _rec("b", 1, 80), _rec("b", 2, 20)]
+
+
+def test_median_filters_global_and_per_problem():
+    kept, threshold = filter_rationales(RECORDS, "median_tokens")
+    assert threshold == 40.0 and [r["id"] for r in kept] == ["a#0", "a#1", "b#2"]
+    kept, threshold = filter_rationales(RECORDS, "problem_median_tokens")  # a: 25, b: 60
+    assert threshold is None and [r["id"] for r in kept] == ["a#0", "b#0", "b#2"]
+    assert filter_rationales(RECORDS, "none") == (RECORDS, None)
+    assert filter_rationales([], "median_tokens") == ([], None)
+    with pytest.raises(ValueError, match="unknown filter"):
+        filter_rationales(RECORDS, "shortest")
+
+
+def test_verify_stage_applies_the_configured_filter(tiny_world, tmp_path):
+    cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"), ["verify.filter=median_tokens"])
+    paths, _ = pipeline.open_run(cfg)
+    right, wrong = "So \\boxed{5}.", "So \\boxed{6}."
+    gens = [{"id": f"p{i}#0", "problem_id": f"p{i}", "question": f"q{i}", "gold": "5",
+             "response": right if i < 4 else wrong, "n_tokens": 10 * (i + 1), "finished": True} for i in range(6)]
+    write_jsonl(paths.generations(0), gens)
+    metrics = pipeline.verify(cfg, 0, progress=False)
+    assert [r["id"] for r in read_jsonl(RunPaths(cfg.run_dir).verified(0))] == ["p0#0", "p1#0"]
+    assert metrics["correct"] == 4 and metrics["kept"] == 2 and metrics["filter_threshold"] == 25.0
+    assert metrics["teacher_accuracy"] == round(4 / 6, 4) and metrics["problems_solved"] == 4
+    assert metrics["kept_tokens_max"] == 20
+
+
+def test_summary_groups_by_metadata_and_splits_lengths_by_correctness():
+    records = [_rec("a", 0, 10, True, level=2, subject="Algebra"), _rec("b", 0, 30, False, level=10, subject="Algebra"),
+               _rec("c", 0, 20, True, level=2, subject="Geometry")]
+    s = summarize(records)
+    assert (s["n"], s["correct"], s["accuracy"]) == (3, 2, 0.6667)
+    assert (s["tokens_mean"], s["tokens_median"], s["tokens_max"]) == (20.0, 20.0, 30)
+    assert (s["correct_tokens_mean"], s["incorrect_tokens_mean"], s["incorrect_tokens_max"]) == (15.0, 30.0, 30)
+    assert list(s["by"]["level"]) == ["2", "10"]  # numeric order
+    assert s["by"]["level"]["2"] == {"n": 2, "correct": 2, "accuracy": 1.0, "tokens_mean": 15.0}
+    assert s["by"]["subject"]["Algebra"]["accuracy"] == 0.5
+
+
+def test_token_report_table_and_png(tmp_path):
+    md, table = write_token_report({"teacher": RECORDS, "student": [_rec("a", 0, 5, False)]}, tmp_path, "t")
+    assert "| teacher | 5 | 100.0% | 42.0 | 40.0 | 80 |" in table and "| student | 1 | 0.0% | 5.0 |" in table
+    assert (tmp_path / "tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![response tokens" in md.read_text()
