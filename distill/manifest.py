@@ -75,6 +75,8 @@ class Manifest:
                 entry.pop("error", None)
             if state in ("done", "failed"):
                 entry["ended"] = now()
+            if state == "done":
+                entry.pop("error", None)
             entry["state"] = state
             for key, value in fields.items():
                 if isinstance(value, dict) and isinstance(entry.get(key), dict):

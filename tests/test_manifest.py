@@ -57,11 +57,13 @@ def test_stage_and_shard_marks_and_table(tmp_path):
     m.mark_shard(0, "generate", "0", "running", job_id="11_0")
     m.mark_shard(0, "generate", "0", "done", records=5)
     m.mark_shard(0, "generate", "1", "failed", error="boom")
+    m.mark(0, "generate", "failed", error="shard 1 failed")
     m.mark(0, "generate", "done", num_shards=2, metrics={"records": 10})
     entry = m.stage(0, "generate")
     assert entry["state"] == "done" and entry["shards"]["0"]["records"] == 5
     assert entry["shards"]["0"]["attempts"] == 1 and entry["shards"]["1"]["state"] == "failed"
     assert "started" not in entry or entry["ended"] >= entry["started"]
+    assert "error" not in entry, "a finished stage still shows an earlier failure"
     table = format_table(m.read())
     header, row = table.splitlines()
     assert header.split()[:4] == ["iter", "stage", "state", "shards"]
