@@ -67,5 +67,17 @@ slurm-down:  ## stop the local SLURM cluster
 sbatch-iter: venv  ## submit iteration ITER of CONFIG as plain sbatch jobs chained by afterok (no driver)
 	PYTHON=$(abspath $(PY)) slurm/iteration.sh $(CONFIG) $(ITER)
 
+# `make eval`: MODEL is one or more `[label=]path` (space-separated) compared in one report.
+BENCH     ?= gsm8k
+MODEL     ?= models/tiny/teacher
+LIMIT     ?=
+OUT       ?=
+EVAL_ARGS ?=
+
+.PHONY: eval
+eval: venv  ## evaluate MODEL ([label=]path ...) on BENCH (gsm8k, math500, svamp), LIMIT=n OUT=dir EVAL_ARGS=...
+	$(PY) -m distill eval --bench $(BENCH) $(foreach m,$(MODEL),--model $(m)) $(if $(LIMIT),--limit $(LIMIT)) \
+		--out $(or $(OUT),runs/eval-$(subst :,-,$(BENCH))$(if $(LIMIT),-$(LIMIT))) $(EVAL_ARGS)
+
 clean:  ## remove runs/ (keeps the virtualenv)
 	rm -rf runs

@@ -41,6 +41,53 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"-> {path} (+ report.json, report.png)")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from distill.config import DataConfig, GenerationConfig, PromptConfig
+    from distill.evaluation import EvalSettings, parse_models, run_eval
+
+    if (args.bench is None) == (args.data is None):
+        raise DistillError("eval: give exactly one of --bench NAME or --data PATH")
+    source = args.bench or str(args.data)
+    prompt = PromptConfig(use_chat_template=not args.no_chat_template)
+    if args.template:
+        prompt.template = args.template
+    if "{question}" not in prompt.template:
+        raise DistillError("--template: must contain the {question} slot")
+    data = DataConfig(test=None, question_field=args.prompt_col, answer_field=args.answer_col, id_field=args.id_col,
+                      format=args.format, meta_fields=args.meta_col or [])
+    settings = EvalSettings(source=source, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                            num_shards=args.num_shards, backend=args.backend, prompt=prompt, data=data)
+    gen = GenerationConfig(backend=args.backend, tensor_parallel_size=args.tensor_parallel_size)
+    out = args.out or Path("runs") / f"eval-{Path(source).stem.replace(':', '-')}"
+    summaries = run_eval(settings, parse_models(args.model), out, shards=args.shard, batch_size=args.batch_size,
+                         gen=gen, workers=args.workers, progress=not args.quiet)
+    if summaries is None:
+        print(f"shard(s) {args.shard} done -> {out}; run again without --shard to merge and report")
+        return
+    from distill.efficiency import comparison_table
+
+    print(comparison_table(summaries))
+    print(f"-> {out / 'tokens.md'} (+ tokens.json, tokens.png, <model>/graded.jsonl, <model>/metrics.json)")
+
+
+def cmd_tokens(args: argparse.Namespace) -> None:
+    from distill.efficiency import write_token_report
+    from distill.jsonl import read_jsonl
+    from distill.layout import RunPaths
+
+    paths = RunPaths(args.run)
+    eval_root = paths.iteration(args.iter) / "eval"
+    found = {p.parent.name: p for p in sorted(eval_root.glob("*/graded.jsonl"))}
+    if not found:
+        raise DistillError(f"{eval_root}: no evaluated model yet (eval/<model>/graded.jsonl)")
+    order = [lb for lb in ("teacher", "base", "student") if lb in found] + [lb for lb in found if lb not in
+                                                                          ("teacher", "base", "student")]
+    records = {lb: read_jsonl(found[lb]) for lb in order}
+    path, table = write_token_report(records, paths.iteration(args.iter), f"{paths.root.name} iteration {args.iter}")
+    print(table)
+    print(f"-> {path} (+ tokens.json, tokens.png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md/.json/.png for a run from its manifest")
     p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "eval", help="evaluate models on a benchmark or problem file (sharded, resumable), with a token report",
+        description="Greedy answers from each --model, graded with math-verify; writes <out>/tokens.md/.json/.png. "
+                    "Rerunning resumes; --shard i runs one shard (e.g. as an array task), a run without it merges.")
+    src = p.add_argument_group("problems")
+    src.add_argument("--bench", help="benchmark: gsm8k, gsm8k:train, math500, svamp (data/benchmarks)")
+    src.add_argument("--data", type=Path, help="problem file instead: .jsonl, .json array, .parquet or a datasets dir")
+    src.add_argument("--prompt-col", "--prompt_col", default="question", help="question field of --data (default: %(default)s)")
+    src.add_argument("--answer-col", "--answer_col", default="answer", help="gold field of --data (default: %(default)s)")
+    src.add_argument("--id-col", "--id_col", default="id", help="id field of --data, if present (default: %(default)s)")
+    src.add_argument("--meta-col", "--meta_col", action="append", help="field of --data to group the report by (repeatable)")
+    src.add_argument("--format", default="auto", choices=["auto", "jsonl", "json", "parquet", "datasets"])
+    src.add_argument("--limit", type=int, help="only the first N problems")
+    p.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
+                   help="model directory, repeatable: teacher=models/tiny/teacher base=models/tiny/student ...")
+    p.add_argument("--out", type=Path, help="output directory (default: runs/eval-<bench>)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--shard", type=int, action="append", help="run only this shard (repeatable); merge later")
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--template", help="prompt template with a {question} slot (default: the config default)")
+    p.add_argument("--no-chat-template", action="store_true", help="plain prompt even if the tokenizer has a chat template")
+    p.add_argument("--workers", type=int, help="grading processes (default: one per CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tokens", help="token-efficiency report of a pipeline run's evaluated models")
+    p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
+    p.add_argument("--iter", type=int, default=0, help="iteration whose eval/ to read (default: %(default)s)")
+    p.set_defaults(func=cmd_tokens)
     return parser
 
 
