@@ -61,3 +61,16 @@ def test_token_report_table_and_png(tmp_path):
     assert "| teacher | 5 | 100.0% | 42.0 | 40.0 | 80 |" in table and "| student | 1 | 0.0% | 5.0 |" in table
     assert (tmp_path / "tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![response tokens" in md.read_text()
+
+
+def test_tokens_command_reports_a_runs_evaluated_models(tmp_path, capsys):
+    from distill.__main__ import main
+
+    paths = RunPaths(tmp_path / "run")
+    for label, recs in (("student", [_rec("a", 0, 7)]), ("teacher", RECORDS), ("base", [_rec("a", 0, 9, False)])):
+        write_jsonl(paths.eval_dir(0, label) / "graded.jsonl", recs)
+    assert main(["tokens", "--run", str(paths.root)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("| teacher |") < out.index("| base |") < out.index("| student |")
+    assert (paths.iteration(0) / "tokens.png").exists() and (paths.iteration(0) / "tokens.md").exists()
+    assert main(["tokens", "--run", str(paths.root), "--iter", "1"]) == 2
