@@ -297,13 +297,12 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a YAML config; `overrides` are `key.path=value` strings."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> dict:
+    """The top-level mapping of a YAML file; every failure is one ConfigError naming file:line."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found{hint}") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -312,6 +311,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{place}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a YAML config; `overrides` are `key.path=value` strings."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
     for key, value in parse_overrides(overrides or []):
         _set_path(raw, key, value, f"{path} (--set)")
     cfg = _build(RunConfig, raw, f"{path}: ")

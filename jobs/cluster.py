@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from distill.config import _build
+from distill.config import _build, read_yaml_mapping
 from distill.errors import ConfigError
 
 PROFILE_DIR = Path("configs/cluster")
@@ -115,18 +113,8 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
 
 def load_profile(name_or_path: str | Path) -> ClusterProfile:
     path = resolve_profile_path(name_or_path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))) if PROFILE_DIR.is_dir() else ""
-        hint = f" (profiles in {PROFILE_DIR}: {known})" if known else ""
-        raise ConfigError(f"{path}: cluster profile not found{hint}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        place = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{place}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))) if PROFILE_DIR.is_dir() else ""
+    raw = read_yaml_mapping(path, "cluster profile", f" (profiles in {PROFILE_DIR}: {known})" if known else "")
     profile = _build(ClusterProfile, raw, f"{path}: ")
     profile.source = str(path)
     _check_values(profile)
