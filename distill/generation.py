@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm import tqdm
-
 from distill.config import GenerationConfig
 from distill.errors import DistillError
 from distill.jsonl import append_jsonl, iter_jsonl, truncate_partial_tail, write_jsonl
+from distill.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ def generate_shard(
     todo = [t for t in tasks if have[t["id"]] < spec.n]
     new_tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="prob", disable=not progress)
+    bar = progress_bar(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="prob", disable=not progress)
     for i in range(0, len(todo), batch_size):
         batch = todo[i : i + batch_size]
         outputs = backend.generate([t["prompt"] for t in batch], spec, batch_seed(spec.seed, batch[0]["id"]))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
-import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -19,10 +18,10 @@ from typing import Any
 
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
-from tqdm import tqdm
 
 from distill.errors import DataError
 from distill.jsonl import iter_jsonl_numbered, write_jsonl
+from distill.progress import progress_bar
 
 __all__ = ["extract_answer", "gold_answer", "is_correct", "grade", "grade_records", "grade_file"]
 
@@ -223,7 +222,7 @@ def grade(
         raise ValueError(f"chunksize must be >= 1, got {chunksize}")
     workers = min(workers, max(1, -(-n // chunksize)))
     in_main_thread = threading.current_thread() is threading.main_thread()
-    bar = tqdm(total=n, desc="grading", unit="ans", file=sys.stderr, disable=not progress)
+    bar = progress_bar(total=n, desc="grading", unit="ans", disable=not progress)
     results: list[tuple[str | None, bool]] = []
     try:
         if in_main_thread and (workers == 1 or n < _MIN_ITEMS_FOR_POOL):

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from distill.config import TrainConfig
+from distill.progress import progress_bar
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^step-(\d{8})$")
@@ -238,7 +238,7 @@ def train(
 
     model.train()
     tokens, start, loss_value = 0, time.perf_counter(), None
-    bar = tqdm(total=steps, initial=state["step"], desc="train", unit="step", disable=not progress)
+    bar = progress_bar(total=steps, initial=state["step"], desc="train", unit="step", disable=not progress)
     while state["step"] < steps:
         step = state["step"]
         micro_batches = [

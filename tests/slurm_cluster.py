@@ -114,6 +114,21 @@ def release_pending(job_id: str, min_age_s: float = 2.0) -> bool:
     return proc.returncode == 0
 
 
+def queue_dump() -> str:
+    """Every job SLURM knows and every node's state, for failure messages."""
+    jobs = _run(["squeue", "--all", "--format=%i %P %T %r %C %M %j"]).stdout.strip()
+    nodes = _run(["sinfo", "--Node", "--noheader", "--format=%N %t %C"]).stdout.strip()
+    return f"--- squeue\n{jobs}\n--- sinfo (node state, CPUs allocated/idle/other/total)\n{nodes}"
+
+
+def wait_idle(timeout: float = 60) -> None:
+    """Wait until no job is left in the queue (a cancelled job holds its CPUs while completing)."""
+    try:
+        wait_for(lambda: not _run(["squeue", "--noheader", "--all"]).stdout.strip(), timeout=timeout, interval=0.5)
+    except TimeoutError:
+        pytest.fail(f"jobs of earlier tests still queued after {timeout} s\n{queue_dump()}")
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.25) -> T:
     """Call `predicate` until it returns a truthy value and return that value; raise
     TimeoutError after `timeout` seconds (the predicate is always tried at least once)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import submitit
-from slurm_cluster import job_state, release_pending, require_slurm, wait_for
+from slurm_cluster import job_state, queue_dump, release_pending, require_slurm, wait_for, wait_idle
 
 pytestmark = pytest.mark.slurm
 
@@ -98,7 +98,7 @@ def _describe(job: submitit.Job) -> str:
     state, reason = job_state(job.job_id)
     return (
         f"job {job.job_id}: squeue state={state or '-'} reason={reason or '-'}\n"
-        f"--- stdout\n{job.stdout() or ''}\n--- stderr\n{job.stderr() or ''}"
+        f"--- stdout\n{job.stdout() or ''}\n--- stderr\n{job.stderr() or ''}\n{queue_dump()}"
     )
 
 
@@ -226,6 +226,7 @@ def test_urgent_partition_preempts_debug(slurm: None, tmp_path: Path) -> None:
     n_steps, step_s = 10, 0.4
     expected = sum(i * i for i in range(n_steps))
     # The debug job takes every CPU of the node, so the urgent job can only run by preempting it.
+    wait_idle()
     low = _executor(tmp_path / "logs_debug", cpus_per_task=_node_cpus())
     job = low.submit(CountingTask(), str(workdir), n_steps, step_s)
     urgent_job = None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from slurm_cluster import job_state, release_pending, require_slurm, wait_for
+from slurm_cluster import job_state, queue_dump, release_pending, require_slurm, wait_for
 
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.manifest import Manifest
@@ -191,6 +191,33 @@ def write_verified(run: Path, data: Path, n: int) -> None:
     write_jsonl(run / "iter-0" / "verified.jsonl", records)
 
 
+def steps_lasting(seconds: float, cfg: Path, sets: list[str], tmp_path: Path) -> int:
+    """Optimizer steps that take one CPU about `seconds` here, measured on a short run.
+
+    Machines differ several-fold in speed, and a run that ends before SLURM's first USR2 tests
+    nothing: with a 1-minute limit and `--signal=USR2@15` the signal comes 15 to 45 s into the
+    allocation (slurmctld checks time limits every 30 s and sends the signal up to that much
+    early, never late). The measured time includes loading and saving, so the rate is
+    underestimated and the run lasts at least about `seconds`."""
+    import torch
+
+    from distill import pipeline
+    from distill.config import load_config
+
+    probe = 100
+    run_cfg = load_config(cfg, [*sets, "name=calibrate", f"train.max_steps={probe}", f"train.save_steps={probe}"])
+    write_verified(run_cfg.run_dir, ROOT / "data" / "tiny" / "train.jsonl", 400)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        pipeline.train_student(run_cfg, 0, progress=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return max(300, round(seconds * probe / elapsed / 50) * 50)
+
+
 @pytest.mark.slow
 def test_training_spans_allocations_and_matches_an_uninterrupted_run(slurm, cleanup, tmp_path, tiny_world):
     """A 1-minute time limit: SLURM sends USR2 15 s before it, training stops after the current
@@ -198,9 +225,10 @@ def test_training_spans_allocations_and_matches_an_uninterrupted_run(slurm, clea
     run (60-minute limit) trains alongside, one CPU each, for the reference."""
     runs, procs = cleanup
     cfg = demo_config(tmp_path, tiny_world)
-    steps = 300
-    sets = [f"train.max_steps={steps}", "train.save_steps=50", "train.log_steps=50", "train.batch_size=32"]
-    short = profile(tmp_path, "short", time_min=1, signal_delay_s=15, max_num_timeout=6)
+    base = ["train.save_steps=50", "train.log_steps=50", "train.batch_size=32"]
+    steps = steps_lasting(80, cfg, base, tmp_path)
+    sets = [f"train.max_steps={steps}", *base]
+    short = profile(tmp_path, "short", time_min=1, signal_delay_s=15, max_num_timeout=8)
     runs += [tmp_path / "runs" / "limited", tmp_path / "runs" / "reference"]
     for run in runs:
         write_verified(run, ROOT / "data" / "tiny" / "train.jsonl", 400)
@@ -231,16 +259,16 @@ def test_training_spans_allocations_and_matches_an_uninterrupted_run(slurm, clea
     assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], abs=1e-6)
     stdout = (runs[0] / "logs" / job / f"{job}_0_log.out").read_text()
     assert stdout.count("this job is timed-out") == got["allocations"] - 1  # USR2 at the time limit
-    print(f"training: {got['allocations']} allocations, resumed at step {got.get('resumed_from')}, "
+    print(f"training: {steps} steps, {got['allocations']} allocations, resumed at step {got.get('resumed_from')}, "
           f"final step {got['metrics']['step']} loss {got['metrics']['loss']:.6f} "
           f"(uninterrupted: {ref['metrics']['loss']:.6f}); {len(released)} early release(s)")
     assert "requeued" in out
 
 
 # ----------------------------------------------------------------------------- plain sbatch
-def sbatch(*args: str, out: Path) -> str:
+def sbatch(*args: str, out: Path, **env_vars: str) -> str:
     """Submit one of slurm/*.sbatch from the project root, with this interpreter as $PYTHON."""
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {**os.environ, "PYTHON": sys.executable, **env_vars}
     proc = subprocess.run(["sbatch", "--parsable", f"--output={out}", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -264,7 +292,7 @@ def test_sbatch_scripts_requeue_generation_and_merge_after_the_array(slurm, clea
     """slurm/generate.sbatch as an array, task 0 requeued by `scontrol requeue`, task 1 sent USR2
     the way `--signal=B:USR2@90` sends it (to the batch shell); merge.sbatch waits on afterok."""
     runs, _ = cleanup
-    n_records = 1600
+    n_records = 3200
     cfg = config_file(tmp_path, tiny_world, "plain", data__train_limit=n_records, generation__batch_size=16)
     run = tmp_path / "runs" / "plain"
     runs.append(run)
@@ -280,13 +308,16 @@ def test_sbatch_scripts_requeue_generation_and_merge_after_the_array(slurm, clea
         released: set[str] = set()
         wait_for(lambda: release_all(tasks, released) or Manifest(run).is_done(0, "generate"), timeout=240, interval=0.5)
         wait_for(lambda: job_state(merge)[0] in ("", "COMPLETED"), timeout=30)
+    except TimeoutError as exc:
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.glob("*.out")))
+        pytest.fail(f"{exc}\n{logs}\n{queue_dump()}")
     finally:
         subprocess.run(["scancel", *tasks, merge], capture_output=True, check=False)
     entry = Manifest(run).stage(0, "generate")
     for s, path in shard.items():
         counts = Counter(r["id"] for r in read_jsonl(path))
         assert len(counts) == n_records // 2 and max(counts.values()) == 1, f"shard {s}: duplicates or gaps"
-        assert entry["shards"][str(s)]["attempts"] == 2, entry["shards"][str(s)]
+        assert entry["shards"][str(s)]["attempts"] == 2, (entry["shards"][str(s)], (tmp_path / f"gen-{array}_{s}.out").read_text())
     assert entry["shards"]["1"]["requeued"] == 1
     log1 = (tmp_path / f"gen-{array}_1.out").read_text()
     assert "USR2 received" in log1 and f"requeueing {tasks[1]}" in log1, log1
@@ -301,14 +332,15 @@ def test_sbatch_training_requeues_itself_at_the_time_limit(slurm, cleanup, tmp_p
     training stops after the current step and saves, the script requeues the job; the result
     matches an uninterrupted run."""
     runs, _ = cleanup
-    steps = 300
+    steps = steps_lasting(80, demo_config(tmp_path, tiny_world), ["train.batch_size=32"], tmp_path)
     values = {"train__max_steps": steps, "train__save_steps": 50, "train__log_steps": 50, "train__batch_size": 32}
     cfgs = {name: config_file(tmp_path, tiny_world, name, **values) for name in ("limited", "reference")}
     for name in cfgs:
         runs.append(tmp_path / "runs" / name)
         write_verified(runs[-1], ROOT / "data" / "tiny" / "train.jsonl", 400)
+    # 15-45 s allocations for an 80 s run: up to 6 of them.
     limited = sbatch("--time=1", "--signal=B:USR2@15", "slurm/train.sbatch", str(cfgs["limited"]), "0",
-                     out=tmp_path / "limited.out")
+                     out=tmp_path / "limited.out", DISTILL_MAX_REQUEUES="8")
     reference = sbatch("--time=10", "slurm/train.sbatch", str(cfgs["reference"]), "0", out=tmp_path / "reference.out")
     released: set[str] = set()
     try:
@@ -324,7 +356,7 @@ def test_sbatch_training_requeues_itself_at_the_time_limit(slurm, cleanup, tmp_p
     assert log.count("restart ") == got["requeued"] + 1  # one start line per allocation
     assert got["metrics"]["step"] == ref["metrics"]["step"] == steps
     assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], abs=1e-6)
-    print(f"plain sbatch training: {got['requeued'] + 1} allocations, final loss {got['metrics']['loss']:.6f} "
+    print(f"plain sbatch training: {steps} steps, {got['requeued'] + 1} allocations, final loss {got['metrics']['loss']:.6f} "
           f"(uninterrupted {ref['metrics']['loss']:.6f})")
 
 
