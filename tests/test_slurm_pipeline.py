@@ -145,14 +145,18 @@ def test_iteration_through_sbatch_arrays_and_a_second_driver_submits_nothing(slu
 
 @pytest.mark.slow
 def test_requeued_array_tasks_finish_every_record_exactly_once(slurm, cleanup, tmp_path, tiny_world):
-    """Task 0 is requeued by `scontrol requeue` (killed wherever it is), task 1 gets USR2 the way
-    SLURM sends it before a time limit (submitit checkpoints and requeues it)."""
+    """Task 0 is requeued by `scontrol requeue`, task 1 gets USR2 the way SLURM sends it before a
+    time limit (submitit checkpoints and requeues it). A requeue sends SIGTERM, which submitit's
+    job ignores, then SIGKILL KillWait (5 s here) later: each shard is made long enough (3
+    samples of 2000 problems) that the kill lands mid-shard."""
     runs, procs = cleanup
     cfg = demo_config(tmp_path, tiny_world)
     run = tmp_path / "runs" / "e2e"
     runs.append(run)
-    n_records = 2400
-    sets = [f"data.train_limit={n_records}", "generation.batch_size=16"]
+    n_problems, n_samples = 4000, 3
+    n_records = n_problems * n_samples
+    sets = [f"data.train_limit={n_problems}", f"generation.n={n_samples}", "generation.temperature=0.7",
+            "generation.batch_size=16"]
     log = tmp_path / "driver.log"
     proc = start_driver(driver_args(cfg, LOCAL_PROFILE, sets, "--stages", "generate"), log, procs)
     shard = {s: run / "iter-0" / "generate" / f"shard-{s:05d}-of-00002.jsonl" for s in (0, 1)}
@@ -174,6 +178,7 @@ def test_requeued_array_tasks_finish_every_record_exactly_once(slurm, cleanup, t
         assert entry["shards"][str(s)]["state"] == "done"
         assert entry["shards"][str(s)]["attempts"] == 2, entry["shards"][str(s)]  # ran twice, finished once
     assert entry["shards"]["1"]["requeued"] == 1  # recorded by the USR2 path
+    assert 0 < entry["shards"]["0"]["generated_records"] < n_records // 2  # killed mid-shard
     merged = [r["id"] for r in read_jsonl(run / "iter-0" / "generations.jsonl")]
     assert len(merged) == len(set(merged)) == n_records
     assert "requeued" in out
