@@ -56,7 +56,7 @@ test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-
 	$(PY) -m pytest -q -m slurm -rP
 
 lint: venv  ## ruff
-	$(VENV)/bin/ruff check distill jobs tests
+	$(VENV)/bin/ruff check distill jobs tests bench
 
 slurm-up:  ## start a local single-node SLURM cluster (installs slurm-wlm + munge if absent)
 	slurm/local/up.sh
