@@ -46,10 +46,11 @@ def filter_rationales(records: list[dict[str, Any]], how: str) -> tuple[list[dic
 # -- summaries ---------------------------------------------------------------------------------
 
 
-def length_stats(counts: list[int], prefix: str = "tokens") -> dict[str, float]:
-    """Mean, median and max of token counts (zeros for an empty list: JSON has no NaN)."""
+def length_stats(counts: list[int], prefix: str = "tokens") -> dict[str, float | None]:
+    """Mean, median and max of token counts; None (JSON null, shown as "-") when there are none,
+    e.g. the correct answers of a model that got nothing right."""
     if not counts:
-        return {f"{prefix}_mean": 0.0, f"{prefix}_median": 0.0, f"{prefix}_max": 0}
+        return {f"{prefix}_mean": None, f"{prefix}_median": None, f"{prefix}_max": None}
     return {
         f"{prefix}_mean": round(statistics.fmean(counts), 2),
         f"{prefix}_median": float(statistics.median(counts)),
@@ -109,6 +110,8 @@ COLUMNS = [
 
 
 def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
     if key == "accuracy":
         return f"{100 * value:.1f}%"
     return f"{value:.1f}" if isinstance(value, float) else str(value)

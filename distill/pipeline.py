@@ -9,14 +9,13 @@ verified new rationales join the training set and the student is retrained.
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from distill.config import RunConfig, check_paths
 from distill.data import load_problems, shard_slice
-from distill.efficiency import filter_rationales
+from distill.efficiency import filter_rationales, length_stats, summarize
 from distill.errors import DistillError
 from distill.generation import SamplingSpec, generate_shard, load_backend, merge_shards
 from distill.jsonl import atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
@@ -74,16 +73,6 @@ def _probe_problems(cfg: RunConfig) -> list[dict[str, Any]]:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-def token_stats(counts: list[int]) -> dict[str, float]:
-    if not counts:
-        return {"tokens_mean": 0.0, "tokens_median": 0.0, "tokens_max": 0}
-    return {
-        "tokens_mean": round(statistics.fmean(counts), 2),
-        "tokens_median": float(statistics.median(counts)),
-        "tokens_max": max(counts),
-    }
 
 
 def _load_backend(cfg: RunConfig, model_path: Any) -> Any:
@@ -229,7 +218,7 @@ def verify(cfg: RunConfig, it: int, *, job_id: str | None = None, progress: bool
            if cfg.verify.filter != "none" else {}),
         "problems_solved": len(solved),
         "problems_unsolved": len(unsolved),
-        **{f"kept_{k}": v for k, v in token_stats([r["n_tokens"] for r in kept]).items()},
+        **{f"kept_{k}": v for k, v in length_stats([r["n_tokens"] for r in kept]).items()},
     }
     manifest.mark(
         it, "verify", "done", metrics=metrics,
@@ -384,7 +373,7 @@ def merge_evaluation(cfg: RunConfig, it: int, stage: str = "evaluate") -> dict[s
         graded_paths = [paths.eval_shard(it, label, s, num).with_suffix(".graded.jsonl") for s in range(num)]
         out = paths.eval_dir(it, label) / "graded.jsonl"
         merge_shards(graded_paths, expected, 1, out)
-        metrics = eval_metrics(read_jsonl(out))
+        metrics = summarize(read_jsonl(out))
         write_json(paths.eval_dir(it, label) / "metrics.json", metrics)
         all_metrics[label] = metrics
         artifacts[label] = artifact(out, paths.root)
@@ -392,17 +381,3 @@ def merge_evaluation(cfg: RunConfig, it: int, stage: str = "evaluate") -> dict[s
     manifest.mark(it, stage, "done", num_shards=num * len(all_metrics), metrics=summary,
                   results=all_metrics, artifacts=artifacts)
     return all_metrics
-
-
-def eval_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
-    correct = [r for r in records if r["correct"]]
-    wrong = [r for r in records if not r["correct"]]
-    return {
-        "n": len(records),
-        "correct": len(correct),
-        "accuracy": round(len(correct) / len(records), 4) if records else 0.0,
-        **token_stats([r["n_tokens"] for r in records]),
-        "correct_tokens_mean": token_stats([r["n_tokens"] for r in correct])["tokens_mean"],
-        "incorrect_tokens_mean": token_stats([r["n_tokens"] for r in wrong])["tokens_mean"],
-        "unfinished": sum(1 for r in records if not r["finished"]),
-    }
