@@ -70,6 +70,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"-> {out / 'tokens.md'} (+ tokens.json, tokens.png, <model>/graded.jsonl, <model>/metrics.json)")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from distill.compare import compare
+
+    names = [n.strip() for n in args.objectives.split(",") if n.strip()]
+    print(compare(args.config, names, args.set, args.steps, progress=not args.quiet))
+
+
 def cmd_tokens(args: argparse.Namespace) -> None:
     from distill.efficiency import write_token_report
     from distill.jsonl import read_jsonl
@@ -144,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
     p.add_argument("--iter", type=int, default=0, help="iteration whose eval/ to read (default: %(default)s)")
     p.set_defaults(func=cmd_tokens)
+
+    from distill.compare import PRESETS
+
+    p = sub.add_parser("compare", help="one student per distillation objective at equal steps, evaluated side by side",
+                       description="Train one student per objective on iteration 0's verified rationales of the run "
+                       "(run `make iter ITER=0` first), at equal steps, and evaluate each on the held-out split. "
+                       f"Objectives: {', '.join(PRESETS)}.")
+    p.add_argument("--config", default="configs/tiny.yaml", help="run config (default: %(default)s)")
+    p.add_argument("--objectives", default="sft,kd,ekd,context,feature", help="comma-separated (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="optimizer steps per student (default: the config's train.max_steps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

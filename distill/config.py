@@ -111,10 +111,48 @@ class LoraConfig:
 
 
 @dataclass
+class KDConfig:
+    """The teacher signal of objectives `kd`, `ekd` and `context`: loss = (1 - alpha) * CE +
+    alpha * T^2 * divergence(teacher || student) averaged over the selected completion positions.
+
+    `teacher: online` keeps the teacher in memory (full vocabulary, any objective); `offline`
+    runs the teacher once over the training set before the first step, stores its `top_k`
+    logprobs per token beside the checkpoints and trains without it (kd and ekd only).
+    """
+
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    alpha: float = 0.5
+    teacher: Literal["online", "offline"] = "online"
+    top_k: int = 20
+    # ekd: the top_k_percent highest-scoring completion positions of each sequence, or the
+    # positions between two score percentiles (bucket: [70, 80]); score: whose entropy.
+    top_k_percent: float | None = 0.2
+    bucket: list[float] | None = None
+    score: Literal["teacher_entropy", "student_entropy"] = "teacher_entropy"
+    # context: the teacher's prompt, with the student's prompt in the {prompt} slot.
+    context_template: str = "Solve step by step and end with the answer in \\boxed{{}}.\n{prompt}"
+    # positions per chunk when computing the loss (bounds vocabulary-sized temporaries)
+    chunk: int = 256
+
+
+@dataclass
+class FeatureConfig:
+    """Objective `feature`: hidden-state matching through a learned linear projection
+    (student width -> teacher width), one pair [student layer, teacher layer] per entry
+    (hidden_states indices: 0 = embeddings, -1 = last layer), plus CE weighted 1 - alpha."""
+
+    layers: list[list[int]] = field(default_factory=lambda: [[-1, -1]])
+    loss: Literal["mse", "cosine"] = "mse"
+    alpha: float = 0.5
+
+
+@dataclass
 class TrainConfig:
     """Student training; one optimizer step consumes `batch_size * grad_accum` examples."""
 
-    objective: Literal["sft"] = "sft"
+    objective: Literal["sft", "kd", "ekd", "context", "feature"] = "sft"
     lr: float = 2e-5
     epochs: float = 1.0
     max_steps: int | None = None
@@ -129,6 +167,10 @@ class TrainConfig:
     log_steps: int = 10
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
+    kd: KDConfig = compat(default_factory=KDConfig)
+    feature: FeatureConfig = compat(default_factory=FeatureConfig)
+    # QLoRA: load the student in 4 bit (bitsandbytes, CUDA only) and train LoRA adapters on it.
+    quantize: Literal["none", "4bit"] = compat("none")
 
 
 @dataclass
@@ -360,10 +402,44 @@ def _check_values(cfg: RunConfig) -> None:
     if cfg.generation.logprobs < 0:
         raise ConfigError(f"{where}: generation.logprobs: must be >= 0, got {cfg.generation.logprobs}")
     _resolve_benchmark(cfg)
+    check_train(cfg.train, where)
     if "{question}" not in cfg.prompt.template:
         raise ConfigError(f"{where}: prompt.template: must contain the {{question}} slot")
     if getattr(cfg.data, cfg.eval.split) is None:
         raise ConfigError(f"{where}: eval.split: data.{cfg.eval.split} is not set")
+
+
+def check_train(t: TrainConfig, where: str) -> None:
+    """Objective settings that cannot work, refused before any job starts."""
+    kd = t.kd
+    if kd.temperature <= 0:
+        raise ConfigError(f"{where}: train.kd.temperature: must be > 0, got {kd.temperature}")
+    for key, value in (("train.kd.alpha", kd.alpha), ("train.kd.beta", kd.beta), ("train.feature.alpha", t.feature.alpha)):
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{where}: {key}: must be in [0, 1], got {value}")
+    if kd.top_k < 1 or kd.chunk < 1:
+        raise ConfigError(f"{where}: train.kd.{'top_k' if kd.top_k < 1 else 'chunk'}: must be >= 1")
+    if t.objective == "ekd":
+        if (kd.top_k_percent is None) == (kd.bucket is None):
+            raise ConfigError(f"{where}: train.kd: ekd needs exactly one of top_k_percent and bucket")
+        if kd.bucket is not None and not (len(kd.bucket) == 2 and 0 <= kd.bucket[0] < kd.bucket[1] <= 100):
+            raise ConfigError(f"{where}: train.kd.bucket: expected [lower, upper] percentiles, 0 <= lower < upper <= 100, got {kd.bucket}")
+        if kd.bucket is None and not 0 < kd.top_k_percent <= 1:
+            raise ConfigError(f"{where}: train.kd.top_k_percent: must be in (0, 1], got {kd.top_k_percent}")
+    if t.objective == "context" and kd.teacher == "offline":
+        raise ConfigError(f"{where}: train.kd.teacher: context distillation needs the teacher online")
+    if t.objective == "context" and "{prompt}" not in kd.context_template:
+        raise ConfigError(f"{where}: train.kd.context_template: must contain the {{prompt}} slot")
+    if t.objective == "feature" and not t.feature.layers:
+        raise ConfigError(f"{where}: train.feature.layers: give at least one [student, teacher] pair")
+    if t.quantize == "4bit":
+        if not t.lora.enabled:
+            raise ConfigError(f"{where}: train.quantize: 4bit trains LoRA adapters; set train.lora.enabled: true")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}: train.quantize: 4bit (QLoRA) needs a CUDA GPU and bitsandbytes; "
+                              "this machine has no CUDA (use quantize: none here)")
 
 
 def _resolve_benchmark(cfg: RunConfig) -> None:

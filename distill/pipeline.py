@@ -303,7 +303,8 @@ def train_student(
         if not records:
             raise DistillError(f"{paths.verified(it)}: no verified rationales to train on")
         tokenizer = AutoTokenizer.from_pretrained(str(init))
-        result = train(init, _pairs(cfg, records, tokenizer), tcfg, out, should_stop=should_stop, progress=progress)
+        result = train(init, _pairs(cfg, records, tokenizer), tcfg, out, should_stop=should_stop, progress=progress,
+                       teacher_path=cfg.models.teacher)
     except BaseException as exc:
         manifest.mark(it, stage, "failed", error=_one_line(exc))
         raise

@@ -24,15 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distill.config import TrainConfig
+from distill.distillation import IGNORE, PROJECTIONS, Distiller
 from distill.progress import progress_bar
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^step-(\d{8})$")
-IGNORE = -100
 
 
 @dataclass
@@ -47,12 +46,15 @@ class TrainResult:
 
 
 def tokenize_pairs(
-    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int
+    tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int,
+    teacher_prompt: Callable[[str], str] | None = None,
 ) -> list[dict[str, list[int]]]:
     """(prompt, completion) -> ids with the prompt masked out of the loss.
 
     The completion ends with the end-of-sequence token so the student learns to stop.
-    Prompt and completion are tokenized apart so the mask boundary is exact.
+    Prompt and completion are tokenized apart so the mask boundary is exact. With
+    `teacher_prompt` (context distillation) each example also gets the teacher's sequence: its
+    own prompt, then the same completion tokens.
     """
     examples = []
     for prompt, completion in pairs:
@@ -61,22 +63,35 @@ def tokenize_pairs(
         if len(p) >= max_length:
             continue
         ids = (p + c)[:max_length]
-        labels = ([IGNORE] * len(p) + c)[:max_length]
-        examples.append({"input_ids": ids, "labels": labels})
+        example = {"input_ids": ids, "labels": ([IGNORE] * len(p) + c)[:max_length]}
+        if teacher_prompt is not None:
+            tp = tokenizer(teacher_prompt(prompt), add_special_tokens=False)["input_ids"]
+            kept = c[: len(ids) - len(p)]
+            example |= {"t_input_ids": tp + kept, "t_labels": [IGNORE] * len(tp) + kept}
+        examples.append(example)
     return examples
 
 
-def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ex["input_ids"]) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        n = len(ex["input_ids"])
-        ids[i, :n] = torch.tensor(ex["input_ids"])
-        labels[i, :n] = torch.tensor(ex["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int, index: list[int] | None = None) -> dict[str, Any]:
+    """Right-padded tensors; the teacher's sequences too when the examples have them."""
+    out: dict[str, Any] = {
+        "input_ids": _pad([ex["input_ids"] for ex in batch], pad_id),
+        "attention_mask": _pad([[1] * len(ex["input_ids"]) for ex in batch], 0),
+        "labels": _pad([ex["labels"] for ex in batch], IGNORE),
+        "index": index or [],
+    }
+    if "t_input_ids" in batch[0]:
+        out["t_input_ids"] = _pad([ex["t_input_ids"] for ex in batch], pad_id)
+        out["t_attention_mask"] = _pad([[1] * len(ex["t_input_ids"]) for ex in batch], 0)
+        out["t_labels"] = _pad([ex["t_labels"] for ex in batch], IGNORE)
+    return out
 
 
 def micro_batch_indices(n_examples: int, batch_size: int, seed: int, micro: int) -> list[int]:
@@ -92,14 +107,6 @@ def total_steps(cfg: TrainConfig, n_examples: int) -> int:
         return cfg.max_steps
     per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
     return max(1, math.ceil(cfg.epochs * per_epoch))
-
-
-def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and how many there were."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
-    return loss, int((shift_labels != IGNORE).sum())
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -171,7 +178,18 @@ def load_student(model_path: str | Path, cfg: TrainConfig):
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    if cfg.quantize == "4bit":
+        # QLoRA: 4-bit NF4 weights (bitsandbytes, CUDA only; the config check refuses it elsewhere),
+        # bf16 compute, LoRA adapters in full precision on top.
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), quantization_config=quant, device_map={"": 0})
+        model = prepare_model_for_kbit_training(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
@@ -185,6 +203,8 @@ def load_student(model_path: str | Path, cfg: TrainConfig):
 
 def save_final(model, tokenizer, out_dir: Path) -> Path:
     """A plain `from_pretrained`-loadable model (LoRA merged), renamed into place when complete."""
+    if hasattr(model, PROJECTIONS):  # feature distillation's projections are not part of the student
+        delattr(model, PROJECTIONS)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
@@ -208,8 +228,10 @@ def train(
     *,
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
+    teacher_path: str | Path | None = None,
 ) -> TrainResult:
-    """Train on (prompt, completion) pairs; resume from `out_dir/checkpoints` if any."""
+    """Train on (prompt, completion) pairs with `cfg.objective` (the teacher at `teacher_path`
+    for every objective but sft); resume from `out_dir/checkpoints` if any."""
     from transformers import get_scheduler
 
     out_dir = Path(out_dir)
@@ -219,9 +241,13 @@ def train(
         shutil.rmtree(stale, ignore_errors=True)
 
     model, tokenizer = load_student(model_path, cfg)
-    examples = tokenize_pairs(tokenizer, pairs, cfg.max_length)
+    context = cfg.kd.context_template.format if cfg.objective == "context" else None
+    examples = tokenize_pairs(tokenizer, pairs, cfg.max_length,
+                              teacher_prompt=(lambda p: context(prompt=p)) if context else None)
     if not examples:
         raise ValueError("no training examples (all prompts longer than train.max_length?)")
+    distiller = Distiller(cfg, tokenizer, teacher_path, out_dir, examples)
+    distiller.attach_projections(model)
     steps = total_steps(cfg, len(examples))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -241,29 +267,26 @@ def train(
     bar = progress_bar(total=steps, initial=state["step"], desc="train", unit="step", disable=not progress)
     while state["step"] < steps:
         step = state["step"]
-        micro_batches = [
-            collate(
-                [examples[i] for i in micro_batch_indices(len(examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + j)],
-                tokenizer.pad_token_id,
-            )
-            for j in range(cfg.grad_accum)
-        ]
+        indices = [micro_batch_indices(len(examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + j)
+                   for j in range(cfg.grad_accum)]
+        micro_batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id, idx) for idx in indices]
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-        total = 0.0
+        total, ce_total = 0.0, 0.0
         for batch in micro_batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum, _ = completion_loss(logits, batch["labels"])
-            (loss_sum / max(n_target, 1)).backward()
-            total += loss_sum.item()
+            loss, ce_sum = distiller.loss(model, batch, n_target, cfg.grad_accum)
+            loss.backward()
+            total += loss.item()
+            ce_total += ce_sum
             tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = total / max(n_target, 1)
+        loss_value = total
         state["step"] = step + 1
         if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
-            state["history"].append({"step": state["step"], "loss": round(loss_value, 6), "lr": scheduler.get_last_lr()[0]})
+            state["history"].append({"step": state["step"], "loss": round(loss_value, 6), "ce": round(ce_total / max(n_target, 1), 6),
+                                     "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         stop = should_stop is not None and should_stop()

@@ -1,0 +1,103 @@
+"""One student per distillation objective, trained at equal steps on a run's iteration-0
+rationales and evaluated on its held-out split, side by side.
+
+    python -m distill compare --config configs/tiny.yaml --objectives sft,kd,ekd,context,feature
+
+Each objective trains into `<run>/compare/steps-<N>/<name>/` with the same checkpoints as the
+train stage, so an interrupted comparison resumes; evaluation goes through `distill.evaluation`
+into `<run>/compare/steps-<N>/eval/`. The table lands beside them in `compare.md` and
+`compare.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from distill.config import RunConfig, load_config
+from distill.errors import DistillError
+from distill.jsonl import atomic_write_text, read_jsonl, write_json
+
+# name -> `--set` overrides of the run's config
+PRESETS: dict[str, list[str]] = {
+    "sft": ["train.objective=sft"],
+    "kd": ["train.objective=kd"],
+    "kd-reverse": ["train.objective=kd", "train.kd.loss=reverse_kl"],
+    "kd-jsd": ["train.objective=kd", "train.kd.loss=jsd", "train.kd.beta=0.5"],
+    "kd-offline": ["train.objective=kd", "train.kd.teacher=offline", "train.kd.top_k=20"],
+    "kd-offline-64": ["train.objective=kd", "train.kd.teacher=offline", "train.kd.top_k=64"],
+    "ekd": ["train.objective=ekd", "train.kd.top_k_percent=0.2"],
+    "ekd-bucket": ["train.objective=ekd", "train.kd.top_k_percent=null", "train.kd.bucket=[70, 80]"],
+    "context": ["train.objective=context"],
+    "feature": ["train.objective=feature"],
+}
+
+
+def settings_of(cfg: RunConfig) -> str:
+    t = cfg.train
+    if t.objective == "sft":
+        return "cross-entropy on teacher rationales"
+    if t.objective == "feature":
+        return f"{t.feature.loss} on layers {t.feature.layers}, alpha {t.feature.alpha}"
+    kd = t.kd
+    what = f"{kd.loss}{f' beta {kd.beta}' if kd.loss == 'jsd' else ''}, T {kd.temperature}, alpha {kd.alpha}"
+    if kd.teacher == "offline":
+        what += f", offline top-{kd.top_k}"
+    if t.objective == "ekd":
+        what += f", {'bucket ' + str(kd.bucket) if kd.bucket else f'top {kd.top_k_percent:.0%}'} by {kd.score}"
+    return what
+
+
+def compare(config: str | Path, names: list[str], overrides: list[str], steps: int | None, progress: bool = True) -> str:
+    from transformers import AutoTokenizer
+
+    from distill.evaluation import EvalSettings, read_json_or_none, run_eval
+    from distill.layout import RunPaths
+    from distill.pipeline import _pairs
+    from distill.training import train
+
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise DistillError(f"--objectives: unknown {unknown[0]!r} (known: {', '.join(PRESETS)})")
+    base = load_config(config, overrides)
+    paths = RunPaths(base.run_dir)
+    verified = paths.verified(0)
+    if not verified.exists():
+        raise DistillError(f"{verified}: not found; run iteration 0 first (make iter ITER=0) for the rationales to train on")
+    records = read_jsonl(verified)
+    steps = steps or base.train.max_steps
+    if steps is None:
+        raise DistillError("--steps: needed when the config sets no train.max_steps (students compare at equal steps)")
+    root = base.run_dir / "compare" / f"steps-{steps}"
+    models: dict[str, str] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        cfg = load_config(config, [*overrides, *PRESETS[name], f"train.max_steps={steps}"])
+        tokenizer = AutoTokenizer.from_pretrained(str(cfg.models.student))
+        start = time.perf_counter()
+        result = train(cfg.models.student, _pairs(cfg, records, tokenizer), cfg.train, root / name, progress=progress,
+                       teacher_path=cfg.models.teacher)
+        models[name] = str(result.model_dir)
+        topk = read_json_or_none(root / name / "teacher-topk.json")
+        rows[name] = {"settings": settings_of(cfg), "steps": result.step, "loss": result.loss,
+                      "train_s": round(time.perf_counter() - start, 1), "tokens_per_s": result.tokens_per_s,
+                      "topk_bytes_per_token": topk and round(int(topk["file_bytes"]) / int(topk["tokens"]), 1)}
+    split = base.eval.split
+    settings = EvalSettings(source=str(getattr(base.data, split)), limit=base.eval.limit,
+                            max_new_tokens=base.eval.max_new_tokens, prompt=base.prompt,
+                            data=dataclasses.replace(base.data, test=None))
+    summaries = run_eval(settings, models, root / "eval", batch_size=base.eval.batch_size, progress=progress)
+    for name, s in summaries.items():
+        rows[name] |= {"accuracy": s["accuracy"], "n": s["n"], "tokens_mean": s["tokens_mean"]}
+    table = ["| objective | settings | steps | test acc | mean tokens | train s | bytes/token stored |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        stored = f"{r['topk_bytes_per_token']}" if r["topk_bytes_per_token"] else "-"
+        table.append(f"| {name} | {r['settings']} | {r['steps']} | {100 * r['accuracy']:.1f}% | {r['tokens_mean']} | "
+                     f"{r['train_s']} | {stored} |")
+    text = "\n".join(table) + "\n"
+    n = next(iter(rows.values()))["n"] if rows else 0
+    atomic_write_text(root / "compare.md", f"# Objectives on {base.name}: {split} split, {n} problems\n\n{text}")
+    write_json(root / "compare.json", rows)
+    return text

@@ -1,0 +1,125 @@
+"""Distillation losses per token position: KL in both directions, generalised JSD, top-k KD
+from stored teacher logprobs, and the entropy masks of entropy-guided KD.
+
+Conventions (p = teacher, q = student, per position, over the last dimension):
+forward KL = Σ p log(p/q); reverse KL = Σ q log(q/p); generalised JSD (TRL's GKD) with
+M = βp + (1-β)q is β·KL(p‖M) + (1-β)·KL(q‖M), where β = 0 is taken as forward KL and β = 1 as
+reverse KL (the formula itself degenerates to 0 there). Temperature T divides both sides'
+logits and the KD term is multiplied by T² so its gradient scale does not shrink with T.
+
+Everything works on position chunks so that no more than `chunk` positions' worth of
+vocabulary-sized float32 tensors exist at once besides the model's own logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+def divergence(p_log: torch.Tensor, q_log: torch.Tensor, kind: Divergence, beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence between log-distributions over the same support (last dim)."""
+    if kind == "jsd" and beta == 0.0:
+        kind = "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        kind = "reverse_kl"
+    if kind == "forward_kl":
+        return (p_log.exp() * (p_log - q_log)).sum(-1)
+    if kind == "reverse_kl":
+        return (q_log.exp() * (q_log - p_log)).sum(-1)
+    if kind == "jsd":
+        m_log = torch.logsumexp(torch.stack([p_log + math.log(beta), q_log + math.log(1 - beta)]), dim=0)
+        return beta * (p_log.exp() * (p_log - m_log)).sum(-1) + (1 - beta) * (q_log.exp() * (q_log - m_log)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def full_kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Divergence, *,
+    beta: float = 0.5, temperature: float = 1.0, chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divergence, teacher entropy) per position, shapes [B, L], full vocabulary on both sides.
+    The teacher side carries no gradient."""
+    div, ent = [], []
+    for s in range(0, student_logits.size(1), chunk):
+        q_log = F.log_softmax(student_logits[:, s : s + chunk].float() / temperature, dim=-1)
+        p_log = F.log_softmax(teacher_logits[:, s : s + chunk].detach().float() / temperature, dim=-1)
+        div.append(divergence(p_log, q_log, kind, beta))
+        ent.append(entropy(p_log))
+    return torch.cat(div, dim=1), torch.cat(ent, dim=1)
+
+
+def topk_kd(
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, kind: Divergence, *,
+    beta: float = 0.5, temperature: float = 1.0, chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divergence, teacher entropy) per position from the teacher's stored top-k.
+
+    The teacher's k logprobs (taken at T = 1) are divided by T and renormalised over the k ids:
+    the tail mass outside the top-k is dropped, not spread. Forward KL gathers the student's
+    log-softmax over the full vocabulary at the teacher's ids, so probability the student puts
+    elsewhere is still penalised through the normaliser; reverse KL and JSD need the student as a
+    distribution on the same support, so they renormalise it over the k ids. With k equal to the
+    vocabulary size all three equal `full_kd`.
+    """
+    div, ent = [], []
+    for s in range(0, student_logits.size(1), chunk):
+        ids = teacher_ids[:, s : s + chunk].long()
+        p_log = F.log_softmax(teacher_logprobs[:, s : s + chunk].float() / temperature, dim=-1)
+        q_full = F.log_softmax(student_logits[:, s : s + chunk].float() / temperature, dim=-1)
+        q_log = q_full.gather(-1, ids)
+        if kind != "forward_kl":
+            q_log = q_log - torch.logsumexp(q_log, dim=-1, keepdim=True)
+        div.append(divergence(p_log, q_log, kind, beta))
+        ent.append(entropy(p_log))
+    return torch.cat(div, dim=1), torch.cat(ent, dim=1)
+
+
+def student_entropy(student_logits: torch.Tensor, temperature: float = 1.0, chunk: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([entropy(F.log_softmax(student_logits[:, s : s + chunk].float() / temperature, dim=-1))
+                          for s in range(0, student_logits.size(1), chunk)], dim=1)
+
+
+def top_fraction_mask(scores: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per row, the ⌈fraction·L⌉ valid positions with the highest score (L = valid positions
+    of that row); ties go to the earlier position."""
+    mask = torch.zeros_like(valid, dtype=torch.bool)
+    for b in range(scores.size(0)):
+        idx = valid[b].nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            continue
+        keep = math.ceil(fraction * idx.numel())
+        order = torch.sort(scores[b, idx], descending=True, stable=True).indices[:keep]
+        mask[b, idx[order]] = True
+    return mask
+
+
+def bucket_mask(scores: torch.Tensor, valid: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """Per row, the valid positions whose score percentile lies in [lower, upper): a position of
+    ascending rank r among L valid ones is at percentile 100·r/L."""
+    mask = torch.zeros_like(valid, dtype=torch.bool)
+    for b in range(scores.size(0)):
+        idx = valid[b].nonzero().squeeze(-1)
+        n = idx.numel()
+        if n == 0:
+            continue
+        order = torch.sort(scores[b, idx], stable=True).indices
+        pct = torch.arange(n, dtype=torch.float64) * 100.0 / n
+        chosen = order[(pct >= lower) & (pct < upper)]
+        mask[b, idx[chosen]] = True
+    return mask
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ m·v / Σ m (0 when nothing is selected)."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1.0)
