@@ -58,6 +58,10 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     from distill.pipeline import _pairs
     from distill.training import train
 
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise DistillError(f"--objectives: unknown {unknown[0]!r} (known: {', '.join(PRESETS)})")
@@ -80,9 +84,12 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
         result = train(cfg.models.student, _pairs(cfg, records, tokenizer), cfg.train, root / name, progress=progress,
                        teacher_path=cfg.models.teacher)
         models[name] = str(result.model_dir)
+        timing_path = root / name / "timing.json"
+        if result.resumed_from is None:  # trained start to finish in this call: a time worth keeping
+            write_json(timing_path, {"train_s": round(time.perf_counter() - start, 1), "tokens_per_s": result.tokens_per_s})
+        timing = read_json_or_none(timing_path) or {"train_s": None, "tokens_per_s": None}
         topk = read_json_or_none(root / name / "teacher-topk.json")
-        rows[name] = {"settings": settings_of(cfg), "steps": result.step, "loss": result.loss,
-                      "train_s": round(time.perf_counter() - start, 1), "tokens_per_s": result.tokens_per_s,
+        rows[name] = {"settings": settings_of(cfg), "steps": result.step, "loss": result.loss, **timing,
                       "topk_bytes_per_token": topk and round(int(topk["file_bytes"]) / int(topk["tokens"]), 1)}
     split = base.eval.split
     settings = EvalSettings(source=str(getattr(base.data, split)), limit=base.eval.limit,
@@ -95,7 +102,7 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     for name, r in rows.items():
         stored = f"{r['topk_bytes_per_token']}" if r["topk_bytes_per_token"] else "-"
         table.append(f"| {name} | {r['settings']} | {r['steps']} | {100 * r['accuracy']:.1f}% | {r['tokens_mean']} | "
-                     f"{r['train_s']} | {stored} |")
+                     f"{r['train_s'] if r['train_s'] is not None else '-'} | {stored} |")
     text = "\n".join(table) + "\n"
     n = next(iter(rows.values()))["n"] if rows else 0
     atomic_write_text(root / "compare.md", f"# Objectives on {base.name}: {split} split, {n} problems\n\n{text}")

@@ -228,3 +228,11 @@ def test_compare_trains_and_evaluates_one_student_per_objective(tiny_world, tmp_
         assert f"| {name} | " in table
     assert rows["kd-offline"]["topk_bytes_per_token"] >= 20 * 6 and rows["sft"]["topk_bytes_per_token"] is None
     assert (root / "compare.md").read_text().endswith(table)
+    assert all(row["train_s"] > 0 for row in rows.values())
+    # Again: every student is found trained and evaluated, nothing changes.
+    checkpoints = {p: p.stat().st_mtime_ns for p in root.glob("*/checkpoints/*/weights.safetensors")}
+    graded = {p: p.stat().st_mtime_ns for p in root.glob("eval/*/shard-*-of-*.jsonl")}
+    assert len(checkpoints) == 3 and len(graded) == 6  # per model: the generated and the graded shard
+    assert compare(cfg, ["sft", "kd-offline", "feature"], [], steps=3, progress=False) == table
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # no step trained again
+    assert {p: p.stat().st_mtime_ns for p in graded} == graded  # nothing generated again
