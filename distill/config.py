@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -479,3 +480,8 @@ def check_paths(cfg: RunConfig) -> None:
         path = Path(p)
         if not (path.is_file() or (path.is_dir() and cfg.data.format in ("auto", "datasets"))):
             raise ConfigError(f"{cfg.source}: data.{key}: file not found: {p}")
+    run_dir = Path(cfg.run_dir)
+    existing = next(q for q in (run_dir, *run_dir.parents) if q.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a directory" if not existing.is_dir() else "not writable"
+        raise ConfigError(f"{cfg.source}: run_root: cannot create the run directory {run_dir}: {existing} is {why}")

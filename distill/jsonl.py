@@ -40,6 +40,8 @@ def iter_jsonl_numbered(
             try:
                 record = json.loads(text)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                if not raw.endswith(b"\n"):
+                    raise DataError(f"{path}:{lineno}: last line cut short mid-record (an interrupted write?)") from None
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")

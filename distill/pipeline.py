@@ -16,7 +16,7 @@ from typing import Any
 from distill.config import RunConfig, check_paths
 from distill.data import load_problems, shard_slice
 from distill.efficiency import filter_rationales, length_stats, summarize
-from distill.errors import DistillError
+from distill.errors import DataError, DistillError
 from distill.generation import SamplingSpec, generate_shard, load_backend, merge_shards
 from distill.jsonl import atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
 from distill.layout import RunPaths
@@ -175,12 +175,26 @@ def generate_teacher_shard(cfg: RunConfig, it: int, shard: int, *, job_id: str |
     return stats
 
 
+def check_shards(manifest: Manifest, it: int, stage: str, shards: dict[str, Any]) -> None:
+    """Read every shard file before merging. One that does not parse (cut short mid-line or
+    damaged after its job ended) is marked failed, so the next run redoes it: generation
+    resumes from its complete lines."""
+    for key, path in shards.items():
+        try:
+            for _ in iter_jsonl(path):
+                pass
+        except DataError as exc:
+            manifest.mark_shard(it, stage, key, "failed", error=str(exc))
+            raise DataError(f"{exc}; {stage} shard {key} is marked failed: run again to redo it") from None
+
+
 def merge_generation(cfg: RunConfig, it: int) -> int:
     paths, manifest = open_run(cfg)
     num = cfg.generation.num_shards
     problems = generation_problems(cfg, it)
     expected = [[p["id"] for p in shard_slice(problems, s, num)] for s in range(num)]
     shard_paths = [paths.gen_shard(it, s, num) for s in range(num)]
+    check_shards(manifest, it, "generate", {str(s): p for s, p in enumerate(shard_paths) if p.exists()})
     n = merge_shards(shard_paths, expected, teacher_spec(cfg, it).n, paths.generations(it))
     shards = manifest.stage(it, "generate").get("shards", {})
     tokens = sum(s.get("new_tokens", 0) for s in shards.values())
@@ -372,6 +386,7 @@ def merge_evaluation(cfg: RunConfig, it: int, stage: str = "evaluate") -> dict[s
     all_metrics, artifacts = {}, {}
     for label in eval_models(cfg, it, stage):
         graded_paths = [paths.eval_shard(it, label, s, num).with_suffix(".graded.jsonl") for s in range(num)]
+        check_shards(manifest, it, stage, {f"{label}:{s}": p for s, p in enumerate(graded_paths) if p.exists()})
         out = paths.eval_dir(it, label) / "graded.jsonl"
         merge_shards(graded_paths, expected, 1, out)
         metrics = summarize(read_jsonl(out))

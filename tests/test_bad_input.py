@@ -1,0 +1,89 @@
+"""Bad input: one line naming the file and the place, a non-zero exit, completed work untouched."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distill.manifest import Manifest
+from jobs.driver import main as driver_main
+from jobs.stage import main as stage_main
+from tests.test_driver import snapshot
+
+
+def _rewrite(src: Path, dest: Path, edit) -> Path:
+    rows = src.read_text().splitlines()
+    dest.write_text("".join(line + "\n" for line in edit(rows)))
+    return dest
+
+
+def _drop_answer(rows: list[str]) -> list[str]:
+    record = json.loads(rows[6])
+    del record["answer"]
+    return rows[:6] + [json.dumps(record)] + rows[7:]
+
+
+# name -> (how to break the input: (tmp_path, config path, train file) -> extra driver args, expected message)
+CASES = {
+    "malformed JSONL": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'bad.jsonl', lambda r: r[:4] + [r[4][:-5]] + r[5:])}"],
+                        "{tmp}/bad.jsonl:5: malformed JSON"),
+    "empty dataset": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'empty.jsonl', lambda r: [])}"],
+                      "{tmp}/empty.jsonl: no problems in file"),
+    "missing answer field": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'noans.jsonl', _drop_answer)}"],
+                             "{tmp}/noans.jsonl:7: missing field 'answer'"),
+    "unknown config key": (lambda tmp, cfg, train: cfg.write_text(cfg.read_text().replace("  num_shards: 2", "  num_shard: 2", 1)) and [],
+                           "{cfg}: generation.num_shard: unknown key (expected one of: backend, n,"),
+    "wrong type": (lambda tmp, cfg, train: cfg.write_text(cfg.read_text().replace("lr: 0.001", "lr: fast")) and [],
+                   "{cfg}: train.lr: expected float, got 'fast'"),
+    "missing model path": (lambda tmp, cfg, train: ["--set", f"models.student={tmp / 'no-such-model'}"],
+                           "{cfg}: models.student: path not found: {tmp}/no-such-model"),
+    "unwritable run directory": (lambda tmp, cfg, train: ["--set", f"run_root={cfg}/runs"],
+                                 "{cfg}: run_root: cannot create the run directory {cfg}/runs/t: {cfg} is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_in_one_line_before_anything_changes(case, tmp_path, tiny_world, capsys):
+    cfg = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "keep.txt").write_text("earlier results")
+    break_input, message = CASES[case]
+    args = break_input(tmp_path, cfg, tiny_world.data / "train.jsonl")
+    before = snapshot(tmp_path / "runs")
+    assert driver_main(["--config", str(cfg), "--executor", "local", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(tmp=tmp_path, cfg=cfg)), err
+    assert err.count("\n") == 1
+    assert snapshot(tmp_path / "runs") == before
+
+
+def test_shard_cut_mid_line_is_named_then_redone(tmp_path, tiny_world, capsys):
+    """A finished shard damaged before the merge: the merge names the line and refuses; the
+    shard is marked failed, and running it again keeps its complete records and redoes the rest."""
+    cfg = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    common = ["--config", str(cfg), "--iter", "0", "--set", "data.train_limit=16"]
+    for shard in ("0", "1"):
+        assert stage_main(["generate", *common, "--shard", shard]) == 0
+    run = tmp_path / "runs" / "t"
+    shard1 = run / "iter-0" / "generate" / "shard-00001-of-00002.jsonl"
+    shard0_text = (run / "iter-0" / "generate" / "shard-00000-of-00002.jsonl").read_text()
+    full = shard1.read_text()
+    lines = full.splitlines(keepends=True)
+    assert len(lines) == 8
+    shard1.write_text("".join(lines[:5]) + lines[5][:20])
+    capsys.readouterr()
+
+    assert stage_main(["merge", "generate", *common]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {shard1}:6: last line cut short mid-record (an interrupted write?); "
+                   "generate shard 1 is marked failed: run again to redo it\n")
+    assert not (run / "iter-0" / "generations.jsonl").exists()
+    assert Manifest(run).stage(0, "generate")["shards"]["1"]["state"] == "failed"
+
+    assert stage_main(["generate", *common, "--shard", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["generated_records"] == 3  # lines 6-8 only
+    assert shard1.read_text() == full
+    assert (run / "iter-0" / "generate" / "shard-00000-of-00002.jsonl").read_text() == shard0_text
+    assert stage_main(["merge", "generate", *common]) == 0
+    merged = [json.loads(line)["id"] for line in (run / "iter-0" / "generations.jsonl").read_text().splitlines()]
+    assert len(merged) == len(set(merged)) == 16
