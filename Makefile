@@ -13,7 +13,7 @@ TEACHER_STEPS ?= 1500
 
 RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER))
 
-.PHONY: help venv iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter
+.PHONY: help venv iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -54,6 +54,19 @@ test: venv  ## the test suite
 
 test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-up first), with their figures
 	$(PY) -m pytest -q -m slurm -rP
+
+TRIALS ?= 20
+
+bench: venv  ## speed side by side: generation, training, grading, stored KD logprobs, SLURM arrays (JSON in runs/bench)
+	$(PY) bench/generation_overhead.py
+	$(PY) bench/training_throughput.py
+	$(PY) bench/grading_throughput.py
+	$(PY) bench/topk_storage.py
+	@if command -v sbatch >/dev/null; then $(PY) bench/array_throughput.py; \
+	else echo "bench: no sbatch on PATH (make slurm-up): array scaling not measured"; fi
+
+faults: venv  ## TRIALS random kills in every stage, each followed by a rerun; nothing may be lost or repeated
+	$(PY) bench/faults.py --trials $(TRIALS)
 
 lint: venv  ## ruff
 	$(VENV)/bin/ruff check distill jobs tests bench

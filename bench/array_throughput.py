@@ -13,7 +13,7 @@ submission, queueing and model loading count) and the generation tokens/s inside
 baseline. The layouts alternate over
 `--repeats` rounds so that a slow spell of a shared machine does not land on one layout only.
 
-    .venv/bin/python bench/array_throughput.py --problems 2000 --repeats 2
+    .venv/bin/python bench/array_throughput.py --problems 4000 --repeats 2
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distill.jsonl import write_json  # noqa: E402
 from distill.manifest import Manifest  # noqa: E402
 
 LAYOUTS = {"1 task x 1 CPU": (1, 1), "1 task x 2 CPUs": (1, 2), "2 tasks x 1 CPU": (2, 1)}
@@ -61,9 +62,10 @@ def run_layout(work: Path, name: str, shards: int, cpus: int, problems: int, sam
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problems", type=int, default=2000, help="problems to generate (default: %(default)s)")
+    parser.add_argument("--problems", type=int, default=4000, help="problems to generate (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=2, help="samples per problem (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the layouts (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "array_throughput.json")
     args = parser.parse_args(argv)
     if shutil.which("sbatch") is None:
         sys.exit("no sbatch on PATH: start the local cluster with `make slurm-up`")
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for layout, times in seconds.items():
         rate, tok = records / statistics.median(times), statistics.median(tokens[layout])
         print(f"| {layout} | {statistics.median(times):.1f} | {rate:.0f} | {rate / base:.2f}x | {tok:.0f} | {tok / base_tok:.2f}x |")
+    write_json(args.out, {"problems": args.problems, "samples": args.samples, "driver_seconds": seconds,
+                          "job_tokens_per_s": tokens, "goal_2x1_vs_1x1": 1.7})
     return 0
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distill.grading import grade  # noqa: E402, F401 (used by measure's subprocess)
-from distill.jsonl import read_jsonl  # noqa: E402
+from distill.jsonl import read_jsonl, write_json  # noqa: E402
 
 BENCH = ROOT / "data" / "benchmarks"
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="pool size (default: the CPUs of this machine, %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "grading_throughput.json")
     args = parser.parse_args(argv)
     layouts = {"in process (workers=1)": 1, f"pool (workers={args.workers})": args.workers}
     rates: dict[str, list[float]] = {k: [] for k in layouts}
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| layout | answers/s | vs in process |\n|---|---|---|")
     for name, values in rates.items():
         print(f"| {name} | {statistics.median(values):.0f} | {statistics.median(values) / base:.2f}x |")
+    write_json(args.out, {"answers": total, "answers_per_s": rates})
     return 0
 
 
