@@ -4,15 +4,17 @@ model, examples, batch size, optimizer settings and number of steps, interleaved
 Both count the non-padding tokens of the batches they train on. The project's time runs from
 its first step to its saved model, checkpoints included (one at the end, as `save_steps` is the
 step count here); the Trainer's is `trainer.train()` with saving off. The ratio is the project's
-tokens/s over the Trainer's (goal: >= 1.0). Sequence packing is not implemented: both pad each
-batch to its longest example.
+tokens/s over the Trainer's (goal: >= 1.0). The Trainer pads each batch to its longest example;
+the project runs both ways: padded, and packed (`train.packing`: a micro-batch's examples share
+rows of up to `max_length` tokens, attention kept within each example).
 
-    .venv/bin/python bench/training_throughput.py --steps 200 --repeats 3
+    .venv/bin/python bench/training_throughput.py --steps 400 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -48,7 +50,7 @@ def run_trainer(model_path: str, examples: list[dict[str, list[int]]], cfg: Trai
     args = TrainingArguments(
         output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), max_grad_norm=1.0,
-        save_strategy="no", logging_steps=cfg.log_steps, report_to=[], disable_tqdm=True, use_cpu=True,
+        save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
         dataloader_num_workers=0, seed=cfg.seed, remove_unused_columns=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate)
@@ -60,34 +62,37 @@ def run_trainer(model_path: str, examples: list[dict[str, list[int]]], cfg: Trai
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "tiny" / "student"), help="model directory (default: the demo student)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per measurement (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per measurement (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s, the demo config's)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds, each running both in alternating order (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "training_throughput.json")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     records = read_jsonl(ROOT / "data" / "tiny" / "train.jsonl")
     pairs = [(build_prompt(tokenizer, PromptConfig(), r["question"]), r["solution"]) for r in records]
     cfg = TrainConfig(lr=0.01, max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.05, lr_scheduler="cosine",
                       save_steps=args.steps, log_steps=50, max_length=128)
     examples = tokenize_pairs(tokenizer, pairs, cfg.max_length)
-    rates: dict[str, list[float]] = {"transformers.Trainer": [], "distill train": []}
+    rates: dict[str, list[float]] = {"transformers.Trainer": [], "distill train": [], "distill train, packed": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for name in (list(rates) if r % 2 == 0 else list(reversed(rates))):
-                out = Path(tmp) / f"{r}-{name.split()[0]}"
-                if name == "distill train":
-                    rate = train(args.model, pairs, cfg, out, progress=False).tokens_per_s
+                out = Path(tmp) / f"{r}-{len(name)}"
+                if name.startswith("distill"):
+                    run_cfg = dataclasses.replace(cfg, packing=name.endswith("packed"))
+                    rate = train(args.model, pairs, run_cfg, out, progress=False).tokens_per_s
                 else:
                     rate = run_trainer(args.model, examples, cfg, out)
                 rates[name].append(rate)
                 print(f"round {r}: {name}: {rate:.0f} tokens/s", flush=True)
     base = statistics.median(rates["transformers.Trainer"])
-    ratio = statistics.median(rates["distill train"]) / base
-    print(f"\n{len(examples)} examples, batch {args.batch_size}, {args.steps} steps, median of {args.repeats}; no packing")
+    ratio = {name: statistics.median(values) / base for name, values in rates.items()}
+    print(f"\n{len(examples)} examples, batch {args.batch_size}, {args.steps} steps, median of {args.repeats}")
     print("| loop | tokens/s | vs Trainer |\n|---|---|---|")
     for name, values in rates.items():
         print(f"| {name} | {statistics.median(values):.0f} | {statistics.median(values) / base:.3f} |")

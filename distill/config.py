@@ -172,6 +172,9 @@ class TrainConfig:
     feature: FeatureConfig = compat(default_factory=FeatureConfig)
     # QLoRA: load the student in 4 bit (bitsandbytes, CUDA only) and train LoRA adapters on it.
     quantize: Literal["none", "4bit"] = compat("none")
+    # Pack each micro-batch's examples into rows of up to max_length tokens (attention kept
+    # within each example) instead of padding every example to the longest; sft only.
+    packing: bool = compat(False)
 
 
 @dataclass
@@ -433,6 +436,8 @@ def check_train(t: TrainConfig, where: str) -> None:
         raise ConfigError(f"{where}: train.kd.context_template: must contain the {{prompt}} slot")
     if t.objective == "feature" and not t.feature.layers:
         raise ConfigError(f"{where}: train.feature.layers: give at least one [student, teacher] pair")
+    if t.packing and t.objective != "sft":
+        raise ConfigError(f"{where}: train.packing: only with objective sft (got {t.objective})")
     if t.quantize == "4bit":
         if not t.lora.enabled:
             raise ConfigError(f"{where}: train.quantize: 4bit trains LoRA adapters; set train.lora.enabled: true")

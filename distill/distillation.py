@@ -155,7 +155,7 @@ class Distiller:
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], n_target: int, grad_accum: int) -> tuple[torch.Tensor, float]:
         """(loss to backpropagate, summed CE for the log) of one micro-batch."""
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    output_hidden_states=self.objective == "feature")
+                    position_ids=batch.get("position_ids"), output_hidden_states=self.objective == "feature")
         logits = out.logits[..., : self.vocab]
         ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch["labels"][:, 1:].reshape(-1),
                                  ignore_index=IGNORE, reduction="sum")

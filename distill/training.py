@@ -73,10 +73,8 @@ def tokenize_pairs(
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int, index: list[int] | None = None) -> dict[str, Any]:
@@ -92,6 +90,47 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int, index: list[int] | N
         out["t_attention_mask"] = _pad([[1] * len(ex["t_input_ids"]) for ex in batch], 0)
         out["t_labels"] = _pad([ex["t_labels"] for ex in batch], IGNORE)
     return out
+
+
+def pack(batch: list[dict[str, list[int]]], pad_id: int, width: int, index: list[int] | None = None) -> dict[str, Any]:
+    """The examples of a micro-batch packed into as few rows of at most `width` tokens as
+    first-fit (longest first) allows, instead of one padded row each.
+
+    Each example keeps its own positions (0, 1, ...) and attends only to itself: the attention
+    mask is 4-D (rows, 1, width, width), causal within each example's span, so a packed row
+    computes what the examples would alone. No target crosses a boundary: every example starts
+    with prompt tokens, which carry no label. `placement[i]` is example i's (row, start).
+    """
+    order = sorted(range(len(batch)), key=lambda i: -len(batch[i]["input_ids"]))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    placement: list[tuple[int, int]] = [(0, 0)] * len(batch)
+    for i in order:
+        n = len(batch[i]["input_ids"])
+        row = next((r for r, used in enumerate(fill) if used + n <= width), None)
+        if row is None:
+            rows.append([])
+            fill.append(0)
+            row = len(rows) - 1
+        placement[i] = (row, fill[row])
+        rows[row].append(i)
+        fill[row] += n
+    length = max(fill)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), length), dtype=torch.long)
+    segment = torch.full((len(rows), length), -1, dtype=torch.long)
+    for i, (row, start) in enumerate(placement):
+        n = len(batch[i]["input_ids"])
+        ids[row, start : start + n] = torch.tensor(batch[i]["input_ids"])
+        labels[row, start : start + n] = torch.tensor(batch[i]["labels"])
+        positions[row, start : start + n] = torch.arange(n)
+        segment[row, start : start + n] = i
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal
+    mask |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+    return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "labels": labels,
+            "index": index or [], "placement": placement}
 
 
 def micro_batch_indices(n_examples: int, batch_size: int, seed: int, micro: int) -> list[int]:
@@ -269,7 +308,8 @@ def train(
         step = state["step"]
         indices = [micro_batch_indices(len(examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + j)
                    for j in range(cfg.grad_accum)]
-        micro_batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id, idx) for idx in indices]
+        micro_batches = [pack([examples[i] for i in idx], tokenizer.pad_token_id, cfg.max_length, idx) if cfg.packing
+                         else collate([examples[i] for i in idx], tokenizer.pad_token_id, idx) for idx in indices]
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         total, ce_total = 0.0, 0.0
         for batch in micro_batches:
@@ -277,7 +317,7 @@ def train(
             loss.backward()
             total += loss.item()
             ce_total += ce_sum
-            tokens += int(batch["attention_mask"].sum())
+        tokens += sum(len(examples[i]["input_ids"]) for idx in indices for i in idx)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()

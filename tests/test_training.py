@@ -5,7 +5,7 @@ import time
 import pytest
 
 from distill.config import TrainConfig
-from distill.training import micro_batch_indices, newest_checkpoint, tokenize_pairs, train
+from distill.training import collate, micro_batch_indices, newest_checkpoint, pack, tokenize_pairs, train
 from tests.conftest import run_python, spawn_python
 
 
@@ -43,6 +43,42 @@ def test_loss_falls_and_lora_merges_into_a_plain_model(tiny_world, tmp_path):
     lora = train(tiny_world.student, pairs(), cfg, tmp_path / "lora", progress=False)
     model = AutoModelForCausalLM.from_pretrained(lora.model_dir)
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_packed_rows_keep_examples_apart(tiny_world):
+    """Packed rows give every token the logits it has alone in a padded batch: attention does
+    not cross example boundaries and positions restart per example."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_world.student)
+    model = AutoModelForCausalLM.from_pretrained(tiny_world.student).eval()
+    examples = tokenize_pairs(tok, pairs()[:7], max_length=64)
+    width = 2 * max(len(e["input_ids"]) for e in examples)
+    packed = pack(examples, tok.pad_token_id, width)
+    assert packed["input_ids"].size(0) < len(examples) and packed["input_ids"].size(1) <= width
+    assert int((packed["labels"] != -100).sum()) == sum(sum(lab != -100 for lab in e["labels"]) for e in examples)
+    padded = collate(examples, tok.pad_token_id)
+    with torch.no_grad():
+        p_logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                         position_ids=packed["position_ids"]).logits
+        u_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    for i, (row, start) in enumerate(packed["placement"]):
+        n = len(examples[i]["input_ids"])
+        assert torch.allclose(p_logits[row, start : start + n], u_logits[i, :n], atol=1e-5)
+
+
+def test_packing_trains_the_same_steps_as_padding(tiny_world, tmp_path):
+    cfg = TrainConfig(lr=1e-2, max_steps=6, batch_size=8, save_steps=100, log_steps=1, max_length=64)
+    padded = train(tiny_world.student, pairs(), cfg, tmp_path / "padded", progress=False)
+    cfg.packing = True
+    packed = train(tiny_world.student, pairs(), cfg, tmp_path / "packed", progress=False)
+    history = [json.loads((newest_checkpoint(tmp_path / d / "checkpoints") / "state.json").read_text())["history"]
+               for d in ("padded", "packed")]
+    assert [h["step"] for h in history[0]] == [h["step"] for h in history[1]] == list(range(1, 7))
+    for a, b in zip(*history, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    assert packed.loss == pytest.approx(padded.loss, abs=1e-4)
 
 
 TRAIN_CODE = """
