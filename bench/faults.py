@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from distill.jsonl import iter_jsonl, sha256_file, write_json  # noqa: E402
 from distill.layout import RunPaths  # noqa: E402
 from distill.manifest import Manifest, artifact  # noqa: E402
+from distill.training import newest_checkpoint  # noqa: E402
 from jobs.stages import STOP_SIGNAL  # noqa: E402
 
 # "requeue": training sent SLURM's stop signal (USR2) instead of SIGKILL, as before a time limit.
@@ -165,9 +166,9 @@ def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
         args = ("generate", "--shard", str(shard))
         out, unit = paths.gen_shard(0, shard, 2), str(shard)
     elif kind == "evaluate":
-        unit = rng.randrange(3)
-        args = ("evaluate", "--shard", str(unit))
-        label = ("teacher", "base", "student")[unit]
+        task = rng.randrange(3)
+        args = ("evaluate", "--shard", str(task))
+        label = ("teacher", "base", "student")[task]
         out, unit = paths.eval_shard(0, label, 0, 1), f"{label}:0"
     delay = rng.uniform(KILL_FROM, 1.0) * bench.durations[kind]
     killed = kill_at(bench.cmd(*args), delay, sig)
@@ -193,8 +194,8 @@ def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
             bench.run_to_end("merge", "generate")
             compare.append(paths.generations(0))
     elif kind == "train":
-        ckpt = [int(p.name.split("-")[1]) for p in (paths.train_dir(0) / "checkpoints").glob("step-*")]
-        row["on_disk"] = max(ckpt, default=0)
+        ckpt = newest_checkpoint(paths.train_dir(0) / "checkpoints")
+        row["on_disk"] = json.loads((ckpt / "state.json").read_text())["step"] if ckpt else 0
         rerun = bench.run_to_end("train")
         ref_entry = Manifest(ref).stage(0, "train")["metrics"]
         stage_entry = Manifest(run).stage(0, "train")

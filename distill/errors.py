@@ -1,5 +1,9 @@
 """Errors that reach the user as one line, naming the file and the place."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class DistillError(Exception):
     """Bad input or a refused action; the CLI prints it on one line and exits 2."""
@@ -10,4 +14,8 @@ class ConfigError(DistillError):
 
 
 class DataError(DistillError):
-    """A data file that cannot be read (`file:line: reason`)."""
+    """A data file that cannot be read (`file:line: reason`); `path` names the file."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None

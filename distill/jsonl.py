@@ -29,7 +29,7 @@ def iter_jsonl_numbered(
     try:
         fh = path.open("rb")
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise DataError(f"{path}: file not found", path) from None
     with fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.endswith(b"\n") and allow_partial_tail:
@@ -41,10 +41,10 @@ def iter_jsonl_numbered(
                 record = json.loads(text)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 if not raw.endswith(b"\n"):
-                    raise DataError(f"{path}:{lineno}: last line cut short mid-record (an interrupted write?)") from None
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc})") from None
+                    raise DataError(f"{path}:{lineno}: last line cut short mid-record (an interrupted write?)", path) from None
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc})", path) from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}", path)
             yield lineno, record
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from distill.config import RunConfig, check_paths
@@ -175,17 +176,19 @@ def generate_teacher_shard(cfg: RunConfig, it: int, shard: int, *, job_id: str |
     return stats
 
 
-def check_shards(manifest: Manifest, it: int, stage: str, shards: dict[str, Any]) -> None:
-    """Read every shard file before merging. One that does not parse (cut short mid-line or
-    damaged after its job ended) is marked failed, so the next run redoes it: generation
-    resumes from its complete lines."""
-    for key, path in shards.items():
-        try:
-            for _ in iter_jsonl(path):
-                pass
-        except DataError as exc:
-            manifest.mark_shard(it, stage, key, "failed", error=str(exc))
-            raise DataError(f"{exc}; {stage} shard {key} is marked failed: run again to redo it") from None
+def merge_or_reopen(manifest: Manifest, it: int, stage: str, keys: list[str], shard_paths: list[Path],
+                    expected: list[list[str]], n: int, out_path: Path) -> int:
+    """`merge_shards`, but a shard file that does not parse (cut short mid-line or damaged after
+    its job ended) is marked failed under its manifest key, so the next run redoes it:
+    generation resumes from its complete lines."""
+    try:
+        return merge_shards(shard_paths, expected, n, out_path)
+    except DataError as exc:
+        key = next((k for k, p in zip(keys, shard_paths, strict=True) if exc.path == p), None)
+        if key is None:
+            raise
+        manifest.mark_shard(it, stage, key, "failed", error=str(exc))
+        raise DataError(f"{exc}; {stage} shard {key} is marked failed: run again to redo it", exc.path) from None
 
 
 def merge_generation(cfg: RunConfig, it: int) -> int:
@@ -194,8 +197,8 @@ def merge_generation(cfg: RunConfig, it: int) -> int:
     problems = generation_problems(cfg, it)
     expected = [[p["id"] for p in shard_slice(problems, s, num)] for s in range(num)]
     shard_paths = [paths.gen_shard(it, s, num) for s in range(num)]
-    check_shards(manifest, it, "generate", {str(s): p for s, p in enumerate(shard_paths) if p.exists()})
-    n = merge_shards(shard_paths, expected, teacher_spec(cfg, it).n, paths.generations(it))
+    n = merge_or_reopen(manifest, it, "generate", [str(s) for s in range(num)], shard_paths, expected,
+                        teacher_spec(cfg, it).n, paths.generations(it))
     shards = manifest.stage(it, "generate").get("shards", {})
     tokens = sum(s.get("new_tokens", 0) for s in shards.values())
     seconds = sum(s.get("seconds", 0) for s in shards.values())
@@ -386,9 +389,8 @@ def merge_evaluation(cfg: RunConfig, it: int, stage: str = "evaluate") -> dict[s
     all_metrics, artifacts = {}, {}
     for label in eval_models(cfg, it, stage):
         graded_paths = [paths.eval_shard(it, label, s, num).with_suffix(".graded.jsonl") for s in range(num)]
-        check_shards(manifest, it, stage, {f"{label}:{s}": p for s, p in enumerate(graded_paths) if p.exists()})
         out = paths.eval_dir(it, label) / "graded.jsonl"
-        merge_shards(graded_paths, expected, 1, out)
+        merge_or_reopen(manifest, it, stage, [f"{label}:{s}" for s in range(num)], graded_paths, expected, 1, out)
         metrics = summarize(read_jsonl(out))
         write_json(paths.eval_dir(it, label) / "metrics.json", metrics)
         all_metrics[label] = metrics

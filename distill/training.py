@@ -97,38 +97,33 @@ def pack(batch: list[dict[str, list[int]]], pad_id: int, width: int, index: list
     first-fit (longest first) allows, instead of one padded row each.
 
     Each example keeps its own positions (0, 1, ...) and attends only to itself: the attention
-    mask is 4-D (rows, 1, width, width), causal within each example's span, so a packed row
+    mask is 4-D (rows, 1, length, length), causal within each example's span, so a packed row
     computes what the examples would alone. No target crosses a boundary: every example starts
     with prompt tokens, which carry no label. `placement[i]` is example i's (row, start).
     """
-    order = sorted(range(len(batch)), key=lambda i: -len(batch[i]["input_ids"]))
-    rows: list[list[int]] = []
-    fill: list[int] = []
+    fill: list[int] = []  # tokens used per row
     placement: list[tuple[int, int]] = [(0, 0)] * len(batch)
-    for i in order:
+    for i in sorted(range(len(batch)), key=lambda i: -len(batch[i]["input_ids"])):
         n = len(batch[i]["input_ids"])
-        row = next((r for r, used in enumerate(fill) if used + n <= width), None)
-        if row is None:
-            rows.append([])
+        row = next((r for r, used in enumerate(fill) if used + n <= width), len(fill))
+        if row == len(fill):
             fill.append(0)
-            row = len(rows) - 1
         placement[i] = (row, fill[row])
-        rows[row].append(i)
         fill[row] += n
-    length = max(fill)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    positions = torch.zeros((len(rows), length), dtype=torch.long)
-    segment = torch.full((len(rows), length), -1, dtype=torch.long)
+    shape = (len(fill), max(fill))
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
     for i, (row, start) in enumerate(placement):
         n = len(batch[i]["input_ids"])
         ids[row, start : start + n] = torch.tensor(batch[i]["input_ids"])
         labels[row, start : start + n] = torch.tensor(batch[i]["labels"])
         positions[row, start : start + n] = torch.arange(n)
         segment[row, start : start + n] = i
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    causal = torch.ones(shape[1], shape[1], dtype=torch.bool).tril()
     mask = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & causal
-    mask |= torch.eye(length, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+    mask |= torch.eye(shape[1], dtype=torch.bool)  # padding attends to itself: no empty softmax row
     return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "labels": labels,
             "index": index or [], "placement": placement}
 
