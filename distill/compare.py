@@ -86,7 +86,7 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
         models[name] = str(result.model_dir)
         timing_path = root / name / "timing.json"
         if result.resumed_from is None:  # trained start to finish in this call: a time worth keeping
-            write_json(timing_path, {"train_s": round(time.perf_counter() - start, 1), "tokens_per_s": result.tokens_per_s})
+            write_json(timing_path, {"train_s": round(time.perf_counter() - start, 3), "tokens_per_s": result.tokens_per_s})
         timing = read_json_or_none(timing_path) or {"train_s": None, "tokens_per_s": None}
         topk = read_json_or_none(root / name / "teacher-topk.json")
         rows[name] = {"settings": settings_of(cfg), "steps": result.step, "loss": result.loss, **timing,
@@ -101,8 +101,9 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     table = ["| objective | settings | steps | test acc | mean tokens | train s | bytes/token stored |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         stored = f"{r['topk_bytes_per_token']}" if r["topk_bytes_per_token"] else "-"
+        train_s = "-" if r["train_s"] is None else f"{r['train_s']:.1f}"
         table.append(f"| {name} | {r['settings']} | {r['steps']} | {100 * r['accuracy']:.1f}% | {r['tokens_mean']} | "
-                     f"{r['train_s'] if r['train_s'] is not None else '-'} | {stored} |")
+                     f"{train_s} | {stored} |")
     text = "\n".join(table) + "\n"
     n = next(iter(rows.values()))["n"] if rows else 0
     atomic_write_text(root / "compare.md", f"# Objectives on {base.name}: {split} split, {n} problems\n\n{text}")
