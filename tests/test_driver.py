@@ -1,7 +1,6 @@
 """The iteration driver end to end: real submitit jobs, real models, the manifest in between."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -57,10 +56,12 @@ def test_iteration_zero_end_to_end_then_a_noop(tmp_path, tiny_world, capsys):
         assert (run / art["path"]).exists() and len(art["sha256"]) == 64
 
     before = snapshot(run)
-    start = time.perf_counter()
-    out = run_python(f"import sys; from jobs.driver import main; sys.exit(main({args!r}))", timeout=60)
-    elapsed = time.perf_counter() - start
+    # A finished iteration is answered from the manifest alone: no model library is even imported,
+    # which is what makes the re-run return in a fraction of a second.
+    code = (f"import sys; from jobs.driver import main; rc = main({args!r}); "
+            "print('loaded:', sorted({'torch', 'transformers'} & set(sys.modules))); sys.exit(rc)")
+    out = run_python(code, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("done, skipped") == 4
-    assert elapsed < 5, f"re-running a finished iteration took {elapsed:.1f}s"
+    assert "loaded: []" in out.stdout
     assert snapshot(run) == before, "a no-op re-run changed the run directory"
