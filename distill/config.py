@@ -39,6 +39,9 @@ class ModelsConfig:
 
     teacher: str
     student: str
+    # Attention kernel of every model a job loads: sdpa (torch's, the default), eager, or
+    # flash_attention_2 (CUDA with the flash-attn package; checked when the job starts).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = compat("sdpa")
 
 
 @dataclass
@@ -70,11 +73,15 @@ class PromptConfig:
     template: str = "Question: {question}\nAnswer: "
     # Applied only when the tokenizer ships a chat template.
     use_chat_template: bool = True
+    # Extra arguments of the chat template, e.g. {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = compat(default_factory=dict)
 
 
 @dataclass
 class GenerationConfig:
-    """Teacher generation. `temperature: 0` means greedy decoding."""
+    """Teacher generation. `temperature: 0` means greedy decoding. The engine settings
+    (backend, tensor_parallel_size, gpu_memory_utilization) are the teacher's wherever it runs,
+    its evaluation included; the student's are under `eval`."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
     n: int = 1
@@ -134,8 +141,6 @@ class KDConfig:
     score: Literal["teacher_entropy", "student_entropy"] = "teacher_entropy"
     # context: the teacher's prompt, with the student's prompt in the {prompt} slot.
     context_template: str = "Solve step by step and end with the answer in \\boxed{{}}.\n{prompt}"
-    # positions per chunk when computing the loss (bounds vocabulary-sized temporaries)
-    chunk: int = 256
 
 
 @dataclass
@@ -175,10 +180,20 @@ class TrainConfig:
     # Pack each micro-batch's examples into rows of up to max_length tokens (attention kept
     # within each example) instead of padding every example to the longest; sft only.
     packing: bool = compat(False)
+    # auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on the CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = compat("auto")
+    # Recompute each layer's activations in backward instead of keeping them (less memory,
+    # about a third more compute).
+    gradient_checkpointing: bool = compat(False)
+    # Positions per chunk of the LM head and the loss: bounds the vocabulary-sized tensors.
+    loss_chunk: int = compat(256)
 
 
 @dataclass
 class EvalConfig:
+    """Greedy answers of the student on the held-out split (and, in UNDO, the probe split).
+    The engine keys are the student's: the teacher keeps `generation`'s when it is evaluated."""
+
     split: Literal["train", "validation", "test"] = "test"
     limit: int | None = None
     max_new_tokens: int = 256
@@ -186,6 +201,11 @@ class EvalConfig:
     num_shards: int = 1
     # Iteration 0 also evaluates the teacher and the untrained student, for reference.
     baselines: bool = True
+    # The student's engine: backend (default: generation.backend), vLLM's tensor_parallel_size
+    # and gpu_memory_utilization.
+    backend: Literal["transformers", "vllm"] | None = compat(None)
+    tensor_parallel_size: int = compat(1)
+    gpu_memory_utilization: float = compat(0.9)
 
 
 DEFAULT_UNDO_TEMPLATE = (
@@ -277,6 +297,13 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check one value against a type hint, converting only where it is lossless (int -> float)."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, value_tp = typing.get_args(tp)
+        return {k: _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -389,6 +416,8 @@ def _check_values(cfg: RunConfig) -> None:
         "eval.batch_size": cfg.eval.batch_size,
         "eval.num_shards": cfg.eval.num_shards,
         "generation.tensor_parallel_size": cfg.generation.tensor_parallel_size,
+        "eval.tensor_parallel_size": cfg.eval.tensor_parallel_size,
+        "train.loss_chunk": cfg.train.loss_chunk,
         "undo.n": cfg.undo.n,
         "undo.cap_per_problem": cfg.undo.cap_per_problem,
         "undo.max_iters": cfg.undo.max_iters,
@@ -405,6 +434,14 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"{where}: generation.top_p: must be in (0, 1], got {cfg.generation.top_p}")
     if cfg.generation.logprobs < 0:
         raise ConfigError(f"{where}: generation.logprobs: must be >= 0, got {cfg.generation.logprobs}")
+    for section, n, temperature in (("generation", cfg.generation.n, cfg.generation.temperature),
+                                    ("undo", cfg.undo.n, cfg.undo.temperature)):
+        if n > 1 and temperature == 0:
+            raise ConfigError(f"{where}: {section}.n: {n} samples at temperature 0 would be {n} copies of the "
+                              f"greedy answer; set {section}.temperature > 0 or {section}.n: 1")
+    for key, value in (("generation", cfg.generation.gpu_memory_utilization), ("eval", cfg.eval.gpu_memory_utilization)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"{where}: {key}.gpu_memory_utilization: must be in (0, 1], got {value}")
     _resolve_benchmark(cfg)
     check_train(cfg.train, where)
     if "{question}" not in cfg.prompt.template:
@@ -421,8 +458,8 @@ def check_train(t: TrainConfig, where: str) -> None:
     for key, value in (("train.kd.alpha", kd.alpha), ("train.kd.beta", kd.beta), ("train.feature.alpha", t.feature.alpha)):
         if not 0 <= value <= 1:
             raise ConfigError(f"{where}: {key}: must be in [0, 1], got {value}")
-    if kd.top_k < 1 or kd.chunk < 1:
-        raise ConfigError(f"{where}: train.kd.{'top_k' if kd.top_k < 1 else 'chunk'}: must be >= 1")
+    if kd.top_k < 1:
+        raise ConfigError(f"{where}: train.kd.top_k: must be >= 1")
     if t.objective == "ekd":
         if (kd.top_k_percent is None) == (kd.bucket is None):
             raise ConfigError(f"{where}: train.kd: ekd needs exactly one of top_k_percent and bucket")
@@ -438,14 +475,13 @@ def check_train(t: TrainConfig, where: str) -> None:
         raise ConfigError(f"{where}: train.feature.layers: give at least one [student, teacher] pair")
     if t.packing and t.objective != "sft":
         raise ConfigError(f"{where}: train.packing: only with objective sft (got {t.objective})")
-    if t.quantize == "4bit":
-        if not t.lora.enabled:
-            raise ConfigError(f"{where}: train.quantize: 4bit trains LoRA adapters; set train.lora.enabled: true")
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{where}: train.quantize: 4bit (QLoRA) needs a CUDA GPU and bitsandbytes; "
-                              "this machine has no CUDA (use quantize: none here)")
+    # Whether the job's machine has CUDA and bitsandbytes is checked when the job starts
+    # (distill.device): the login node that loads this config usually has no GPU.
+    if t.quantize == "4bit" and not t.lora.enabled:
+        raise ConfigError(f"{where}: train.quantize: 4bit trains LoRA adapters; set train.lora.enabled: true")
+    if t.lora.enabled and "lm_head" in t.lora.target_modules:
+        raise ConfigError(f"{where}: train.lora.target_modules: lm_head cannot carry an adapter (the head runs "
+                          "chunked with the loss)")
 
 
 def _resolve_benchmark(cfg: RunConfig) -> None:

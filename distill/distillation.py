@@ -1,17 +1,23 @@
-"""The teacher side of training: what each objective adds to the student's cross-entropy.
+"""The loss of a training run: the student's cross-entropy and what each objective adds to it.
 
 `Distiller` is built once per training run from `train.objective` and gives the training loop
-one function, `loss(model, batch)`. For `sft` it is plain cross-entropy. `kd`, `ekd` and
-`context` add a divergence to the teacher's distribution at the completion positions: from the
-teacher in memory (online), or from its top-k logprobs captured once before the first step and
-stored beside the checkpoints (offline), so a requeued job does not run the teacher again.
-`feature` matches hidden states through learned projections, which are trained and
-checkpointed with the student (they live on the model as `distill_projections` until the final
-save removes them).
+two functions: `prepare(batch)`, host-side bookkeeping of a collated micro-batch (which
+positions carry a target, the stored teacher rows that go with them), and `loss(model, batch)`
+on the model's device. `sft` is plain cross-entropy. `kd`, `ekd` and `context` add a divergence
+to the teacher's distribution at the completion positions: from the teacher in memory (online),
+or from its top-k logprobs captured once before the first step and stored beside the
+checkpoints (offline), so a requeued job does not run the teacher again. `feature` matches
+hidden states through learned projections, which are trained and checkpointed with the student
+(they live on the model as `distill_projections` until the final save removes them).
+
+Only completion positions reach the LM head, and the head runs together with the loss a chunk
+of positions at a time (`distill.chunked`), for the teacher's head too: no [batch, length,
+vocabulary] tensor is ever built.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -24,26 +30,41 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distill import objectives
+from distill.chunked import head_loss
 from distill.config import TrainConfig
+from distill.device import Placement
 from distill.errors import DistillError
+from distill.modeling import PROJECTIONS, decoder, load_teacher, output_head
 
 IGNORE = -100
-PROJECTIONS = "distill_projections"
 
 
-def check_same_vocabulary(student_tokenizer: Any, teacher_path: str | Path) -> None:
-    """Logit distillation compares distributions token by token: both models must use one
-    tokenizer. Compared on the real vocabularies, not `config.vocab_size` (padded rows differ)."""
+def vocabulary_relation(student_tokenizer: Any, teacher_tokenizer: Any) -> str:
+    """`same`, `prefix` (every student token has the same id in the teacher's vocabulary, which
+    only adds tokens after them, as Qwen3's does over Qwen2.5's) or `different`. Compared on the
+    real vocabularies, not `config.vocab_size` (padded rows differ)."""
+    student, teacher = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student == teacher:
+        return "same"
+    if all(teacher.get(token) == i for token, i in student.items()) and all(i >= len(student) for t, i in teacher.items()
+                                                                          if t not in student):
+        return "prefix"
+    return "different"
+
+
+def check_vocabularies(student_tokenizer: Any, teacher_path: str | Path, objective: str) -> None:
+    """Logit, context and feature distillation compare the two models position by position on
+    the student's token ids: the teacher must read those ids as the same tokens."""
     from transformers import AutoTokenizer
 
-    teacher_vocab = AutoTokenizer.from_pretrained(str(teacher_path)).get_vocab()
-    student_vocab = student_tokenizer.get_vocab()
-    if teacher_vocab != student_vocab:
-        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:1]
+    teacher_tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
+    if vocabulary_relation(student_tokenizer, teacher_tokenizer) == "different":
+        s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        differing = sorted(set(t.items()) ^ set(s.items()))[:1]
         raise DistillError(
-            f"{teacher_path}: the teacher's tokenizer differs from the student's ({len(teacher_vocab)} vs "
-            f"{len(student_vocab)} tokens; first difference {differing}): logit and context distillation need "
-            "one vocabulary; use objective sft (or feature) for this pair"
+            f"{teacher_path}: the teacher's tokenizer differs from the student's ({len(t)} vs {len(s)} tokens; "
+            f"first difference {differing}): objective {objective} needs the student's vocabulary to be the "
+            "teacher's or an id-preserving prefix of it; use objective sft for this pair"
         )
 
 
@@ -54,6 +75,12 @@ def completion_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
         idx = (row != IGNORE).nonzero().squeeze(-1)
         spans.append((int(idx[0]), int(idx.numel())) if idx.numel() else (0, 0))
     return spans
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into [rows × (length - 1)] of the positions whose next token is a target,
+    in row-major order (host side, so the device never waits on a data-dependent shape)."""
+    return (labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(-1)
 
 
 @dataclass
@@ -84,27 +111,44 @@ class TopKStore:
         return (self.ids.numel() * self.ids.element_size() + self.logprobs.numel() * self.logprobs.element_size()) / n
 
 
-def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, vocab: int, batch_size: int = 16) -> TopKStore:
-    """Run the teacher once over the training examples; keep the top-k logprobs (at T = 1) of
-    each completion token's prediction."""
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device` (copies overlap with compute where the device allows)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _padded(examples: list[dict[str, list[int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e["input_ids"]) for e in examples)
+    inp = torch.zeros((len(examples), width), dtype=torch.long)
+    att = torch.zeros_like(inp)
+    for r, e in enumerate(examples):
+        inp[r, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        att[r, : len(e["input_ids"])] = 1
+    return inp.to(device), att.to(device)
+
+
+def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, vocab: int, *, batch_size: int = 16,
+                 chunk: int = 256) -> TopKStore:
+    """Run the teacher once over the training examples, on its own device and in its own dtype;
+    keep the top-k logprobs (at T = 1) of each completion token's prediction. Only completion
+    positions go through the head, `chunk` at a time."""
+    device = output_head(teacher).weight.device
+    weight = output_head(teacher).weight[:vocab]
     ids, logprobs, offsets = [], [], [0]
     with torch.no_grad():
         for s in range(0, len(examples), batch_size):
-            chunk = examples[s : s + batch_size]
-            width = max(len(e["input_ids"]) for e in chunk)
-            inp = torch.zeros((len(chunk), width), dtype=torch.long)
-            att = torch.zeros_like(inp)
-            for r, e in enumerate(chunk):
-                inp[r, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-                att[r, : len(e["input_ids"])] = 1
-            logits = teacher(input_ids=inp, attention_mask=att).logits[..., :vocab]
-            for r, e in enumerate(chunk):
-                first = next(i for i, lab in enumerate(e["labels"]) if lab != IGNORE)
-                pred = logits[r, first - 1 : len(e["input_ids"]) - 1].float().log_softmax(-1)
-                top = pred.topk(k, dim=-1)
-                ids.append(top.indices.to(torch.int32))
-                logprobs.append(top.values.to(torch.float16))
-                offsets.append(offsets[-1] + pred.size(0))
+            part = examples[s : s + batch_size]
+            inp, att = _padded(part, device)
+            hidden = decoder(teacher)(input_ids=inp, attention_mask=att).last_hidden_state
+            labels = torch.full(inp.shape, IGNORE, dtype=torch.long)
+            for r, e in enumerate(part):
+                labels[r, : len(e["labels"])] = torch.tensor(e["labels"])
+                offsets.append(offsets[-1] + sum(1 for lab in e["labels"] if lab != IGNORE))
+            flat = hidden[:, :-1].reshape(-1, hidden.size(-1))
+            rows = flat.index_select(0, target_positions(labels).to(flat.device)).to(weight.device)
+            for c in range(0, rows.size(0), chunk):
+                top = (rows[c : c + chunk] @ weight.T).float().log_softmax(-1).topk(k, dim=-1)
+                ids.append(top.indices.to(torch.int32).cpu())
+                logprobs.append(top.values.to(torch.float16).cpu())
     return TopKStore(torch.cat(ids), torch.cat(logprobs), torch.tensor(offsets, dtype=torch.int64))
 
 
@@ -112,23 +156,25 @@ class Distiller:
     """The loss of one training run, given its objective."""
 
     def __init__(self, cfg: TrainConfig, tokenizer: Any, teacher_path: str | Path | None, out_dir: Path,
-                 examples: list[dict[str, list[int]]]) -> None:
-        self.cfg, self.kd, self.objective = cfg, cfg.kd, cfg.objective
+                 examples: list[dict[str, list[int]]], place: Placement, attn_implementation: str = "sdpa") -> None:
+        self.cfg, self.kd, self.objective, self.place = cfg, cfg.kd, cfg.objective, place
         self.vocab = len(tokenizer)
-        self.teacher = None
+        self.teacher: Any = None
         self.store: TopKStore | None = None
         if self.objective == "sft":
             return
         if teacher_path is None:
             raise DistillError(f"train.objective {self.objective} needs a teacher (models.teacher)")
-        if self.objective != "feature":
-            check_same_vocabulary(tokenizer, teacher_path)
+        check_vocabularies(tokenizer, teacher_path, self.objective)
         if self.objective in ("kd", "ekd") and self.kd.teacher == "offline":
-            self.store = self._offline_store(teacher_path, out_dir, examples)
+            self.store = self._offline_store(teacher_path, out_dir, examples, attn_implementation)
         else:
-            self.teacher = _load_teacher(teacher_path)
+            self.teacher = load_teacher(teacher_path, place, attn_implementation)
+            # The teacher's head on the student's device, cut to the student's vocabulary: a
+            # teacher with extra tokens (an id-preserving superset) has them ignored.
+            self.t_weight = output_head(self.teacher).weight[: self.vocab].to(place.device)
 
-    def _offline_store(self, teacher_path: str | Path, out_dir: Path, examples: list[dict]) -> TopKStore:
+    def _offline_store(self, teacher_path: str | Path, out_dir: Path, examples: list[dict], attn: str) -> TopKStore:
         path = out_dir / f"teacher-top{self.kd.top_k}.safetensors"
         meta = {"teacher": str(teacher_path), "k": str(self.kd.top_k), "examples": str(len(examples)),
                 "tokens": str(sum(sum(1 for lab in e["labels"] if lab != IGNORE) for e in examples))}
@@ -136,7 +182,10 @@ class Distiller:
             store, saved = TopKStore.load(path)
             if saved == meta:
                 return store
-        store = capture_topk(_load_teacher(teacher_path), examples, self.kd.top_k, self.vocab)
+        teacher = load_teacher(teacher_path, self.place, attn)
+        store = capture_topk(teacher, examples, self.kd.top_k, self.vocab, batch_size=self.cfg.batch_size,
+                             chunk=self.cfg.loss_chunk)
+        del teacher
         store.save(path, meta)
         (out_dir / "teacher-topk.json").write_text(json.dumps(
             {**meta, "bytes_per_token": round(store.bytes_per_token(), 1), "file_bytes": path.stat().st_size}, indent=1))
@@ -144,79 +193,129 @@ class Distiller:
 
     def attach_projections(self, model: torch.nn.Module) -> None:
         """Feature distillation: one linear map per layer pair, student width -> teacher width,
-        registered on the model so the optimizer and the checkpoints include it."""
+        registered on the model (on its device, in float32) so the optimizer and the
+        checkpoints include it."""
         if self.objective != "feature":
             return
         sw, tw = model.config.hidden_size, self.teacher.config.hidden_size
         torch.manual_seed(self.cfg.seed)
         projections = torch.nn.ModuleList(torch.nn.Linear(sw, tw) for _ in self.cfg.feature.layers)
-        model.add_module(PROJECTIONS, projections)
+        model.add_module(PROJECTIONS, projections.to(self.place.device))
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], n_target: int, grad_accum: int) -> tuple[torch.Tensor, float]:
-        """(loss to backpropagate, summed CE for the log) of one micro-batch."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch.get("position_ids"), output_hidden_states=self.objective == "feature")
-        logits = out.logits[..., : self.vocab]
-        ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch["labels"][:, 1:].reshape(-1),
-                                 ignore_index=IGNORE, reduction="sum")
-        ce = ce_sum / max(n_target, 1)
-        if self.objective == "sft":
-            return ce, ce_sum.item()
-        if self.objective == "feature":
-            alpha, extra = self.cfg.feature.alpha, self._feature_loss(model, out.hidden_states, batch)
-        else:
-            alpha, extra = self.kd.alpha, self._kd_loss(logits, batch)
-        return (1 - alpha) * ce + alpha * extra / grad_accum, ce_sum.item()
+    # -- host side ---------------------------------------------------------------------------
 
-    def _kd_loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        kd = self.kd
-        s_logits = logits[:, :-1]
-        valid = batch["labels"][:, 1:] != IGNORE
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Add the target positions (and the teacher's rows at them) to a collated batch."""
+        positions = target_positions(batch["labels"])
+        out = {**batch, "positions": positions, "targets": batch["labels"][:, 1:].reshape(-1)[positions]}
+        if "t_labels" in batch:
+            out["t_positions"] = target_positions(batch["t_labels"])
         if self.store is not None:
-            t_ids, t_lp = self._stored_rows(batch, s_logits.shape[:2])
-            div, t_ent = objectives.topk_kd(s_logits, t_ids, t_lp, kd.loss, beta=kd.beta, temperature=kd.temperature, chunk=kd.chunk)
-        else:
-            t_logits = self._teacher_logits(batch, s_logits.shape[:2])
-            div, t_ent = objectives.full_kd(s_logits, t_logits, kd.loss, beta=kd.beta, temperature=kd.temperature, chunk=kd.chunk)
-        mask = valid
-        if self.objective == "ekd":
-            scores = t_ent if kd.score == "teacher_entropy" else objectives.student_entropy(s_logits, kd.temperature, kd.chunk)
-            if kd.bucket is not None:
-                mask = objectives.bucket_mask(scores, valid, kd.bucket[0], kd.bucket[1])
-            else:
-                mask = objectives.top_fraction_mask(scores, valid, kd.top_k_percent)
-        return objectives.masked_mean(div, mask) * kd.temperature**2
+            counts = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
+            rows = [self.store.rows(i) for i in batch["index"]]
+            out["t_ids"] = torch.cat([ids[:n] for (ids, _), n in zip(rows, counts, strict=True)]).long()
+            out["t_logprobs"] = torch.cat([lp[:n] for (_, lp), n in zip(rows, counts, strict=True)]).float()
+        return out
 
-    def _teacher_logits(self, batch: dict[str, Any], shape: torch.Size) -> torch.Tensor:
-        """The teacher's logits placed at the student's (shifted) completion positions."""
+    # -- device side -------------------------------------------------------------------------
+
+    def loss(self, model: Any, batch: dict[str, Any], n_target: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, summed cross-entropy for the log) of one prepared micro-batch
+        already on the model's device; `n_target` counts the targets of the whole step."""
+        features = self.objective == "feature"
+        out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch.get("position_ids"), output_hidden_states=features, use_cache=False)
+        hidden = _rows(out.last_hidden_state, batch["positions"])
+        weight = output_head(model).weight[: self.vocab]
+        alpha = {"sft": 0.0, "feature": self.cfg.feature.alpha}.get(self.objective, self.kd.alpha)
+        rows: dict[str, torch.Tensor] = {"target": batch["targets"]}
+        if self.objective not in ("sft", "feature"):
+            rows |= self._teacher_rows(batch)
+            selected = self._selected(batch, rows, hidden.detach(), weight.detach())
+            rows["kd_weight"] = alpha * self.kd.temperature**2 * selected / selected.sum().clamp(min=1.0) / grad_accum
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk_loss = functools.partial(self._chunk_loss, ce_weight=(1 - alpha) / max(n_target, 1), ce_sum=ce_sum)
+        loss = head_loss(hidden, weight, chunk_loss, rows, chunk=self.cfg.loss_chunk, dtype=self.place.dtype)
+        if features:
+            loss = loss + alpha * self._feature_loss(model, out.hidden_states, batch) / grad_accum
+        return loss, ce_sum
+
+    def _chunk_loss(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], *, ce_weight: float,
+                    ce_sum: torch.Tensor) -> torch.Tensor:
+        """The loss of one chunk of positions: weighted cross-entropy plus the weighted divergence."""
+        ce = F.cross_entropy(logits, rows["target"], reduction="none")
+        ce_sum += ce.detach().sum()
+        total = ce.sum() * ce_weight
+        if "kd_weight" in rows:
+            div, _ = self._divergence(logits, rows)
+            total = total + (div * rows["kd_weight"]).sum()
+        return total
+
+    def _divergence(self, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        kd = self.kd
+        if "t_ids" in rows:
+            return objectives.topk_kd(logits, rows["t_ids"], rows["t_logprobs"], kd.loss, beta=kd.beta,
+                                      temperature=kd.temperature)
+        t_logits = rows["t_hidden"] @ self.t_weight.T  # both in the compute dtype already
+        return objectives.full_kd(logits, t_logits, kd.loss, beta=kd.beta, temperature=kd.temperature)
+
+    def _teacher_rows(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The teacher's side at the student's target positions: its stored top-k, or its last
+        hidden states (its head runs per chunk, with the loss)."""
+        if self.store is not None:
+            return {"t_ids": batch["t_ids"], "t_logprobs": batch["t_logprobs"]}
         with torch.no_grad():
-            if "t_input_ids" not in batch:
-                return self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, : self.vocab]
-            t_logits = self.teacher(input_ids=batch["t_input_ids"], attention_mask=batch["t_attention_mask"]).logits[..., : self.vocab]
-        aligned = torch.zeros((*shape, self.vocab), dtype=t_logits.dtype)
-        for r, ((s0, n), (t0, _)) in enumerate(zip(completion_spans(batch["labels"]), completion_spans(batch["t_labels"]), strict=True)):
-            aligned[r, s0 - 1 : s0 - 1 + n] = t_logits[r, t0 - 1 : t0 - 1 + n]
-        return aligned
+            if "t_input_ids" in batch:  # context distillation: the teacher reads its own prompt
+                out = decoder(self.teacher)(input_ids=batch["t_input_ids"], attention_mask=batch["t_attention_mask"],
+                                            use_cache=False)
+                hidden = _rows(out.last_hidden_state, batch["t_positions"].to(out.last_hidden_state.device))
+            else:
+                out = decoder(self.teacher)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            use_cache=False)
+                hidden = _rows(out.last_hidden_state, batch["positions"].to(out.last_hidden_state.device))
+        return {"t_hidden": hidden.to(self.place.device)}
 
-    def _stored_rows(self, batch: dict[str, Any], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.kd.top_k
-        ids = torch.zeros((*shape, k), dtype=torch.long)
-        lps = torch.zeros((*shape, k), dtype=torch.float32)
-        for r, (i, (s0, n)) in enumerate(zip(batch["index"], completion_spans(batch["labels"]), strict=True)):
-            row_ids, row_lp = self.store.rows(i)
-            ids[r, s0 - 1 : s0 - 1 + n] = row_ids[:n].long()
-            lps[r, s0 - 1 : s0 - 1 + n] = row_lp[:n].float()
-        return ids, lps
+    def _selected(self, batch: dict[str, Any], rows: dict[str, torch.Tensor], hidden: torch.Tensor,
+                  weight: torch.Tensor) -> torch.Tensor:
+        """1.0 at the positions the divergence is averaged over: all of them for kd and context,
+        the entropy-selected ones for ekd (scored in a gradient-free pass over the chunks)."""
+        ones = torch.ones(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        if self.objective != "ekd":
+            return ones
+        kd = self.kd
+        with torch.no_grad():
+            if kd.score == "student_entropy":
+                scores = self._map_head(hidden, weight, lambda lg: objectives.entropy((lg / kd.temperature).log_softmax(-1)))
+            elif "t_ids" in rows:
+                scores = objectives.entropy((rows["t_logprobs"].float() / kd.temperature).log_softmax(-1))
+            else:
+                scores = self._map_head(rows["t_hidden"], self.t_weight,
+                                        lambda lg: objectives.entropy((lg / kd.temperature).log_softmax(-1)))
+            labels = batch["labels"]
+            grid = torch.zeros(labels[:, 1:].numel(), dtype=torch.float32, device=hidden.device)
+            grid = grid.index_copy(0, batch["positions"], scores).view(labels.size(0), -1)
+            valid = labels[:, 1:] != IGNORE
+            if kd.bucket is not None:
+                mask = objectives.bucket_mask(grid, valid, kd.bucket[0], kd.bucket[1])
+            else:
+                mask = objectives.top_fraction_mask(grid, valid, kd.top_k_percent)
+            return mask.reshape(-1).index_select(0, batch["positions"]).float()
+
+    def _map_head(self, hidden: torch.Tensor, weight: torch.Tensor, fn: Any) -> torch.Tensor:
+        """`fn` of each chunk's float32 logits, concatenated (no gradient)."""
+        dtype, chunk = self.place.dtype, self.cfg.loss_chunk
+        w = weight.to(dtype)
+        return torch.cat([fn((hidden[s : s + chunk].to(dtype) @ w.T).float()) for s in range(0, hidden.size(0), chunk)])
 
     def _feature_loss(self, model: torch.nn.Module, hidden: tuple[torch.Tensor, ...], batch: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
-            t_hidden = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    output_hidden_states=True).hidden_states
+            t_hidden = decoder(self.teacher)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             output_hidden_states=True, use_cache=False).hidden_states
         mask = (batch["labels"] != IGNORE).unsqueeze(-1).float()
         projections = getattr(model, PROJECTIONS)
-        total = torch.zeros(())
+        total = torch.zeros((), dtype=torch.float32, device=mask.device)
         for proj, (si, ti) in zip(projections, self.cfg.feature.layers, strict=True):
-            mapped, target = proj(hidden[si]), t_hidden[ti].float()
+            mapped, target = proj(hidden[si]).float(), t_hidden[ti].to(mask.device).float()
             if self.cfg.feature.loss == "mse":
                 per_pos = ((mapped - target) ** 2).mean(-1, keepdim=True)
             else:
@@ -225,10 +324,7 @@ class Distiller:
         return total / len(projections)
 
 
-def _load_teacher(path: str | Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
+def _rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The hidden states [N, H] at flat target positions of a [B, L, H] tensor (position t
+    predicts token t + 1)."""
+    return hidden[:, :-1].reshape(-1, hidden.size(-1)).index_select(0, positions)

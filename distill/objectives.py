@@ -7,8 +7,8 @@ M = βp + (1-β)q is β·KL(p‖M) + (1-β)·KL(q‖M), where β = 0 is taken as
 reverse KL (the formula itself degenerates to 0 there). Temperature T divides both sides'
 logits and the KD term is multiplied by T² so its gradient scale does not shrink with T.
 
-Everything works on position chunks so that no more than `chunk` positions' worth of
-vocabulary-sized float32 tensors exist at once besides the model's own logits.
+These are pure functions of logits over the last dimension; `distill.chunked` feeds them one
+chunk of positions at a time, so the vocabulary-sized tensors they create stay small.
 """
 
 from __future__ import annotations
@@ -44,22 +44,18 @@ def entropy(log_probs: torch.Tensor) -> torch.Tensor:
 
 def full_kd(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Divergence, *,
-    beta: float = 0.5, temperature: float = 1.0, chunk: int = 256,
+    beta: float = 0.5, temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(divergence, teacher entropy) per position, shapes [B, L], full vocabulary on both sides.
-    The teacher side carries no gradient."""
-    div, ent = [], []
-    for s in range(0, student_logits.size(1), chunk):
-        q_log = F.log_softmax(student_logits[:, s : s + chunk].float() / temperature, dim=-1)
-        p_log = F.log_softmax(teacher_logits[:, s : s + chunk].detach().float() / temperature, dim=-1)
-        div.append(divergence(p_log, q_log, kind, beta))
-        ent.append(entropy(p_log))
-    return torch.cat(div, dim=1), torch.cat(ent, dim=1)
+    """(divergence, teacher entropy) per position, full vocabulary on both sides, in float32.
+    The teacher side carries no gradient. Any leading shape: [N, V] or [B, L, V]."""
+    q_log = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p_log = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return divergence(p_log, q_log, kind, beta), entropy(p_log)
 
 
 def topk_kd(
     student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, kind: Divergence, *,
-    beta: float = 0.5, temperature: float = 1.0, chunk: int = 256,
+    beta: float = 0.5, temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence, teacher entropy) per position from the teacher's stored top-k.
 
@@ -70,53 +66,32 @@ def topk_kd(
     distribution on the same support, so they renormalise it over the k ids. With k equal to the
     vocabulary size all three equal `full_kd`.
     """
-    div, ent = [], []
-    for s in range(0, student_logits.size(1), chunk):
-        ids = teacher_ids[:, s : s + chunk].long()
-        p_log = F.log_softmax(teacher_logprobs[:, s : s + chunk].float() / temperature, dim=-1)
-        q_full = F.log_softmax(student_logits[:, s : s + chunk].float() / temperature, dim=-1)
-        q_log = q_full.gather(-1, ids)
-        if kind != "forward_kl":
-            q_log = q_log - torch.logsumexp(q_log, dim=-1, keepdim=True)
-        div.append(divergence(p_log, q_log, kind, beta))
-        ent.append(entropy(p_log))
-    return torch.cat(div, dim=1), torch.cat(ent, dim=1)
-
-
-def student_entropy(student_logits: torch.Tensor, temperature: float = 1.0, chunk: int = 256) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([entropy(F.log_softmax(student_logits[:, s : s + chunk].float() / temperature, dim=-1))
-                          for s in range(0, student_logits.size(1), chunk)], dim=1)
+    p_log = F.log_softmax(teacher_logprobs.float() / temperature, dim=-1)
+    q_log = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
+    if kind != "forward_kl":
+        q_log = q_log - torch.logsumexp(q_log, dim=-1, keepdim=True)
+    return divergence(p_log, q_log, kind, beta), entropy(p_log)
 
 
 def top_fraction_mask(scores: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
     """Per row, the ⌈fraction·L⌉ valid positions with the highest score (L = valid positions
-    of that row); ties go to the earlier position."""
-    mask = torch.zeros_like(valid, dtype=torch.bool)
-    for b in range(scores.size(0)):
-        idx = valid[b].nonzero().squeeze(-1)
-        if idx.numel() == 0:
-            continue
-        keep = math.ceil(fraction * idx.numel())
-        order = torch.sort(scores[b, idx], descending=True, stable=True).indices[:keep]
-        mask[b, idx[order]] = True
-    return mask
+    of that row); ties go to the earlier position. Whole-tensor operations, no per-row loop,
+    so it stays on the device without a host round trip."""
+    ranked = scores.float().masked_fill(~valid, float("-inf"))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
+    keep = torch.ceil(fraction * valid.sum(-1, keepdim=True).to(torch.float64))
+    return valid & (rank < keep)
 
 
 def bucket_mask(scores: torch.Tensor, valid: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
     """Per row, the valid positions whose score percentile lies in [lower, upper): a position of
     ascending rank r among L valid ones is at percentile 100·r/L."""
-    mask = torch.zeros_like(valid, dtype=torch.bool)
-    for b in range(scores.size(0)):
-        idx = valid[b].nonzero().squeeze(-1)
-        n = idx.numel()
-        if n == 0:
-            continue
-        order = torch.sort(scores[b, idx], stable=True).indices
-        pct = torch.arange(n, dtype=torch.float64) * 100.0 / n
-        chosen = order[(pct >= lower) & (pct < upper)]
-        mask[b, idx[chosen]] = True
-    return mask
+    ranked = scores.float().masked_fill(~valid, float("inf"))
+    order = torch.sort(ranked, dim=-1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
+    pct = rank.to(torch.float64) * 100.0 / valid.sum(-1, keepdim=True).clamp(min=1).to(torch.float64)
+    return valid & (pct >= lower) & (pct < upper)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

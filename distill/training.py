@@ -5,6 +5,11 @@ leaves a newest checkpoint that auto-resume picks and fails on. Here every check
 to a temporary directory and renamed into place only when complete, and the batch order is a
 pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted run
 would have seen.
+
+Batches are built on the host and moved to the job's device (`distill.device`); the loss runs
+under the configured precision's autocast, with loss scaling for fp16. A step whose loss is not
+finite stops the job before the optimizer touches the weights, so the newest checkpoint is the
+last good state.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import time
@@ -26,8 +30,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill import device as devices
 from distill.config import TrainConfig
-from distill.distillation import IGNORE, PROJECTIONS, Distiller
+from distill.distillation import IGNORE, Distiller, to_device
+from distill.errors import DistillError
+from distill.modeling import load_student, save_final
 from distill.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -158,7 +165,8 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
     final = ckpt_dir / f"step-{step:08d}"
     tmp = ckpt_dir / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -166,8 +174,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
     save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save(rng, tmp / "rng.pt")
+    if scaler is not None and scaler.is_enabled():
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    torch.save(devices.rng_state(_device_of(model)), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     _fsync_dir(tmp)
     if final.exists():
@@ -180,18 +189,22 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     weights = load_file(str(path / "weights.safetensors"))
     params = dict(model.named_parameters())
     for name, tensor in weights.items():
         params[name].data.copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    device = _device_of(model)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False, map_location=device))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
+    if scaler is not None and scaler.is_enabled() and (path / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+    devices.set_rng_state(torch.load(path / "rng.pt", weights_only=False), device)
     return json.loads((path / "state.json").read_text())
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,55 +213,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# -- model -------------------------------------------------------------------------------------
-
-
-def load_student(model_path: str | Path, cfg: TrainConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if cfg.quantize == "4bit":
-        # QLoRA: 4-bit NF4 weights (bitsandbytes, CUDA only; the config check refuses it elsewhere),
-        # bf16 compute, LoRA adapters in full precision on top.
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), quantization_config=quant, device_map={"": 0})
-        model = prepare_model_for_kbit_training(model)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-    if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-    return model, tokenizer
-
-
-def save_final(model, tokenizer, out_dir: Path) -> Path:
-    """A plain `from_pretrained`-loadable model (LoRA merged), renamed into place when complete."""
-    if hasattr(model, PROJECTIONS):  # feature distillation's projections are not part of the student
-        delattr(model, PROJECTIONS)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -263,37 +227,44 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
     teacher_path: str | Path | None = None,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train on (prompt, completion) pairs with `cfg.objective` (the teacher at `teacher_path`
-    for every objective but sft); resume from `out_dir/checkpoints` if any."""
+    for every objective but sft); resume from `out_dir/checkpoints` if any. `device` overrides
+    the job's own choice (its GPU, else the CPU)."""
     from transformers import get_scheduler
 
+    place = devices.placement(cfg.precision, device)
+    devices.check_training_hardware(cfg.quantize, attn_implementation, place.device)
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
-    model, tokenizer = load_student(model_path, cfg)
+    model, tokenizer = load_student(model_path, cfg, place, attn_implementation)
     context = cfg.kd.context_template.format if cfg.objective == "context" else None
     examples = tokenize_pairs(tokenizer, pairs, cfg.max_length,
                               teacher_prompt=(lambda p: context(prompt=p)) if context else None)
     if not examples:
         raise ValueError("no training examples (all prompts longer than train.max_length?)")
-    distiller = Distiller(cfg, tokenizer, teacher_path, out_dir, examples)
+    distiller = Distiller(cfg, tokenizer, teacher_path, out_dir, examples, place, attn_implementation)
     distiller.attach_projections(model)
     steps = total_steps(cfg, len(examples))
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel per step instead of a Python loop over the parameters (also on CPU)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # fused: one kernel per step instead of a Python loop over the parameters, where the device has it
+    fused = place.device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps
     )
+    scaler = place.grad_scaler()
     state: dict[str, Any] = {"step": 0, "total_steps": steps, "n_examples": len(examples), "history": []}
     resumed_from = None
     ckpt = newest_checkpoint(ckpt_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
         resumed_from = state["step"]
         log.info("resumed from %s (step %d of %d)", ckpt, state["step"], steps)
 
@@ -307,33 +278,45 @@ def train(
         micro_batches = [pack([examples[i] for i in idx], tokenizer.pad_token_id, cfg.max_length, idx) if cfg.packing
                          else collate([examples[i] for i in idx], tokenizer.pad_token_id, idx) for idx in indices]
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-        total, ce_total = 0.0, 0.0
+        total = torch.zeros((), device=place.device)
+        ce_total = torch.zeros((), device=place.device)
         for batch in micro_batches:
-            loss, ce_sum = distiller.loss(model, batch, n_target, cfg.grad_accum)
-            loss.backward()
-            total += loss.item()
+            batch = to_device(distiller.prepare(batch), place.device)
+            with place.autocast():
+                loss, ce_sum = distiller.loss(model, batch, n_target, cfg.grad_accum)
+            scaler.scale(loss).backward()
+            total += loss.detach()
             ce_total += ce_sum
+        loss_value = total.item()  # the step's one wait for the device
+        if not math.isfinite(loss_value):
+            bar.close()
+            kept = newest_checkpoint(ckpt_dir)
+            raise DistillError(f"train: loss is {loss_value} at step {step + 1}: stopped before the update; "
+                               f"{f'the last good checkpoint is {kept}' if kept else 'no checkpoint was written yet'} "
+                               "(lower train.lr, or check the model and data)")
         tokens += sum(len(examples[i]["input_ids"]) for idx in indices for i in idx)
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = total
         state["step"] = step + 1
         if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
-            state["history"].append({"step": state["step"], "loss": round(loss_value, 6), "ce": round(ce_total / max(n_target, 1), 6),
-                                     "lr": scheduler.get_last_lr()[0]})
+            state["history"].append({"step": state["step"], "loss": round(loss_value, 6),
+                                     "ce": round(ce_total.item() / max(n_target, 1), 6), "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         stop = should_stop is not None and should_stop()
         if state["step"] % cfg.save_steps == 0 or state["step"] == steps or stop:
             state["loss"] = loss_value
-            save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints, scaler)
         if stop and state["step"] < steps:
             bar.close()
             return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
     bar.close()
-    model_dir = save_final(model, tokenizer, out_dir / "model")
+    model_dir = save_final(model, tokenizer, out_dir / "model", dtype=place.dtype, base_path=model_path,
+                           quantized=cfg.quantize == "4bit")
     return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from, model_dir)
 
 

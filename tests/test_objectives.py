@@ -69,8 +69,8 @@ def test_topk_kd_equals_full_kd_when_k_is_the_vocabulary(kind):
     vocab = 7
     student, teacher = torch.randn(2, 5, vocab), torch.randn(2, 5, vocab)
     top = teacher.log_softmax(-1).topk(vocab, dim=-1)
-    full, full_ent = objectives.full_kd(student, teacher, kind, beta=0.3, temperature=1.5, chunk=2)
-    topk, topk_ent = objectives.topk_kd(student, top.indices, top.values, kind, beta=0.3, temperature=1.5, chunk=2)
+    full, full_ent = objectives.full_kd(student, teacher, kind, beta=0.3, temperature=1.5)
+    topk, topk_ent = objectives.topk_kd(student, top.indices, top.values, kind, beta=0.3, temperature=1.5)
     assert torch.allclose(full, topk, atol=1e-5) and torch.allclose(full_ent, topk_ent, atol=1e-5)
     small, _ = objectives.topk_kd(student, top.indices[..., :3], top.values[..., :3], kind, beta=0.3, temperature=1.5)
     assert not torch.allclose(full, small, atol=1e-3)  # truncation changes it
@@ -131,9 +131,13 @@ def test_objective_settings_are_checked_before_anything_runs(sets, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_qlora_without_cuda_fails_at_config_time():
-    with pytest.raises(ConfigError, match=r"train.quantize: 4bit \(QLoRA\) needs a CUDA GPU"):
-        load_config("configs/tiny.yaml", ["train.quantize=4bit", "train.lora.enabled=true"])
+def test_qlora_is_checked_when_the_job_starts_not_when_the_config_loads(tiny_world, tmp_path):
+    # A login node without a GPU accepts the config: the job will run on a GPU node.
+    cfg = load_config("configs/tiny.yaml", ["train.quantize=4bit", "train.lora.enabled=true"])
+    with pytest.raises(DistillError, match=r"train.quantize: 4bit \(QLoRA\) needs a CUDA GPU and bitsandbytes; this job "
+                                           r"has no CUDA device"):
+        train(tiny_world.student, pairs(), cfg.train, tmp_path / "run", progress=False)
+    assert not newest_checkpoint(tmp_path / "run" / "checkpoints")
 
 
 # -- training with each objective -------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""The LM head and the loss, a chunk of positions at a time, so that vocabulary-sized tensors
+never exist for more than `chunk` positions, in the forward pass or the backward.
+
+At a 152k-token vocabulary one float32 row of logits is 0.6 MB: 8 × 2048 positions make 9.3 GiB,
+and a loss on them keeps several such tensors alive. Chunking only the loss does not help,
+because autograd keeps every chunk's log-softmax until backward. Here each chunk's logits are
+computed, the loss and its gradient with respect to those logits are taken at once (autograd on
+that chunk alone), and the gradient goes straight through the head into the hidden states and
+the head's weight. What outlives a chunk is [positions, hidden] and [vocabulary, hidden]: the
+sizes of the head's own input and weight. Backward then only scales those stored gradients.
+It costs the same three matrix products as the plain head and recomputes nothing (Liger's fused
+linear cross-entropy works the same way, in Triton and on CUDA only; this is plain torch and
+runs on any device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+# chunk_loss(logits [n, V] float32, per-position rows of this chunk) -> scalar (summed, weighted)
+ChunkLoss = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, loss: ChunkLoss,
+                rows: Mapping[str, torch.Tensor], chunk: int, dtype: torch.dtype) -> torch.Tensor:
+        w = weight.detach().to(dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.size(0), chunk):
+            h = hidden[s : s + chunk].detach().to(dtype)
+            with torch.enable_grad():
+                logits = (h @ w.T).float().requires_grad_()
+                value = loss(logits, {k: v[s : s + chunk] for k, v in rows.items()})
+            total += value.detach()
+            if not (need_h or need_w):
+                continue
+            (g,) = torch.autograd.grad(value, logits)
+            g = g.to(dtype)
+            if need_h:
+                grad_h[s : s + chunk] = (g @ w).to(hidden.dtype)
+            if need_w and dtype == torch.float32:
+                grad_w.addmm_(g.T, h)
+            elif need_w:  # the product in the compute dtype, accumulated in float32
+                grad_w += g.T @ h
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.has, ctx.weight_dtype = (need_h, need_w), weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        grad_h = next(saved) * grad_out if need_h else None
+        grad_w = (next(saved) * grad_out).to(ctx.weight_dtype) if need_w else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def head_loss(hidden: torch.Tensor, weight: torch.Tensor, loss: ChunkLoss, rows: Mapping[str, torch.Tensor],
+              *, chunk: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`loss` summed over the chunks of `hidden` [N, H] passed through the head `weight` [V, H].
+
+    `rows` holds per-position tensors (targets, weights, teacher rows), each cut to the chunk
+    before `loss` sees it. `dtype` is the precision of the head's matrix product (the autocast
+    dtype under mixed precision); the loss itself is always taken in float32.
+    """
+    return _HeadLoss.apply(hidden, weight, loss, rows, chunk, dtype or hidden.dtype)
+
+
+def full_head_loss(hidden: torch.Tensor, weight: torch.Tensor, loss: ChunkLoss, rows: Mapping[str, torch.Tensor],
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same loss with the whole [N, V] logits tensor materialised: the reference that
+    `head_loss` must equal, and what it replaces."""
+    dtype = dtype or hidden.dtype
+    return loss((hidden.to(dtype) @ weight.to(dtype).T).float(), rows)

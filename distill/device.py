@@ -1,0 +1,127 @@
+"""One device decision per job, and the numeric precision that goes with it.
+
+A job uses the GPU it was given (`cuda:$LOCAL_RANK`) when there is one, else the CPU; every stage
+takes the device from here, so the student, the teacher, the batches and every tensor a loss
+creates live in one place. `train.precision: auto` means bf16 autocast where the GPU supports it
+(Ampere and newer), fp16 autocast with loss scaling on older GPUs (V100), and float32 on the CPU.
+
+Under bf16/fp16 the weights that are trained stay in float32 (the optimizer's master copy) and
+the matrix products run in the low precision; frozen weights (a LoRA base, the teacher) are
+stored in the low precision. Checks that need the job's hardware (CUDA for QLoRA, bf16 support,
+flash-attention) run here, at job start, not when the config is loaded on a login node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.errors import DistillError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def job_device() -> torch.device:
+    """This process's accelerator: the GPU of its local rank when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a job's models and tensors live, and in which precision they compute."""
+
+    device: torch.device
+    precision: str  # bf16 | fp16 | fp32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: matrix products, frozen weights, the teacher, saved models."""
+        return DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32" or self.device.type not in ("cuda", "cpu"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 (its gradients underflow without it); a no-op otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def describe(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type
+        return f"{name} ({self.device}), {self.precision}"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` made concrete for `device`; an explicit choice the device cannot honour is refused."""
+    cuda = device.type == "cuda"
+    bf16_ok = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "auto":
+        return ("bf16" if bf16_ok else "fp16") if cuda else "fp32"
+    if precision == "bf16" and cuda and not bf16_ok:
+        raise DistillError(f"train.precision: bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
+                           "use fp16 (or auto)")
+    if precision == "fp16" and not cuda:
+        raise DistillError("train.precision: fp16 needs a CUDA GPU (loss scaling on the CPU is not supported); "
+                           "use fp32 or bf16 here (or auto)")
+    return precision
+
+
+def placement(precision: str = "auto", device: torch.device | str | None = None) -> Placement:
+    """The job's placement; `device` overrides the automatic choice (tests, `gpu-check`)."""
+    dev = torch.device(device) if device is not None else job_device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        # TF32 matrix products on Ampere and newer: float32 speed close to bf16 at float32 range.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Placement(dev, resolve_precision(precision, dev))
+
+
+def check_training_hardware(quantize: str, attn_implementation: str, device: torch.device) -> None:
+    """What a training job needs of its machine, checked when it starts (one line each)."""
+    if quantize == "4bit":
+        if device.type != "cuda":
+            raise DistillError("train.quantize: 4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this job has no "
+                               "CUDA device (run it on a GPU node, or use quantize: none)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise DistillError("train.quantize: 4bit (QLoRA) needs bitsandbytes, which is not installed in this "
+                               "environment (env/environment.yml has it)")
+    check_attention(attn_implementation, device)
+
+
+def check_attention(attn_implementation: str, device: torch.device) -> None:
+    if attn_implementation == "flash_attention_2":
+        if device.type != "cuda":
+            raise DistillError("models.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa here")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise DistillError("models.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
+                               "not installed here; use sdpa")
+
+
+# -- random number generators ---------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator a training step draws from, the device's own included."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
