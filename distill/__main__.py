@@ -42,13 +42,17 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from distill.config import DataConfig, GenerationConfig, PromptConfig
+    from distill.config import DataConfig, PromptConfig
     from distill.evaluation import EvalSettings, parse_models, run_eval
+    from distill.generation import Engine
 
     if (args.bench is None) == (args.data is None):
         raise DistillError("eval: give exactly one of --bench NAME or --data PATH")
     source = args.bench or str(args.data)
-    prompt = PromptConfig(use_chat_template=not args.no_chat_template)
+    from distill.config import parse_overrides
+
+    kwargs = dict(parse_overrides(args.chat_template_arg or [], "--chat-template-arg"))
+    prompt = PromptConfig(use_chat_template=not args.no_chat_template, chat_template_kwargs=kwargs)
     if args.template:
         prompt.template = args.template
     if "{question}" not in prompt.template:
@@ -57,10 +61,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       format=args.format, meta_fields=args.meta_col or [])
     settings = EvalSettings(source=source, limit=args.limit, max_new_tokens=args.max_new_tokens,
                             num_shards=args.num_shards, backend=args.backend, prompt=prompt, data=data)
-    gen = GenerationConfig(backend=args.backend, tensor_parallel_size=args.tensor_parallel_size)
+    engine = Engine(backend=args.backend, tensor_parallel_size=args.tensor_parallel_size,
+                    attn_implementation=args.attn_implementation)
     out = args.out or Path("runs") / f"eval-{Path(source).stem.replace(':', '-')}"
     summaries = run_eval(settings, parse_models(args.model), out, shards=args.shard, batch_size=args.batch_size,
-                         gen=gen, workers=args.workers, progress=not args.quiet)
+                         engine=engine, workers=args.workers, progress=not args.quiet)
     if summaries is None:
         print(f"shard(s) {args.shard} done -> {out}; run again without --shard to merge and report")
         return
@@ -141,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, action="append", help="run only this shard (repeatable); merge later")
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="transformers backend only (default: %(default)s)")
     p.add_argument("--template", help="prompt template with a {question} slot (default: the config default)")
     p.add_argument("--no-chat-template", action="store_true", help="plain prompt even if the tokenizer has a chat template")
+    p.add_argument("--chat-template-arg", action="append", metavar="KEY=VALUE",
+                   help="chat template argument, repeatable, e.g. enable_thinking=false for Qwen3")
     p.add_argument("--workers", type=int, help="grading processes (default: one per CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

@@ -30,8 +30,9 @@ class _HeadLoss(torch.autograd.Function):
                 rows: Mapping[str, torch.Tensor], chunk: int, dtype: torch.dtype) -> torch.Tensor:
         w = weight.detach().to(dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # float32 accumulator of the head's gradient, written by the first chunk's product
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.size(0), chunk):
             h = hidden[s : s + chunk].detach().to(dtype)
@@ -42,24 +43,41 @@ class _HeadLoss(torch.autograd.Function):
             if not (need_h or need_w):
                 continue
             (g,) = torch.autograd.grad(value, logits)
+            del logits, value
             g = g.to(dtype)
             if need_h:
-                grad_h[s : s + chunk] = (g @ w).to(hidden.dtype)
-            if need_w and dtype == torch.float32:
-                grad_w.addmm_(g.T, h)
-            elif need_w:  # the product in the compute dtype, accumulated in float32
-                grad_w += g.T @ h
-        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
-        ctx.has, ctx.weight_dtype = (need_h, need_w), weight.dtype
+                grad_h[s : s + chunk] = g @ w
+            if need_w:
+                _accumulate(grad_w, g.T, h, first=s == 0)
+        if need_w and hidden.size(0) == 0:
+            grad_w.zero_()
+        # Kept as attributes, not saved tensors, so backward can scale them in place and hand
+        # them over without a copy.
+        ctx.grad_h, ctx.grad_w, ctx.weight_dtype = grad_h, grad_w, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        saved = iter(ctx.saved_tensors)
-        need_h, need_w = ctx.has
-        grad_h = next(saved) * grad_out if need_h else None
-        grad_w = (next(saved) * grad_out).to(ctx.weight_dtype) if need_w else None
+        grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        ctx.grad_h = ctx.grad_w = None
+        if grad_h is not None:
+            grad_h.mul_(grad_out)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_out).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc (float32) = a @ b on the first chunk, += a @ b after; in place where the dtypes allow."""
+    if a.dtype == acc.dtype:
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif first:
+        acc.copy_(a @ b)
+    else:
+        acc += a @ b
 
 
 def head_loss(hidden: torch.Tensor, weight: torch.Tensor, loss: ChunkLoss, rows: Mapping[str, torch.Tensor],

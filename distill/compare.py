@@ -82,7 +82,7 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
         tokenizer = AutoTokenizer.from_pretrained(str(cfg.models.student))
         start = time.perf_counter()
         result = train(cfg.models.student, _pairs(cfg, records, tokenizer), cfg.train, root / name, progress=progress,
-                       teacher_path=cfg.models.teacher)
+                       teacher_path=cfg.models.teacher, attn_implementation=cfg.models.attn_implementation)
         models[name] = str(result.model_dir)
         timing_path = root / name / "timing.json"
         if result.resumed_from is None:  # trained start to finish in this call: a time worth keeping

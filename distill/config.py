@@ -359,14 +359,17 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
     node[keys[-1]] = value
 
 
-def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, Any]]:
     """Turn `key.path=value` strings (values in YAML syntax) into pairs."""
     pairs = []
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item}: expected key.path=value")
-        pairs.append((key.strip(), yaml.safe_load(text)))
+            raise ConfigError(f"{flag} {item}: expected key.path=value")
+        try:
+            pairs.append((key.strip(), yaml.safe_load(text)))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{flag} {item}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return pairs
 
 

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.config import DataConfig, GenerationConfig, PromptConfig
+from distill.config import DataConfig, PromptConfig
 from distill.data import load_problems, shard_slice
 from distill.efficiency import summarize, write_token_report
 from distill.errors import DistillError
-from distill.generation import SamplingSpec, generate_shard, load_backend, merge_shards, record_id
+from distill.generation import Engine, SamplingSpec, generate_shard, load_backend, merge_shards, record_id
 from distill.grading import _default_workers, grade_records
 from distill.jsonl import iter_jsonl, read_jsonl, write_json, write_jsonl
 from distill.prompts import build_prompt
@@ -125,7 +126,7 @@ def _complete(path: Path, ids: list[str]) -> bool:
 
 def run_shard(
     d: EvalDir, label: str, model: str, problems: list[dict[str, Any]], shard: int, *,
-    backend_cache: dict[str, Any], gen: GenerationConfig, batch_size: int, workers: int | None, progress: bool,
+    backend_cache: dict[str, Any], engine: Engine, batch_size: int, workers: int | None, progress: bool,
 ) -> None:
     """Generate (resuming) and grade one shard; a shard already graded costs nothing."""
     s = d.settings
@@ -138,7 +139,7 @@ def run_shard(
     if not _complete(out, ids):
         if label not in backend_cache:  # loaded only when something is left to generate
             backend_cache.clear()
-            backend_cache[label] = load_backend(s.backend, model, gen)
+            backend_cache[label] = load_backend(engine, model)
         backend = backend_cache[label]
         tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, s.prompt, p["question"]),
                   "question": p["question"], "gold": p["gold"], "model": label,
@@ -167,25 +168,46 @@ def _throughput(d: EvalDir, label: str) -> dict[str, Any]:
             "grading_answers_per_s": round(answers / grade_s, 1) if grade_s else None}
 
 
+def run_model(d: EvalDir, label: str, model: str, problems: list[dict[str, Any]], shards: list[int], engine: Engine,
+              batch_size: int, workers: int | None, progress: bool) -> None:
+    """The given shards of one model, loading it at most once."""
+    cache: dict[str, Any] = {}
+    for shard in shards:
+        run_shard(d, label, model, problems, shard, backend_cache=cache, engine=engine, batch_size=batch_size,
+                  workers=workers, progress=progress)
+
+
+def in_own_process(label: str, fn: Any, *args: Any) -> None:
+    """Run `fn(*args)` in a fresh process: vLLM does not reliably give a model's GPU memory
+    back when it is deleted, so each model gets a process of its own."""
+    proc = multiprocessing.get_context("spawn").Process(target=fn, args=args, name=f"eval-{label}")
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise DistillError(f"eval: {label}: its process exited with status {proc.exitcode} (its error is above)")
+
+
 def run_eval(
     settings: EvalSettings, models: dict[str, str], out: Path, *, shards: list[int] | None = None,
-    batch_size: int = 16, gen: GenerationConfig | None = None, workers: int | None = None, progress: bool = True,
+    batch_size: int = 16, engine: Engine | None = None, workers: int | None = None, progress: bool = True,
 ) -> dict[str, Any] | None:
     """Evaluate `models` (label -> path) into `out`; returns the per-model summaries, or None
     when `shards` ran only part of the work (a later call without `shards` merges)."""
     d = EvalDir(out, settings)
     problems = eval_problems(settings)
     known = d.claim(models)
-    gen = gen or GenerationConfig(backend=settings.backend)  # type: ignore[arg-type]
+    engine = engine or Engine(backend=settings.backend)
     todo = list(range(settings.num_shards)) if shards is None else shards
     for shard in todo:
         if not 0 <= shard < settings.num_shards:
             raise DistillError(f"--shard {shard}: out of range for {settings.num_shards} shards")
-    cache: dict[str, Any] = {}
+    separate = engine.backend == "vllm" and len(models) > 1
     for label, model in models.items():
-        for shard in todo:
-            run_shard(d, label, model, problems, shard, backend_cache=cache, gen=gen, batch_size=batch_size,
-                      workers=workers, progress=progress)
+        args = (d, label, model, problems, todo, engine, batch_size, workers, progress)
+        if separate:
+            in_own_process(label, run_model, *args)
+        else:
+            run_model(*args)
     expected = [[p["id"] for p in shard_slice(problems, s, settings.num_shards)] for s in range(settings.num_shards)]
 
     def done(label: str) -> bool:

@@ -3,7 +3,9 @@
 A shard appends one JSON line per (problem, sample) and flushes after every batch; on restart it
 skips the samples already on disk, so a killed shard redoes at most one batch and never writes a
 record twice. Backends only turn prompts into completions, so a vLLM backend slots in beside
-the transformers one.
+the transformers one; both decode with exactly the sampling settings they are given (nothing
+is inherited from a model's `generation_config.json`), so the same settings give the same
+greedy answers on either.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from distill.config import GenerationConfig
 from distill.errors import DistillError
 from distill.jsonl import append_jsonl, iter_jsonl, truncate_partial_tail, write_jsonl
 from distill.progress import progress_bar
@@ -32,6 +33,18 @@ class SamplingSpec:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How one role's model is run (the teacher's and the student's differ): the backend, and
+    for vLLM its GPUs per replica, memory share and top-k logprobs kept per generated token."""
+
+    backend: str = "transformers"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    logprobs: int = 0
+    attn_implementation: str = "sdpa"
 
 
 @dataclass(frozen=True)
@@ -53,37 +66,51 @@ class Backend(Protocol):
 
 
 class TransformersBackend:
-    """`model.generate` on left-padded batches: works anywhere torch runs, CPU included."""
+    """`model.generate` on left-padded batches: works anywhere torch runs, CPU included.
 
-    def __init__(self, model_path: str | Path, device: str | None = None) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    The model is loaded straight onto the job's device in its compute dtype (bf16 on GPUs that
+    have it), spread over the visible GPUs when it does not fit one. Its own generation config
+    is replaced by a neutral one (keeping its end-of-sequence ids): Qwen Instruct checkpoints
+    ship `top_k: 20` and `repetition_penalty: 1.05`, which transformers would otherwise apply
+    to every call, turning "greedy" into something vLLM does not do.
+    """
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    def __init__(self, model_path: str | Path, device: str | None = None, attn_implementation: str = "sdpa") -> None:
+        from transformers import GenerationConfig
+
+        from distill.device import placement
+        from distill.modeling import device_map_for, load_causal_lm, load_tokenizer
+
+        place = placement("auto", device)
+        self.device = place.device
+        self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(self.device)
+        self.model = load_causal_lm(model_path, dtype=place.dtype, device_map=device_map_for(model_path, place, share=0.8),
+                                    attn_implementation=attn_implementation)
         self.model.eval()
+        own = self.model.generation_config
+        eos = own.eos_token_id if own.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None})
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                                        bos_token_id=own.bos_token_id)
 
     def generate(self, prompts: Sequence[str], spec: SamplingSpec, seed: int) -> list[list[Completion]]:
         import torch
         from transformers import GenerationConfig
 
         tok = self.tokenizer
-        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
         sample = spec.temperature > 0
         gen_cfg = GenerationConfig(
             do_sample=sample,
             temperature=spec.temperature if sample else None,
             top_p=spec.top_p if sample else None,
-            top_k=None,
+            repetition_penalty=1.0,
             max_new_tokens=spec.max_new_tokens,
             num_return_sequences=spec.n,
             pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=self.eos_ids,
         )
         torch.manual_seed(seed)
         with torch.inference_mode():
@@ -93,12 +120,11 @@ class TransformersBackend:
         return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
 
     def _completion(self, ids: list[int]) -> Completion:
-        eos = self.tokenizer.eos_token_id
-        finished = eos in ids
-        if finished:
-            ids = ids[: ids.index(eos) + 1]
+        end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        if end is not None:
+            ids = ids[: end + 1]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return Completion(text=text, n_tokens=len(ids), finished=finished)
+        return Completion(text=text, n_tokens=len(ids), finished=end is not None)
 
 
 class VLLMBackend:
@@ -110,6 +136,9 @@ class VLLMBackend:
 
     # vLLM refuses `SamplingParams(logprobs=k)` above the engine's `max_logprobs` (default 20).
     DEFAULT_MAX_LOGPROBS = 20
+    # Prompts per `generate` call: continuous batching needs many at once, and a shard still
+    # keeps its finished records when a job is stopped between two calls.
+    prompts_per_call = 1024
 
     def __init__(
         self, model_path: str | Path, *, tensor_parallel_size: int = 1, logprobs: int = 0,
@@ -130,7 +159,7 @@ class VLLMBackend:
 
         greedy = spec.temperature == 0
         return SamplingParams(
-            n=spec.n, temperature=spec.temperature, top_p=1.0 if greedy else spec.top_p,
+            n=spec.n, temperature=spec.temperature, top_p=1.0 if greedy else spec.top_p, repetition_penalty=1.0,
             max_tokens=spec.max_new_tokens, seed=seed, logprobs=self.logprobs or None,
         )
 
@@ -153,21 +182,20 @@ class VLLMBackend:
                           top_logprobs=top)
 
 
-def load_backend(name: str, model_path: str | Path, gen: GenerationConfig | None = None) -> Backend:
-    """The configured backend; `vllm` falls back to transformers (with a warning) where vllm
+def load_backend(engine: Engine, model_path: str | Path) -> Backend:
+    """The engine's backend; `vllm` falls back to transformers (with a warning) where vllm
     is not installed, so a config written for GPUs still runs on a laptop."""
-    gen = gen or GenerationConfig(backend=name)  # type: ignore[arg-type]
-    if name == "vllm":
+    if engine.backend == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError:
             log.warning("generation.backend is vllm but vllm is not installed here: using transformers instead")
-            return TransformersBackend(model_path)
-        return VLLMBackend(model_path, tensor_parallel_size=gen.tensor_parallel_size, logprobs=gen.logprobs,
-                           gpu_memory_utilization=gen.gpu_memory_utilization)
-    if name == "transformers":
-        return TransformersBackend(model_path)
-    raise DistillError(f"generation backend {name!r} is not available here")
+            return TransformersBackend(model_path, attn_implementation=engine.attn_implementation)
+        return VLLMBackend(model_path, tensor_parallel_size=engine.tensor_parallel_size, logprobs=engine.logprobs,
+                           gpu_memory_utilization=engine.gpu_memory_utilization)
+    if engine.backend == "transformers":
+        return TransformersBackend(model_path, attn_implementation=engine.attn_implementation)
+    raise DistillError(f"generation backend {engine.backend!r} is not available here")
 
 
 def record_id(problem_id: str, sample: int) -> str:
@@ -203,9 +231,10 @@ def generate_shard(
     todo = [t for t in tasks if have[t["id"]] < spec.n]
     new_tokens = 0
     start = time.perf_counter()
+    step = max(batch_size, getattr(backend, "prompts_per_call", 0))
     bar = progress_bar(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="prob", disable=not progress)
-    for i in range(0, len(todo), batch_size):
-        batch = todo[i : i + batch_size]
+    for i in range(0, len(todo), step):
+        batch = todo[i : i + step]
         outputs = backend.generate([t["prompt"] for t in batch], spec, batch_seed(spec.seed, batch[0]["id"]))
         records = []
         for task, completions in zip(batch, outputs, strict=True):

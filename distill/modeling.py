@@ -107,18 +107,18 @@ def decoder(model: Any) -> Any:
     return model.get_decoder()
 
 
-def teacher_device_map(path: str | Path, place: Placement) -> Any:
-    """The teacher on the job's GPU when it fits in `TEACHER_SHARE` of its free memory, else
-    spread over every visible GPU (and the CPU, if it must) by accelerate."""
+def device_map_for(path: str | Path, place: Placement, share: float = TEACHER_SHARE) -> Any:
+    """The model on the job's GPU when its weights fit in `share` of the GPU's free memory,
+    else spread over every visible GPU (and the CPU, if it must) by accelerate."""
     if place.device.type != "cuda":
         return {"": place.device}
     need = weight_bytes(path, place.dtype)
     free, _ = torch.cuda.mem_get_info(place.device)
-    if need <= TEACHER_SHARE * free:
+    if need <= share * free:
         return {"": place.device}
-    log.warning("teacher %s: %.1f GB of weights in %s do not fit in %.0f%% of the %.1f GB free on %s; "
+    log.warning("%s: %.1f GB of weights in %s do not fit in %.0f%% of the %.1f GB free on %s; "
                 "spreading it over %d GPU(s) with device_map=auto", path, need / 1e9, place.dtype,
-                100 * TEACHER_SHARE, free / 1e9, place.device, torch.cuda.device_count())
+                100 * share, free / 1e9, place.device, torch.cuda.device_count())
     return "auto"
 
 
@@ -135,8 +135,8 @@ def weight_bytes(path: str | Path, dtype: torch.dtype) -> int:
 
 
 def load_teacher(path: str | Path, place: Placement, attn_implementation: str = "sdpa") -> Any:
-    """The teacher in the compute dtype, frozen, in eval mode, placed by `teacher_device_map`."""
-    teacher = load_causal_lm(path, dtype=place.dtype, device_map=teacher_device_map(path, place),
+    """The teacher in the compute dtype, frozen, in eval mode, placed by `device_map_for`."""
+    teacher = load_causal_lm(path, dtype=place.dtype, device_map=device_map_for(path, place),
                              attn_implementation=attn_implementation)
     return freeze(teacher)
 

@@ -18,7 +18,7 @@ from distill.config import RunConfig, check_paths
 from distill.data import load_problems, shard_slice
 from distill.efficiency import filter_rationales, length_stats, summarize
 from distill.errors import DataError, DistillError
-from distill.generation import SamplingSpec, generate_shard, load_backend, merge_shards
+from distill.generation import Engine, SamplingSpec, generate_shard, load_backend, merge_shards
 from distill.jsonl import atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
 from distill.layout import RunPaths
 from distill.manifest import Manifest, artifact
@@ -76,11 +76,15 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _load_backend(cfg: RunConfig, model_path: Any) -> Any:
-    """The configured backend; only vLLM reads the generation section's engine options."""
-    if cfg.generation.backend == "vllm":
-        return load_backend(cfg.generation.backend, model_path, cfg.generation)
-    return load_backend(cfg.generation.backend, model_path)
+def engine_for(cfg: RunConfig, role: str, *, logprobs: bool = True) -> Engine:
+    """How a role's model runs: the teacher with `generation`'s engine settings (top-k logprobs
+    only when generating rationales), the student with `eval`'s."""
+    attn = cfg.models.attn_implementation
+    if role == "teacher":
+        g = cfg.generation
+        return Engine(g.backend, g.tensor_parallel_size, g.gpu_memory_utilization, g.logprobs if logprobs else 0, attn)
+    e = cfg.eval
+    return Engine(e.backend or cfg.generation.backend, e.tensor_parallel_size, e.gpu_memory_utilization, 0, attn)
 
 
 def _meta(problem: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +115,7 @@ def mine(cfg: RunConfig, it: int, *, job_id: str | None = None, progress: bool =
     paths, manifest = open_run(cfg)
     manifest.mark(it, "mine", "running", job_id=job_id)
     problems = _probe_problems(cfg)
-    backend = _load_backend(cfg, paths.student(it - 1))
+    backend = load_backend(engine_for(cfg, "student"), paths.student(it - 1))
     tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, cfg.prompt, p["question"]),
               "question": p["question"], "gold": p["gold"]} for p in problems]
     out = paths.mine_dir(it) / "responses.jsonl"
@@ -162,7 +166,7 @@ def generate_teacher_shard(cfg: RunConfig, it: int, shard: int, *, job_id: str |
     manifest.mark_shard(it, "generate", str(shard), "running", job_id=job_id)
     try:
         problems = shard_slice(generation_problems(cfg, it), shard, num)
-        backend = _load_backend(cfg, cfg.models.teacher)
+        backend = load_backend(engine_for(cfg, "teacher"), cfg.models.teacher)
         tasks = [{"id": p["id"], "prompt": teacher_prompt(cfg, backend.tokenizer, p, it),
                   "question": p["question"], "gold": p["gold"], **_meta(p)} for p in problems]
         stats = generate_shard(
@@ -321,7 +325,7 @@ def train_student(
             raise DistillError(f"{paths.verified(it)}: no verified rationales to train on")
         tokenizer = AutoTokenizer.from_pretrained(str(init))
         result = train(init, _pairs(cfg, records, tokenizer), tcfg, out, should_stop=should_stop, progress=progress,
-                       teacher_path=cfg.models.teacher)
+                       teacher_path=cfg.models.teacher, attn_implementation=cfg.models.attn_implementation)
     except BaseException as exc:
         manifest.mark(it, stage, "failed", error=_one_line(exc))
         raise
@@ -365,7 +369,8 @@ def evaluate_shard(
     manifest.mark_shard(it, stage, key, "running", job_id=job_id)
     try:
         problems = shard_slice(_eval_problems(cfg), shard, num)
-        backend = _load_backend(cfg, eval_models(cfg, it, stage)[label])
+        role = "teacher" if label == "teacher" else "student"
+        backend = load_backend(engine_for(cfg, role, logprobs=False), eval_models(cfg, it, stage)[label])
         tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, cfg.prompt, p["question"]),
                   "question": p["question"], "gold": p["gold"], "model": label, **_meta(p)} for p in problems]
         out = paths.eval_shard(it, label, shard, num)

@@ -22,6 +22,7 @@ def build_prompt(
     text = fill(template or prompt.template, **slots, question=question)
     if prompt.use_chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False,
+            **prompt.chat_template_kwargs,
         )
     return text

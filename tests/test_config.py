@@ -72,7 +72,7 @@ def test_invalid_yaml_gives_file_and_line(tmp_path):
 
 def test_overrides_apply_and_are_validated(tmp_path):
     p = write(tmp_path, BASE)
-    cfg = load_config(p, ["train.lr=0.5", "generation.n=4"])
+    cfg = load_config(p, ["train.lr=0.5", "generation.n=4", "generation.temperature=0.8"])
     assert cfg.train.lr == 0.5 and cfg.generation.n == 4
     assert error_of(p, ["train.lr=slow"]) == f"{p}: train.lr: expected float, got 'slow'"
 

@@ -46,7 +46,7 @@ class ScriptedBackend:
 def test_report_numbers_match_the_graded_records(tmp_path, monkeypatch):
     problems = load_benchmark("math500", limit=12)
     backends = {"teacher": ScriptedBackend(problems), "student": ScriptedBackend(problems, shift=1)}
-    monkeypatch.setattr(evaluation, "load_backend", lambda name, path, gen=None: backends[path])
+    monkeypatch.setattr(evaluation, "load_backend", lambda engine, path: backends[path])
     settings = EvalSettings(source="math500", limit=12, max_new_tokens=64, num_shards=3)
     models = {"teacher": "teacher", "student": "student"}
     out = tmp_path / "eval"

@@ -86,3 +86,54 @@ def test_sigkilled_shard_resumes_with_every_record_exactly_once(tiny_world, tmp_
     assert sorted(ids) == sorted(f"{p}#{k}" for p in problems for k in range(2))
     assert len(ids) == len(set(ids))
     assert pipeline.merge_generation(cfg, 0) == 48
+
+
+def test_greedy_decoding_ignores_the_models_own_sampling_defaults(tiny_world, tmp_path):
+    """Qwen Instruct checkpoints ship top_k and repetition_penalty in generation_config.json;
+    greedy answers must still be the plain argmax continuation, as vLLM's are."""
+    import json
+    import shutil
+
+    import torch
+
+    model_dir = tmp_path / "teacher"
+    shutil.copytree(tiny_world.teacher, model_dir)
+    gen_cfg = json.loads((model_dir / "generation_config.json").read_text())
+    gen_cfg |= {"repetition_penalty": 3.0, "top_k": 2, "do_sample": True, "temperature": 0.6}
+    (model_dir / "generation_config.json").write_text(json.dumps(gen_cfg))
+    backend = TransformersBackend(model_dir)
+    prompt = "Question: Tom has 3 pens. He buys 2 bags with 4 pens each. How many pens does he have now?\nAnswer: "
+    (completion,), = backend.generate([prompt], SamplingSpec(max_new_tokens=12), seed=0)
+    ids = backend.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for _ in range(completion.n_tokens):
+            ids = torch.cat([ids, backend.model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    plain = backend.tokenizer.decode(ids[0, -completion.n_tokens :], skip_special_tokens=True)
+    assert completion.text == plain
+
+
+def test_chat_template_arguments_reach_the_template(tiny_world):
+    from transformers import AutoTokenizer
+
+    from distill.config import PromptConfig
+    from distill.prompts import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_world.student)
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}")
+    plain = build_prompt(tok, PromptConfig(), "1+1?")
+    off = build_prompt(tok, PromptConfig(chat_template_kwargs={"enable_thinking": False}), "1+1?")
+    assert off == plain + "<no-think>"
+
+
+def test_several_greedy_samples_are_refused(tiny_world, tmp_path):
+    import pytest
+
+    from distill.errors import ConfigError
+
+    cfg = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    with pytest.raises(ConfigError, match=r"generation.n: 4 samples at temperature 0 would be 4 copies"):
+        load_config(cfg, ["generation.n=4"])
+    with pytest.raises(ConfigError, match=r"undo.n: 4 samples at temperature 0"):
+        load_config(cfg, ["undo.temperature=0"])
+    assert load_config(cfg, ["generation.n=4", "generation.temperature=0.7"]).generation.n == 4

@@ -204,6 +204,42 @@ def test_teacher_with_another_vocabulary_fails_at_start(tiny_world, tmp_path):
     assert not newest_checkpoint(tmp_path / "run" / "checkpoints")
 
 
+def test_a_teacher_whose_vocabulary_extends_the_students_is_accepted(tiny_world, tmp_path):
+    """Qwen3's tokenizer is Qwen2.5's plus a few tokens at the end: the ids the student uses mean
+    the same tokens to the teacher, whose extra rows are left out of the distribution."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.device import placement
+    from distill.distillation import Distiller, vocabulary_relation
+
+    tok = AutoTokenizer.from_pretrained(tiny_world.teacher)
+    n = len(tok)
+    tok.add_tokens(["<think>", "</think>"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world.teacher)
+    teacher.resize_token_embeddings(len(tok))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    student_tok = AutoTokenizer.from_pretrained(tiny_world.student)
+    assert vocabulary_relation(student_tok, tok) == "prefix"
+    assert vocabulary_relation(tok, student_tok) == "different"  # the other way round, ids would not exist
+    for name in ("kd", "feature"):
+        result = train(tiny_world.student, pairs(), objective_cfg(name, 2), tmp_path / name, progress=False,
+                       teacher_path=tmp_path / "teacher")
+        assert result.finished
+    distiller = Distiller(objective_cfg("kd", 2), student_tok, tmp_path / "teacher", tmp_path, [], placement("fp32", "cpu"))
+    assert distiller.t_weight.shape[0] == n
+
+
+def test_feature_distillation_refuses_a_teacher_with_another_tokenizer(tiny_world, tmp_path):
+    from distill.tiny import build_model, build_tokenizer
+
+    build_tokenizer(["a completely different corpus of words"] * 4, tmp_path / "tok", vocab_size=120)
+    other = build_model(tmp_path / "tok", tmp_path / "other", hidden_size=32, num_layers=1, intermediate_size=32, seed=3,
+                        num_heads=2, num_kv_heads=1, max_position_embeddings=256)
+    with pytest.raises(DistillError, match="objective feature needs the student's vocabulary to be the teacher's"):
+        train(tiny_world.student, pairs(), objective_cfg("feature", 2), tmp_path / "run", progress=False, teacher_path=other)
+
+
 # -- python -m distill compare ------------------------------------------------------------------------
 
 

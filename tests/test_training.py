@@ -123,3 +123,97 @@ def test_killed_training_resumes_from_newest_complete_checkpoint(tiny_world, tmp
     assert float(loss) == pytest.approx(float(reference[1]), abs=1e-6)
     assert not (ckpts / ".tmp-step-00000099-1").exists()
     assert (out / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_the_final_model_is_saved_in_the_training_precision(tiny_world, tmp_path, precision, dtype):
+    """bf16 training leaves a bf16 model (what vLLM loads, half the bytes of float32)."""
+    import torch
+    from safetensors import safe_open
+
+    from distill.modeling import saved_dtype
+
+    cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=8, save_steps=100, max_length=64, precision=precision)
+    result = train(tiny_world.student, pairs(), cfg, tmp_path / "run", progress=False)
+    assert saved_dtype(result.model_dir) == dtype
+    with safe_open(str(result.model_dir / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}  # noqa: SIM118
+    # the checkpoints keep float32 master weights whatever the precision
+    ckpt = newest_checkpoint(tmp_path / "run" / "checkpoints")
+    with safe_open(str(ckpt / "weights.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
+
+
+def test_a_quantized_student_is_merged_into_its_base_reloaded_in_bf16(tiny_world, tmp_path):
+    """Merging LoRA into 4-bit weights would re-quantize them and lose part of the update: the
+    adapter goes onto the base reloaded in bf16 instead. Checked here with a LoRA student taking
+    the same save path (bitsandbytes itself needs CUDA)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import LoraConfig
+    from distill.device import placement
+    from distill.modeling import load_student, save_final
+
+    cfg = TrainConfig(lora=LoraConfig(enabled=True, r=4, alpha=8), max_length=64)
+    model, tokenizer = load_student(tiny_world.student, cfg, placement("fp32", "cpu"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # as if trained
+    a = dict(model.named_parameters())
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    delta = (a[f"{key}.lora_B.default.weight"] @ a[f"{key}.lora_A.default.weight"]).detach() * (8 / 4)
+    out = save_final(model, tokenizer, tmp_path / "model", dtype=torch.bfloat16, base_path=tiny_world.student, quantized=True)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_world.student, dtype=torch.bfloat16)
+    want = (base.model.layers[0].self_attn.q_proj.weight.float() + delta).to(torch.bfloat16)
+    got = merged.model.layers[0].self_attn.q_proj.weight
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want.float(), atol=1e-2)
+    assert not torch.equal(got, base.model.layers[0].self_attn.q_proj.weight)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path):
+    """A damaged frozen weight (a LoRA base) turns the loss into NaN after a resume: the job
+    stops before the update, names the step, and step 2's checkpoint stays the newest."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from distill.config import LoraConfig
+    from distill.errors import DistillError
+
+    base = tmp_path / "student"
+    shutil.copytree(tiny_world.student, base)
+    cfg = TrainConfig(lr=1e-2, max_steps=6, batch_size=8, save_steps=1, max_length=64, lora=LoraConfig(enabled=True))
+    calls = iter(range(100))
+    first = train(base, pairs(), cfg, tmp_path / "run", progress=False, should_stop=lambda: next(calls) == 1)
+    assert first.step == 2 and not first.finished
+    weights = load_file(str(base / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DistillError, match=r"train: loss is nan at step 3: stopped before the update; the last good "
+                                           r"checkpoint is .*step-00000002"):
+        train(base, pairs(), cfg, tmp_path / "run", progress=False)
+    assert newest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000002"
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_checkpoints_carry_the_accelerators_random_state(monkeypatch):
+    """Dropout and sampling on a GPU draw from CUDA's generator: it is saved and restored with
+    the others (faked here, there is no CUDA)."""
+    import torch
+
+    from distill.device import rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.tensor([7, 1], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append((state.tolist(), device)))
+    gpu = torch.device("cuda", 1)
+    state = rng_state(gpu)
+    assert state["cuda"].tolist() == [7, 1] and {"python", "numpy", "torch"} <= set(state)
+    set_rng_state(state, gpu)
+    assert restored == [([7, 1], gpu)]
+    assert "cuda" not in rng_state(torch.device("cpu"))

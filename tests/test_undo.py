@@ -44,7 +44,7 @@ def test_mining_collects_exactly_the_wrong_answers_with_the_previous_rationale(r
     paths = RunPaths(cfg.run_dir)
     wrong = {p["id"] for p in probe[::3]}
     answers = {p["question"]: f"\\boxed{{{int(p['gold']) + 1 if p['id'] in wrong else p['gold']}}}" for p in probe}
-    monkeypatch.setattr(pipeline, "load_backend", lambda name, path: ScriptedBackend(answers))
+    monkeypatch.setattr(pipeline, "load_backend", lambda engine, path: ScriptedBackend(answers))
     paths.iteration(0).mkdir(parents=True)
     write_jsonl(paths.train_data(0), [{"problem_id": probe[0]["id"], "response": "old rationale", "question": "q"}])
     metrics = pipeline.mine(cfg, 1, progress=False)
@@ -66,7 +66,7 @@ def test_regeneration_prompt_carries_the_students_answer(run, monkeypatch):
                "previous": "7*3=21. 10+21=31. \\boxed{31}", "verdict": "wrong"} for p in probe[:3]]
     write_jsonl(paths.errors(1), errors)
     teacher = ScriptedBackend({p["question"]: f"\\boxed{{{p['gold']}}}" for p in probe})
-    monkeypatch.setattr(pipeline, "load_backend", lambda name, path: teacher)
+    monkeypatch.setattr(pipeline, "load_backend", lambda engine, path: teacher)
     pipeline.generate_teacher_shard(cfg, 1, 0, progress=False)
     assert len(teacher.prompts) == 3
     assert teacher.prompts[0] == (f"Question: {probe[0]['question']}\nPrevious answer: 7*3=21. 10+21=31. \\boxed{{31}}\n"
