@@ -13,7 +13,7 @@ TEACHER_STEPS ?= 1500
 
 RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER))
 
-.PHONY: help venv iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults
+.PHONY: help venv iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -62,8 +62,12 @@ bench: venv  ## speed side by side: generation, training, grading, stored KD log
 	$(PY) bench/training_throughput.py
 	$(PY) bench/grading_throughput.py
 	$(PY) bench/topk_storage.py
+	$(PY) bench/loss_memory.py
 	@if command -v sbatch >/dev/null; then $(PY) bench/array_throughput.py; \
 	else echo "bench: no sbatch on PATH (make slurm-up): array scaling not measured"; fi
+
+gpu-check: venv  ## every path that touches a model, on tiny models (CUDA rows skipped without a GPU; on SLURM: sbatch slurm/gpu-check.sbatch)
+	$(PY) -m distill gpu-check
 
 faults: venv  ## TRIALS random kills in every stage, each followed by a rerun; nothing may be lost or repeated
 	$(PY) bench/faults.py --trials $(TRIALS)

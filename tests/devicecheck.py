@@ -39,8 +39,9 @@ class MetaAccelerator(TorchDispatchMode):
         if len(devices) > 1 and func not in TRANSFERS:
             shapes = [(t.device.type, tuple(t.shape)) for t in tensors]
             raise DeviceMismatch(f"{func} mixes devices: {shapes}")
-        if func is ATEN._local_scalar_dense.default and args[0].device.type == "meta":
-            return 0 if not args[0].dtype.is_floating_point else 0.0
+        if func in (ATEN._local_scalar_dense.default, ATEN.is_nonzero.default) and args[0].device.type == "meta":
+            return (False if func is ATEN.is_nonzero.default or args[0].dtype == torch.bool
+                    else 0.0 if args[0].dtype.is_floating_point else 0)
         if func is ATEN._to_copy.default and args[0].device.type == "meta" and kwargs.get("device") is not None \
                 and torch.device(kwargs["device"]).type == "cpu":
             return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
