@@ -32,23 +32,24 @@ import functools, json, resource, sys, time
 import psutil, torch
 sys.path.insert(0, {root!r})
 from distill import objectives
-from distill.chunked import full_head_loss, head_loss
+from distill.chunked import CrossEntropy, full_head_loss, head_loss
 import torch.nn.functional as F
 
 case, path, n, h, v, k, chunk, head = {case!r}, {path!r}, {n}, {h}, {v}, {k}, {chunk}, {head!r}
 torch.manual_seed(0)
 hidden = torch.randn(n, h).requires_grad_()
-weight = (torch.randn(v, h) * 0.02).requires_grad_(head == "trained")
+# in place: a temporary of the weight's size here would raise the process's peak before the loss runs
+weight = torch.empty(v, h).normal_(0, 0.02).requires_grad_(head == "trained")
 rows = {{"target": torch.randint(0, v, (n,))}}
 t_weight = None
 
 def ce(logits, rows, w):
     return F.cross_entropy(logits, rows["target"], reduction="sum") * w
 
-if case == "sft":
-    loss = functools.partial(ce, w=1.0 / n)
+if case == "sft":  # what the train stage uses for it: cross-entropy with its gradient in place
+    loss = CrossEntropy(1.0 / n)
 elif case == "kd_full":
-    t_weight = torch.randn(v, h) * 0.02
+    t_weight = torch.empty(v, h).normal_(0, 0.02)
     rows["t_hidden"] = torch.randn(n, h)
     def loss(logits, rows):
         t_logits = rows["t_logits"] if "t_logits" in rows else rows["t_hidden"] @ t_weight.T
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=151_936, help="(default: %(default)s, Qwen2.5's head)")
     parser.add_argument("--k", type=int, default=20, help="stored teacher logprobs per token (default: %(default)s)")
     parser.add_argument("--chunk", type=int, default=256, help="positions per chunk (default: train.loss_chunk's)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="(default: all)")
     parser.add_argument("--head", nargs="+", default=["trained", "frozen"], choices=["trained", "frozen"],
                         help="the head's weight trained (full fine-tune) and/or frozen (LoRA) (default: both)")
     parser.add_argument("--rounds", type=int, default=1, help="measurements per cell; medians (default: %(default)s)")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict[str, dict]] = {}
     for head in args.head:
-        for case in CASES:
+        for case in args.cases:
             runs: dict[str, list[dict]] = {p: [] for p in PATHS}
             for _ in range(args.rounds):
                 for path in PATHS:  # side by side, alternating

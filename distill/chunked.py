@@ -10,7 +10,9 @@ the head's weight. What outlives a chunk is [positions, hidden] and [vocabulary,
 sizes of the head's own input and weight. Backward then only scales those stored gradients.
 It costs the same three matrix products as the plain head and recomputes nothing (Liger's fused
 linear cross-entropy works the same way, in Triton and on CUDA only; this is plain torch and
-runs on any device).
+runs on any device). A loss may bring its own gradient (`value_and_grad`): cross-entropy does,
+written over the logits buffer itself, so plain SFT keeps one [chunk, V] tensor alive where
+autograd would keep four.
 """
 
 from __future__ import annotations
@@ -36,14 +38,19 @@ class _HeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.size(0), chunk):
             h = hidden[s : s + chunk].detach().to(dtype)
-            with torch.enable_grad():
-                logits = (h @ w.T).float().requires_grad_()
-                value = loss(logits, {k: v[s : s + chunk] for k, v in rows.items()})
+            part = {k: v[s : s + chunk] for k, v in rows.items()}
+            logits = (h @ w.T).float()
+            if hasattr(loss, "value_and_grad"):
+                value, g = loss.value_and_grad(logits, part)  # overwrites the logits with their gradient
+            else:
+                with torch.enable_grad():
+                    logits.requires_grad_()
+                    value = loss(logits, part)
+                g = torch.autograd.grad(value, logits)[0] if need_h or need_w else None
             total += value.detach()
+            del logits
             if not (need_h or need_w):
                 continue
-            (g,) = torch.autograd.grad(value, logits)
-            del logits, value
             g = g.to(dtype)
             if need_h:
                 grad_h[s : s + chunk] = g @ w
@@ -65,6 +72,34 @@ class _HeadLoss(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_out).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None
+
+
+class CrossEntropy:
+    """`weight` × the summed cross-entropy of a chunk's positions (rows["target"]), adding the
+    unweighted sum to `ce_sum` (for the log). `value_and_grad` writes the gradient, weight ×
+    (softmax − one-hot), over the logits buffer: no other [chunk, V] tensor is made."""
+
+    def __init__(self, weight: float, ce_sum: torch.Tensor | None = None) -> None:
+        self.weight, self.ce_sum = weight, ce_sum
+
+    def __call__(self, logits: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(logits, rows["target"], reduction="sum")
+        if self.ce_sum is not None:
+            self.ce_sum += ce.detach()
+        return ce * self.weight
+
+    def value_and_grad(self, logits: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        target = rows["target"]
+        picked = logits.gather(-1, target[:, None]).squeeze(-1)
+        top = logits.max(-1, keepdim=True).values
+        probs = logits.sub_(top).exp_()  # in place: exp(x - max)
+        total = probs.sum(-1, keepdim=True)
+        ce = (top + total.log()).squeeze(-1) - picked
+        if self.ce_sum is not None:
+            self.ce_sum += ce.sum()
+        grad = probs.div_(total)
+        grad[torch.arange(grad.size(0), device=grad.device), target] -= 1.0
+        return ce.sum() * self.weight, grad.mul_(self.weight)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distill import objectives
-from distill.chunked import head_loss
+from distill.chunked import CrossEntropy, head_loss
 from distill.config import TrainConfig
 from distill.device import Placement
 from distill.errors import DistillError
@@ -234,22 +234,17 @@ class Distiller:
             selected = self._selected(batch, rows, hidden.detach(), weight.detach())
             rows["kd_weight"] = alpha * self.kd.temperature**2 * selected / selected.sum().clamp(min=1.0) / grad_accum
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        chunk_loss = functools.partial(self._chunk_loss, ce_weight=(1 - alpha) / max(n_target, 1), ce_sum=ce_sum)
+        ce = CrossEntropy((1 - alpha) / max(n_target, 1), ce_sum)
+        chunk_loss = functools.partial(self._chunk_loss, ce=ce) if "kd_weight" in rows else ce
         loss = head_loss(hidden, weight, chunk_loss, rows, chunk=self.cfg.loss_chunk, dtype=self.place.dtype)
         if features:
             loss = loss + alpha * self._feature_loss(model, out.hidden_states, batch) / grad_accum
         return loss, ce_sum
 
-    def _chunk_loss(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], *, ce_weight: float,
-                    ce_sum: torch.Tensor) -> torch.Tensor:
+    def _chunk_loss(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], *, ce: CrossEntropy) -> torch.Tensor:
         """The loss of one chunk of positions: weighted cross-entropy plus the weighted divergence."""
-        ce = F.cross_entropy(logits, rows["target"], reduction="none")
-        ce_sum += ce.detach().sum()
-        total = ce.sum() * ce_weight
-        if "kd_weight" in rows:
-            div, _ = self._divergence(logits, rows)
-            total = total + (div * rows["kd_weight"]).sum()
-        return total
+        div, _ = self._divergence(logits, rows)
+        return ce(logits, rows) + (div * rows["kd_weight"]).sum()
 
     def _divergence(self, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         kd = self.kd

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distill import objectives
-from distill.chunked import full_head_loss, head_loss
+from distill.chunked import CrossEntropy, full_head_loss, head_loss
 from distill.config import KDConfig, TrainConfig
 from distill.device import placement
 from distill.distillation import IGNORE, Distiller, completion_spans
@@ -40,6 +40,7 @@ def topk_loss(kind, logits, rows):
 
 LOSSES = {
     "ce": ce_loss,
+    "ce-in-place": CrossEntropy(0.37),
     **{f"kd-{k}": functools.partial(kd_loss, k) for k in ("forward_kl", "reverse_kl", "jsd")},
     **{f"topk-{k}": functools.partial(topk_loss, k) for k in ("forward_kl", "reverse_kl", "jsd")},
 }
