@@ -49,7 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if (args.bench is None) == (args.data is None):
         raise DistillError("eval: give exactly one of --bench NAME or --data PATH")
     source = args.bench or str(args.data)
-    from distill.config import parse_overrides
+    from distill.typed_yaml import parse_overrides
 
     kwargs = dict(parse_overrides(args.chat_template_arg or [], "--chat-template-arg"))
     prompt = PromptConfig(use_chat_template=not args.no_chat_template, chat_template_kwargs=kwargs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.data import _text, check_unique, iter_rows
+from distill.data import answer_text, check_unique, iter_rows
 from distill.errors import DataError
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
@@ -46,7 +46,7 @@ def _math500(rec: dict[str, Any], i: int) -> dict[str, Any]:
 def _svamp(rec: dict[str, Any], i: int) -> dict[str, Any]:
     # Body + " " + Question, as the usual SVAMP evaluations (MAmmoTH, ToRA) join them.
     return {"id": rec["ID"], "question": f"{rec['Body'].strip()} {rec['Question'].strip()}",
-            "gold": _text(rec["Answer"]), "meta": {"type": rec["Type"]}}
+            "gold": answer_text(rec["Answer"]), "meta": {"type": rec["Type"]}}
 
 
 BENCHMARKS: dict[str, dict[str, BenchmarkSplit]] = {

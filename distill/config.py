@@ -1,7 +1,10 @@
-"""The run configuration: YAML files checked against typed dataclasses before any job starts.
+"""The run configuration: the schema (typed dataclasses), its hash, and the constraints on its
+values that a type cannot express, checked before any job starts.
 
 Every mistake is reported as one line naming the file and the key path, e.g.
 `configs/tiny.yaml: train.lr: expected float, got 'fast'`, so a typo never costs a queue wait.
+Reading YAML into the dataclasses is `distill.typed_yaml`'s; whether paths exist is checked by
+`distill.preflight`, and what the job's hardware must offer by `distill.device` when it starts.
 """
 
 from __future__ import annotations
@@ -9,9 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from distill.errors import ConfigError
+from distill.typed_yaml import from_mapping, parse_overrides, read_yaml_mapping, set_path
 
 # Fields added after runs were started with configs that lack them. At their default they are
 # left out of the config hash, so adding them does not make existing run directories refuse
@@ -290,113 +291,13 @@ def _hashed(obj: Any) -> Any:
     return out
 
 
-def _type_name(tp: Any) -> str:
-    return {int: "int", float: "float", str: "string", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check one value against a type hint, converting only where it is lossless (int -> float)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        _, value_tp = typing.get_args(tp)
-        return {k: _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    prefix = f"{where}." if not where.endswith(": ") else where
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where.rstrip(': ')}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _convert(raw[name], hints[name], f"{prefix}{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: required key missing")
-    return cls(**kwargs)
-
-
-def _set_path(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
-    keys = dotted.split(".")
-    node = raw
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}: {dotted}: {k} is not a mapping")
-    node[keys[-1]] = value
-
-
-def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, Any]]:
-    """Turn `key.path=value` strings (values in YAML syntax) into pairs."""
-    pairs = []
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {item}: expected key.path=value")
-        try:
-            pairs.append((key.strip(), yaml.safe_load(text)))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{flag} {item}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return pairs
-
-
-def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> dict:
-    """The top-level mapping of a YAML file; every failure is one ConfigError naming file:line."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found{hint}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        place = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{place}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return raw
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load and validate a YAML config; `overrides` are `key.path=value` strings."""
     path = Path(path)
     raw = read_yaml_mapping(path)
     for key, value in parse_overrides(overrides or []):
-        _set_path(raw, key, value, f"{path} (--set)")
-    cfg = _build(RunConfig, raw, f"{path}: ")
+        set_path(raw, key, value, f"{path} (--set)")
+    cfg = from_mapping(RunConfig, raw, f"{path}: ")
     cfg.source = str(path)
     _check_values(cfg)
     return cfg
@@ -507,25 +408,3 @@ def _resolve_benchmark(cfg: RunConfig) -> None:
     if data.train is None:
         extra = f" (benchmark {data.benchmark} has no train split)" if data.benchmark else ""
         raise ConfigError(f"{where}: data.train: required key missing{extra}")
-
-
-def check_paths(cfg: RunConfig) -> None:
-    """Fail before submitting anything if a model or data path does not exist."""
-    from distill.benchmarks import find_benchmark
-
-    for key in ("teacher", "student"):
-        p = getattr(cfg.models, key)
-        if not Path(p).exists():
-            raise ConfigError(f"{cfg.source}: models.{key}: path not found: {p}")
-    for key in ("train", "validation", "test"):
-        p = getattr(cfg.data, key)
-        if p is None or find_benchmark(p):
-            continue
-        path = Path(p)
-        if not (path.is_file() or (path.is_dir() and cfg.data.format in ("auto", "datasets"))):
-            raise ConfigError(f"{cfg.source}: data.{key}: file not found: {p}")
-    run_dir = Path(cfg.run_dir)
-    existing = next(q for q in (run_dir, *run_dir.parents) if q.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        why = "not a directory" if not existing.is_dir() else "not writable"
-        raise ConfigError(f"{cfg.source}: run_root: cannot create the run directory {run_dir}: {existing} is {why}")

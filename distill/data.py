@@ -1,4 +1,5 @@
-"""Problem sets: files or named benchmarks mapped onto `{id, question, gold[, meta]}` records.
+"""Problem files (JSONL, JSON arrays, parquet, `datasets` directories) mapped onto
+`{id, question, gold[, meta]}` records; named benchmarks are `distill.benchmarks`'.
 
 `meta` (when present) holds per-problem attributes such as MATH's `subject` and `level`; it
 travels with the problem into generation and graded records, so reports can group by it.
@@ -11,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from distill.config import DataConfig
 from distill.errors import DataError
 from distill.jsonl import iter_jsonl_numbered
 
@@ -82,7 +82,7 @@ def iter_rows(path: str | Path, fmt: str = "auto", split: str | None = None) -> 
             yield f"{path}[row {i}]", dict(rec)
 
 
-def _text(value: Any) -> str:
+def answer_text(value: Any) -> str:
     """Gold answers may be numbers (SVAMP's 27.0): an integral float is written as an integer."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -100,7 +100,7 @@ def map_problem(
     problem = {
         "id": str(rec[id_field]) if id_field and rec.get(id_field) is not None else default_id,
         "question": str(rec[question]),
-        "gold": _text(rec[answer]),
+        "gold": answer_text(rec[answer]),
     }
     if meta_fields:
         problem["meta"] = {k: rec[k] for k in meta_fields}
@@ -115,22 +115,17 @@ def check_unique(problems: list[dict[str, Any]], places: list[str]) -> None:
         seen[problem["id"]] = place
 
 
-def load_problems(data: DataConfig, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """The problems of a split, in source order; ids are stable across runs (field or position)."""
-    from distill.benchmarks import find_benchmark, load_benchmark
-
-    source = getattr(data, split)
-    if source is None:
-        raise DataError(f"data.{split}: no file configured for this split")
-    if find_benchmark(source):
-        return load_benchmark(source, limit)
+def read_problems(
+    source: str | Path, split: str, *, fmt: str = "auto", question: str = "question", answer: str = "answer",
+    id_field: str | None = "id", meta_fields: list[str] | tuple[str, ...] = (), limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """The problems of a file, in file order, mapped with the given fields; ids are stable across
+    runs (the id field, else `<split>-<position>`)."""
     problems: list[dict[str, Any]] = []
     places: list[str] = []
-    for place, rec in iter_rows(source, data.format, split):
-        problems.append(map_problem(
-            rec, place, question=data.question_field, answer=data.answer_field, id_field=data.id_field,
-            meta_fields=data.meta_fields, default_id=f"{split}-{len(problems):05d}",
-        ))
+    for place, rec in iter_rows(source, fmt, split):
+        problems.append(map_problem(rec, place, question=question, answer=answer, id_field=id_field,
+                                    meta_fields=meta_fields, default_id=f"{split}-{len(problems):05d}"))
         places.append(place)
         if limit is not None and len(problems) >= limit:
             break

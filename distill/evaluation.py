@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import DataConfig, PromptConfig
-from distill.data import load_problems, shard_slice
+from distill.data import shard_slice
 from distill.efficiency import summarize, write_token_report
 from distill.errors import DistillError
 from distill.generation import Engine, SamplingSpec, generate_shard, load_backend, merge_shards, record_id
 from distill.grading import _default_workers, grade_records
 from distill.jsonl import iter_jsonl, read_jsonl, write_json, write_jsonl
+from distill.problems import load_problems
 from distill.prompts import build_prompt
 
 

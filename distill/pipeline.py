@@ -14,14 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distill.config import RunConfig, check_paths
-from distill.data import load_problems, shard_slice
+from distill.config import RunConfig
+from distill.data import shard_slice
 from distill.efficiency import filter_rationales, length_stats, summarize
 from distill.errors import DataError, DistillError
 from distill.generation import Engine, SamplingSpec, generate_shard, load_backend, merge_shards
 from distill.jsonl import atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
 from distill.layout import RunPaths
 from distill.manifest import Manifest, artifact
+from distill.problems import eval_problems, probe_problems, train_problems
 from distill.prompts import build_prompt
 
 BASELINE_STAGES = ("baseline_train", "baseline_evaluate")
@@ -29,17 +30,6 @@ BASELINE_STAGES = ("baseline_train", "baseline_evaluate")
 
 def stages_for(it: int) -> tuple[str, ...]:
     return ("generate", "verify", "train", "evaluate") if it == 0 else ("mine", "generate", "verify", "train", "evaluate")
-
-
-def check_inputs(cfg: RunConfig, it: int = 0) -> None:
-    """Read every input a job will read, so bad data fails on the login node, not in the queue."""
-    check_paths(cfg)
-    _train_problems(cfg)
-    _eval_problems(cfg)
-    if it > 0:
-        if getattr(cfg.data, cfg.undo.probe_split) is None:
-            raise DistillError(f"{cfg.source}: undo.probe_split: data.{cfg.undo.probe_split} is not set")
-        _probe_problems(cfg)
 
 
 def open_run(cfg: RunConfig) -> tuple[RunPaths, Manifest]:
@@ -57,18 +47,6 @@ def open_run(cfg: RunConfig) -> tuple[RunPaths, Manifest]:
         atomic_write_text(paths.config, cfg.to_yaml())
         manifest.set_meta(run=cfg.name, config_hash=cfg.hash(), config=str(paths.config))
     return paths, manifest
-
-
-def _train_problems(cfg: RunConfig) -> list[dict[str, Any]]:
-    return load_problems(cfg.data, "train", cfg.data.train_limit)
-
-
-def _eval_problems(cfg: RunConfig) -> list[dict[str, Any]]:
-    return load_problems(cfg.data, cfg.eval.split, cfg.eval.limit)
-
-
-def _probe_problems(cfg: RunConfig) -> list[dict[str, Any]]:
-    return load_problems(cfg.data, cfg.undo.probe_split, cfg.undo.probe_limit)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -114,7 +92,7 @@ def mine(cfg: RunConfig, it: int, *, job_id: str | None = None, progress: bool =
     """Probe the previous student greedily; its wrong answers become the teacher's next tasks."""
     paths, manifest = open_run(cfg)
     manifest.mark(it, "mine", "running", job_id=job_id)
-    problems = _probe_problems(cfg)
+    problems = probe_problems(cfg)
     backend = load_backend(engine_for(cfg, "student"), paths.student(it - 1))
     tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, cfg.prompt, p["question"]),
               "question": p["question"], "gold": p["gold"]} for p in problems]
@@ -142,7 +120,7 @@ def mine(cfg: RunConfig, it: int, *, job_id: str | None = None, progress: bool =
 
 def generation_problems(cfg: RunConfig, it: int) -> list[dict[str, Any]]:
     """Iteration 0: the training problems. Later: the problems the student got wrong."""
-    return _train_problems(cfg) if it == 0 else read_jsonl(RunPaths(cfg.run_dir).errors(it))
+    return train_problems(cfg) if it == 0 else read_jsonl(RunPaths(cfg.run_dir).errors(it))
 
 
 def teacher_spec(cfg: RunConfig, it: int) -> SamplingSpec:
@@ -368,7 +346,7 @@ def evaluate_shard(
     key = f"{label}:{shard}"
     manifest.mark_shard(it, stage, key, "running", job_id=job_id)
     try:
-        problems = shard_slice(_eval_problems(cfg), shard, num)
+        problems = shard_slice(eval_problems(cfg), shard, num)
         role = "teacher" if label == "teacher" else "student"
         backend = load_backend(engine_for(cfg, role, logprobs=False), eval_models(cfg, it, stage)[label])
         tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, cfg.prompt, p["question"]),
@@ -389,7 +367,7 @@ def evaluate_shard(
 def merge_evaluation(cfg: RunConfig, it: int, stage: str = "evaluate") -> dict[str, dict]:
     paths, manifest = open_run(cfg)
     num = cfg.eval.num_shards
-    problems = _eval_problems(cfg)
+    problems = eval_problems(cfg)
     expected = [[p["id"] for p in shard_slice(problems, s, num)] for s in range(num)]
     all_metrics, artifacts = {}, {}
     for label in eval_models(cfg, it, stage):

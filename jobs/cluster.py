@@ -1,7 +1,7 @@
 """Cluster profiles: where and with what resources the SLURM jobs of each stage run.
 
-A profile (`configs/cluster/*.yaml`) is checked like a run config, by the same `_build` machinery
-of `distill.config`, so a typo fails on the login node with one line
+A profile (`configs/cluster/*.yaml`) is checked like a run config, by the same machinery as run
+configs (`distill.typed_yaml`), so a typo fails on the login node with one line
 (`configs/cluster/pace.yaml: stages.train.cpus: expected int, got 'four'`) instead of in the queue.
 Values still to be filled in are written `<like this>` and refused until they are.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.config import _build, read_yaml_mapping
 from distill.errors import ConfigError
+from distill.typed_yaml import from_mapping, read_yaml_mapping
 
 PROFILE_DIR = Path("configs/cluster")
 PLACEHOLDER = re.compile(r"<[^<>]+>")
@@ -115,7 +115,7 @@ def load_profile(name_or_path: str | Path) -> ClusterProfile:
     path = resolve_profile_path(name_or_path)
     known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))) if PROFILE_DIR.is_dir() else ""
     raw = read_yaml_mapping(path, "cluster profile", f" (profiles in {PROFILE_DIR}: {known})" if known else "")
-    profile = _build(ClusterProfile, raw, f"{path}: ")
+    profile = from_mapping(ClusterProfile, raw, f"{path}: ")
     profile.source = str(path)
     _check_values(profile)
     return profile

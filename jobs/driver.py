@@ -22,6 +22,7 @@ from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
 from distill.manifest import Manifest, format_table
+from distill.preflight import check_inputs
 from jobs import stages
 from jobs.cluster import ClusterProfile, load_profile
 from jobs.executors import attach, local_threads, make_executor, resolve_kind
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         cluster = load_profile(args.cluster) if args.cluster else None
         only = _parse_stages(args.stages, args.iteration) if args.stages else None
-        pipeline.check_inputs(cfg, 1 if args.undo else args.iteration)
+        check_inputs(cfg, 1 if args.undo else args.iteration)
         driver = Driver(cfg, args.executor, cluster)
         if args.undo:
             last = driver.run_undo()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from distill.benchmarks import BENCHMARKS, find_benchmark, load_benchmark, split_names
-from distill.config import DataConfig, check_paths, load_config
-from distill.data import load_problems
+from distill.config import DataConfig, load_config
 from distill.errors import ConfigError, DataError
+from distill.preflight import check_paths
+from distill.problems import load_problems
 
 BASE = "name: demo\nmodels: {teacher: m/t, student: m/s}\n"
 

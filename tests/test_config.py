@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import check_paths, load_config
+from distill.config import load_config
 from distill.errors import ConfigError
+from distill.preflight import check_paths
 
 BASE = """\
 name: demo

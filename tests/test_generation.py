@@ -6,6 +6,7 @@ from distill.config import load_config
 from distill.generation import SamplingSpec, TransformersBackend, generate_shard, merge_shards
 from distill.jsonl import read_jsonl
 from distill.layout import RunPaths
+from distill.problems import train_problems
 from tests.conftest import run_python, spawn_python
 
 
@@ -82,7 +83,7 @@ def test_sigkilled_shard_resumes_with_every_record_exactly_once(tiny_world, tmp_
     done = run_python(code, timeout=300)
     assert done.returncode == 0, done.stderr
     ids = [r["id"] for r in read_jsonl(shard)]
-    problems = [p["id"] for p in pipeline._train_problems(cfg)]
+    problems = [p["id"] for p in train_problems(cfg)]
     assert sorted(ids) == sorted(f"{p}#{k}" for p in problems for k in range(2))
     assert len(ids) == len(set(ids))
     assert pipeline.merge_generation(cfg, 0) == 48

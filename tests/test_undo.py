@@ -10,6 +10,7 @@ from distill.generation import Completion
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import RunPaths
 from distill.manifest import Manifest
+from distill.problems import probe_problems
 from distill.report import write_report
 from jobs.driver import main as driver_main
 
@@ -35,7 +36,7 @@ class ScriptedBackend:
 def run(tiny_world, tmp_path, monkeypatch):
     cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"),
                       ["undo.probe_split=validation", "undo.n=2", "generation.num_shards=1"])
-    probe = pipeline._probe_problems(cfg)
+    probe = probe_problems(cfg)
     return cfg, probe
 
 

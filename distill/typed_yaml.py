@@ -1,0 +1,121 @@
+"""YAML mappings read into typed dataclasses, every mistake one line naming file and key path.
+
+Used for run configs (`distill.config`) and cluster profiles (`jobs.cluster`): values are checked
+against the dataclasses' type hints, converting only where it is lossless (int -> float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distill.errors import ConfigError
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "int", float: "float", str: "string", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check one value against a type hint, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, value_tp = typing.get_args(tp)
+        return {k: _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_mapping(cls: type, raw: Any, where: str) -> Any:
+    """A `cls` dataclass from a YAML mapping: unknown keys, wrong types and missing required
+    keys are one ConfigError each, naming `where` and the key path."""
+    prefix = f"{where}." if not where.endswith(": ") else where
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where.rstrip(': ')}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key missing")
+    return cls(**kwargs)
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {dotted}: {k} is not a mapping")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, Any]]:
+    """Turn `key.path=value` strings (values in YAML syntax) into pairs."""
+    pairs = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item}: expected key.path=value")
+        try:
+            pairs.append((key.strip(), yaml.safe_load(text)))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{flag} {item}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return pairs
+
+
+def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> dict:
+    """The top-level mapping of a YAML file; every failure is one ConfigError naming file:line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found{hint}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        place = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{place}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
