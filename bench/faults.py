@@ -43,7 +43,7 @@ from distill.jsonl import iter_jsonl, sha256_file, write_json  # noqa: E402
 from distill.layout import RunPaths  # noqa: E402
 from distill.manifest import Manifest, artifact  # noqa: E402
 from distill.training import newest_checkpoint  # noqa: E402
-from jobs.stages import STOP_SIGNAL  # noqa: E402
+from jobs.signals import STOP_SIGNAL  # noqa: E402
 
 # "requeue": training sent SLURM's stop signal (USR2) instead of SIGKILL, as before a time limit.
 KINDS = ("generate", "verify", "train", "evaluate", "manifest", "requeue")
@@ -169,7 +169,7 @@ def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
         task = rng.randrange(3)
         args = ("evaluate", "--shard", str(task))
         label = ("teacher", "base", "student")[task]
-        out, unit = paths.eval_shard(0, label, 0, 1), f"{label}:0"
+        out, unit = paths.eval(0, 1).shard(label, 0), f"{label}:0"
     delay = rng.uniform(KILL_FROM, 1.0) * bench.durations[kind]
     killed = kill_at(bench.cmd(*args), delay, sig)
     name = " ".join(args) + (f" ({sig.name})" if sig != signal.SIGKILL else "")
@@ -188,13 +188,13 @@ def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
         got = ids(out)
         if len(got) != len(set(got)):
             row["problems"].append(f"{len(got) - len(set(got))} duplicate records in {out.name}")
-        compare = [out] + ([out.with_suffix(".graded.jsonl")] if kind == "evaluate" else [])
+        compare = [out] + ([paths.eval(0, 1).graded_shard(label, 0)] if kind == "evaluate" else [])
         if kind == "generate":
             bench.run_to_end("generate", "--shard", str(1 - shard))
             bench.run_to_end("merge", "generate")
             compare.append(paths.generations(0))
     elif kind == "train":
-        ckpt = newest_checkpoint(paths.train_dir(0) / "checkpoints")
+        ckpt = newest_checkpoint(paths.train(0).checkpoints)
         row["on_disk"] = json.loads((ckpt / "state.json").read_text())["step"] if ckpt else 0
         rerun = bench.run_to_end("train")
         ref_entry = Manifest(ref).stage(0, "train")["metrics"]
@@ -206,8 +206,8 @@ def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
         if entry["step"] != ref_entry["step"] or abs(entry["loss"] - ref_entry["loss"]) > 1e-6:
             row["problems"].append(f"final step/loss {entry['step']}/{entry['loss']} vs {ref_entry['step']}/{ref_entry['loss']}")
         row["loss_diff"] = abs(entry["loss"] - ref_entry["loss"])
-        weights = Path("model") / "model.safetensors"
-        row["same_weights"] = sha256_file(paths.train_dir(0) / weights) == sha256_file(ref / paths.train_dir(0).relative_to(run) / weights)
+        weights = paths.student(0) / "model.safetensors"
+        row["same_weights"] = sha256_file(weights) == sha256_file(ref / weights.relative_to(run))
         compare = []
     else:  # verify
         bench.run_to_end("verify")

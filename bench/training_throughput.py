@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from distill.config import PromptConfig, TrainConfig  # noqa: E402
 from distill.jsonl import read_jsonl, write_json  # noqa: E402
 from distill.prompts import build_prompt  # noqa: E402
-from distill.training import IGNORE, _pad, tokenize_pairs, train  # noqa: E402
+from distill.training import IGNORE, pad_rows, tokenize_pairs, train  # noqa: E402
 
 
 def run_trainer(model_path: str, examples: list[dict[str, list[int]]], cfg: TrainConfig, out: Path) -> float:
@@ -41,9 +41,9 @@ def run_trainer(model_path: str, examples: list[dict[str, list[int]]], cfg: Trai
     def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
         nonlocal tokens
         tokens += sum(len(ex["input_ids"]) for ex in batch)
-        return {"input_ids": _pad([ex["input_ids"] for ex in batch], 0),
-                "attention_mask": _pad([[1] * len(ex["input_ids"]) for ex in batch], 0),
-                "labels": _pad([ex["labels"] for ex in batch], IGNORE)}
+        return {"input_ids": pad_rows([ex["input_ids"] for ex in batch], 0),
+                "attention_mask": pad_rows([[1] * len(ex["input_ids"]) for ex in batch], 0),
+                "labels": pad_rows([ex["labels"] for ex in batch], IGNORE)}
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

@@ -11,6 +11,7 @@ from distill.errors import DistillError
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    from distill import pipeline
     from distill.manifest import Manifest, format_table
 
     if args.run is None:
@@ -22,7 +23,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         raise DistillError(f"{manifest.path}: no manifest (has this run started?)")
     data = manifest.read()
     print(json.dumps(data, indent=2) if args.json else f"run {data.get('run', args.run)}  config {data.get('config_hash')}\n"
-          + format_table(data))
+          + format_table(data, pipeline.names()))
 
 
 def cmd_grade(args: argparse.Namespace) -> None:
@@ -88,13 +89,13 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     from distill.layout import RunPaths
 
     paths = RunPaths(args.run)
-    eval_root = paths.iteration(args.iter) / "eval"
-    found = {p.parent.name: p for p in sorted(eval_root.glob("*/graded.jsonl"))}
+    evaluated = paths.eval(args.iter, 1)  # the merged files do not depend on the shard count
+    found = evaluated.merged_labels()
     if not found:
-        raise DistillError(f"{eval_root}: no evaluated model yet (eval/<model>/graded.jsonl)")
+        raise DistillError(f"{evaluated.root}: no evaluated model yet (eval/<model>/graded.jsonl)")
     order = [lb for lb in ("teacher", "base", "student") if lb in found] + [lb for lb in found if lb not in
                                                                           ("teacher", "base", "student")]
-    records = {lb: read_jsonl(found[lb]) for lb in order}
+    records = {lb: read_jsonl(evaluated.graded(lb)) for lb in order}
     path, table = write_token_report(records, paths.iteration(args.iter), f"{paths.root.name} iteration {args.iter}")
     print(table)
     print(f"-> {path} (+ tokens.json, tokens.png)")

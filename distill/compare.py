@@ -54,8 +54,8 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     from transformers import AutoTokenizer
 
     from distill.evaluation import EvalSettings, read_json_or_none, run_eval
-    from distill.layout import RunPaths
-    from distill.pipeline import _pairs
+    from distill.layout import RunPaths, TrainPaths
+    from distill.prompts import training_pairs
     from distill.training import train
 
     if not progress:
@@ -74,21 +74,22 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     steps = steps or base.train.max_steps
     if steps is None:
         raise DistillError("--steps: needed when the config sets no train.max_steps (students compare at equal steps)")
-    root = base.run_dir / "compare" / f"steps-{steps}"
+    root = paths.compare(steps)
     models: dict[str, str] = {}
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
         cfg = load_config(config, [*overrides, *PRESETS[name], f"train.max_steps={steps}"])
+        out = TrainPaths(root / name)
         tokenizer = AutoTokenizer.from_pretrained(str(cfg.models.student))
         start = time.perf_counter()
-        result = train(cfg.models.student, _pairs(cfg, records, tokenizer), cfg.train, root / name, progress=progress,
-                       teacher_path=cfg.models.teacher, attn_implementation=cfg.models.attn_implementation)
+        result = train(cfg.models.student, training_pairs(cfg.prompt, records, tokenizer), cfg.train, out.root,
+                       progress=progress, teacher_path=cfg.models.teacher,
+                       attn_implementation=cfg.models.attn_implementation)
         models[name] = str(result.model_dir)
-        timing_path = root / name / "timing.json"
         if result.resumed_from is None:  # trained start to finish in this call: a time worth keeping
-            write_json(timing_path, {"train_s": round(time.perf_counter() - start, 3), "tokens_per_s": result.tokens_per_s})
-        timing = read_json_or_none(timing_path) or {"train_s": None, "tokens_per_s": None}
-        topk = read_json_or_none(root / name / "teacher-topk.json")
+            write_json(out.timing, {"train_s": round(time.perf_counter() - start, 3), "tokens_per_s": result.tokens_per_s})
+        timing = read_json_or_none(out.timing) or {"train_s": None, "tokens_per_s": None}
+        topk = read_json_or_none(out.topk_info)
         rows[name] = {"settings": settings_of(cfg), "steps": result.step, "loss": result.loss, **timing,
                       "topk_bytes_per_token": topk and round(int(topk["file_bytes"]) / int(topk["tokens"]), 1)}
     split = base.eval.split

@@ -34,6 +34,7 @@ from distill.chunked import CrossEntropy, head_loss
 from distill.config import TrainConfig
 from distill.device import Placement
 from distill.errors import DistillError
+from distill.layout import TrainPaths
 from distill.modeling import PROJECTIONS, decoder, load_teacher, output_head
 
 IGNORE = -100
@@ -155,7 +156,7 @@ def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, voc
 class Distiller:
     """The loss of one training run, given its objective."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer: Any, teacher_path: str | Path | None, out_dir: Path,
+    def __init__(self, cfg: TrainConfig, tokenizer: Any, teacher_path: str | Path | None, out: TrainPaths,
                  examples: list[dict[str, list[int]]], place: Placement, attn_implementation: str = "sdpa") -> None:
         self.cfg, self.kd, self.objective, self.place = cfg, cfg.kd, cfg.objective, place
         self.vocab = len(tokenizer)
@@ -167,15 +168,15 @@ class Distiller:
             raise DistillError(f"train.objective {self.objective} needs a teacher (models.teacher)")
         check_vocabularies(tokenizer, teacher_path, self.objective)
         if self.objective in ("kd", "ekd") and self.kd.teacher == "offline":
-            self.store = self._offline_store(teacher_path, out_dir, examples, attn_implementation)
+            self.store = self._offline_store(teacher_path, out, examples, attn_implementation)
         else:
             self.teacher = load_teacher(teacher_path, place, attn_implementation)
             # The teacher's head on the student's device, cut to the student's vocabulary: a
             # teacher with extra tokens (an id-preserving superset) has them ignored.
             self.t_weight = output_head(self.teacher).weight[: self.vocab].to(place.device)
 
-    def _offline_store(self, teacher_path: str | Path, out_dir: Path, examples: list[dict], attn: str) -> TopKStore:
-        path = out_dir / f"teacher-top{self.kd.top_k}.safetensors"
+    def _offline_store(self, teacher_path: str | Path, out: TrainPaths, examples: list[dict], attn: str) -> TopKStore:
+        path = out.topk(self.kd.top_k)
         meta = {"teacher": str(teacher_path), "k": str(self.kd.top_k), "examples": str(len(examples)),
                 "tokens": str(sum(sum(1 for lab in e["labels"] if lab != IGNORE) for e in examples))}
         if path.exists():
@@ -187,7 +188,7 @@ class Distiller:
                              chunk=self.cfg.loss_chunk)
         del teacher
         store.save(path, meta)
-        (out_dir / "teacher-topk.json").write_text(json.dumps(
+        out.topk_info.write_text(json.dumps(
             {**meta, "bytes_per_token": round(store.bytes_per_token(), 1), "file_bytes": path.stat().st_size}, indent=1))
         return store
 

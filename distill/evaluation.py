@@ -1,14 +1,16 @@
-"""Standalone evaluation of one or more models on a benchmark (or any problem file).
+"""Evaluation: greedy answers of models on a problem set, graded, in resumable shards.
 
-Laid out like a pipeline stage, without a run config: each model's problems are cut into
-shards that `generate_shard` writes and resumes, each shard is graded on its own (so shards
-can run as separate jobs), and once every shard is graded they are merged and reported:
+One core serves three callers: the pipeline's `evaluate` and `baseline_evaluate` stages (a run's
+held-out split), `python -m distill eval` (any models on a benchmark or file, no run config) and
+`distill compare`. Each model's problems are cut into shards that `generate_shard` writes and
+resumes; each shard is graded on its own (so shards run as separate jobs); once every shard is
+graded they are merged:
 
-    <out>/eval.json                               what this directory evaluates (checked on rerun)
-    <out>/<label>/shard-00000-of-00002.jsonl      responses, resumable
-    <out>/<label>/shard-00000-of-00002.graded.jsonl + .stats.json
-    <out>/<label>/graded.jsonl, metrics.json      merged
-    <out>/tokens.md, tokens.json, tokens.png      the comparison across models
+    <root>/<label>/shard-00000-of-00002.jsonl      responses, resumable
+    <root>/<label>/shard-00000-of-00002.graded.jsonl + .stats.json
+    <root>/<label>/graded.jsonl, metrics.json      merged
+    <root>/tokens.md, tokens.json, tokens.png      the comparison across models (distill eval)
+    <root>/eval.json                               what a `distill eval` directory evaluates
 """
 
 from __future__ import annotations
@@ -17,19 +19,164 @@ import dataclasses
 import json
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.config import DataConfig, PromptConfig
+from distill.config import DataConfig, PromptConfig, RunConfig
 from distill.data import shard_slice
 from distill.efficiency import summarize, write_token_report
 from distill.errors import DistillError
-from distill.generation import Engine, SamplingSpec, generate_shard, load_backend, merge_shards, record_id
-from distill.grading import _default_workers, grade_records
+from distill.generation import (
+    Backend,
+    Engine,
+    SamplingSpec,
+    engine_for,
+    generate_shard,
+    load_backend,
+    merge_shards,
+    record_id,
+)
+from distill.grading import default_workers, grade_records
 from distill.jsonl import iter_jsonl, read_jsonl, write_json, write_jsonl
-from distill.problems import load_problems
+from distill.layout import EvalPaths, RunPaths
+from distill.manifest import artifact
+from distill.problems import eval_problems, load_problems
 from distill.prompts import build_prompt
+from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit, merged
+
+# -- the core --------------------------------------------------------------------------------------
+
+
+def read_json_or_none(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _complete(path: Path, ids: list[str]) -> bool:
+    if not path.exists():
+        return False
+    have = {r["id"] for r in iter_jsonl(path, allow_partial_tail=True)}
+    return all(i in have for i in ids)
+
+
+def evaluate_part(
+    paths: EvalPaths, label: str, shard: int, problems: list[dict[str, Any]], backend: Callable[[], Backend], *,
+    prompt: PromptConfig, max_new_tokens: int, batch_size: int, workers: int | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Answer (resuming) and grade one shard of one model; a shard already graded costs
+    nothing, and the model (`backend()`) is loaded only when answers are missing. Returns the
+    generation statistics of this call (nothing generated: zero new records)."""
+    part = shard_slice(problems, shard, paths.num_shards)
+    ids = [record_id(p["id"], 0) for p in part]
+    out, graded_out = paths.shard(label, shard), paths.graded_shard(label, shard)
+    gen_stats: dict[str, Any] = {"records": len(ids), "generated_records": 0, "new_tokens": 0, "seconds": 0.0,
+                                 "tokens_per_s": 0.0}
+    if _complete(graded_out, ids):
+        return gen_stats
+    if not _complete(out, ids):
+        model = backend()
+        tasks = [{"id": p["id"], "prompt": build_prompt(model.tokenizer, prompt, p["question"]),
+                  "question": p["question"], "gold": p["gold"], "model": label,
+                  **({"meta": p["meta"]} if p.get("meta") else {})} for p in part]
+        gen_stats = generate_shard(model, tasks, out, SamplingSpec(max_new_tokens=max_new_tokens), batch_size,
+                                   desc=f"eval {label} {shard}/{paths.num_shards}", progress=progress)
+    start = time.perf_counter()
+    graded = grade_records(read_jsonl(out), workers=workers, progress=progress)
+    seconds = time.perf_counter() - start
+    write_jsonl(graded_out, graded)
+    grade_stats = {"answers": len(graded), "seconds": round(seconds, 3), "workers": workers or default_workers(),
+                   "answers_per_s": round(len(graded) / seconds, 1) if seconds > 0 else 0.0}
+    write_json(paths.stats(label, shard), {"generation": gen_stats, "grading": grade_stats})
+    return gen_stats
+
+
+def expected_ids(problems: list[dict[str, Any]], num_shards: int) -> list[list[str]]:
+    return [[p["id"] for p in shard_slice(problems, s, num_shards)] for s in range(num_shards)]
+
+
+def merge_model(paths: EvalPaths, label: str, problems: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """One model's graded shards merged into `graded.jsonl` (problem order); `keys` name the
+    units that wrote them, so a damaged shard is redone by its own unit."""
+    outputs = {key: paths.graded_shard(label, s) for s, key in enumerate(keys)}
+    merged(outputs, lambda files: merge_shards(files, expected_ids(problems, paths.num_shards), 1, paths.graded(label)))
+    return read_jsonl(paths.graded(label))
+
+
+def throughput(paths: EvalPaths, label: str) -> dict[str, Any]:
+    """Generation tokens/s and grading answers/s over the shards (as last run)."""
+    tokens = gen_s = answers = grade_s = 0.0
+    for shard in range(paths.num_shards):
+        stats = read_json_or_none(paths.stats(label, shard)) or {}
+        g, r = stats.get("generation", {}), stats.get("grading", {})
+        tokens, gen_s = tokens + g.get("new_tokens", 0), gen_s + g.get("seconds", 0)
+        answers, grade_s = answers + r.get("answers", 0), grade_s + r.get("seconds", 0)
+    return {"generation_tokens_per_s": round(tokens / gen_s, 1) if gen_s else None,
+            "grading_answers_per_s": round(answers / grade_s, 1) if grade_s else None}
+
+
+# -- the pipeline's stages ---------------------------------------------------------------------------
+
+
+def eval_models(cfg: RunConfig, it: int, baseline: bool = False) -> dict[str, str]:
+    """label -> model directory for this iteration's evaluation (or the baseline's)."""
+    paths = RunPaths(cfg.run_dir)
+    if baseline:
+        return {"oneshot": str(paths.baseline(it).model)}
+    models = {"student": str(paths.student(it))}
+    if it == 0 and cfg.eval.baselines:
+        models = {"teacher": cfg.models.teacher, "base": cfg.models.student, **models}
+    return models
+
+
+def _units(baseline: bool) -> Callable[[RunConfig, int], list[str]]:
+    def units(cfg: RunConfig, it: int) -> list[str]:
+        return [f"{label}:{s}" for label in eval_models(cfg, it, baseline) for s in range(cfg.eval.num_shards)]
+    return units
+
+
+def _evaluate(baseline: bool) -> Callable[[Unit], Result]:
+    def evaluate(unit: Unit) -> Result:
+        """One (model, shard) of the held-out split: the teacher with its own engine settings
+        (no logprobs), the students with `eval`'s."""
+        cfg, it = unit.cfg, unit.iteration
+        label, shard = unit.key.rsplit(":", 1)
+        role = "teacher" if label == "teacher" else "student"
+        model = eval_models(cfg, it, baseline)[label]
+        stats = evaluate_part(
+            unit.paths.eval(it, cfg.eval.num_shards), label, int(shard), eval_problems(cfg),
+            lambda: load_backend(engine_for(cfg, role, logprobs=False), model), prompt=cfg.prompt,
+            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=unit.progress)
+        return Result(stats)
+    return evaluate
+
+
+def _merge(baseline: bool) -> Callable[[RunConfig, int, RunPaths, dict[str, Any]], dict[str, Any]]:
+    def merge(cfg: RunConfig, it: int, paths: RunPaths, entry: dict[str, Any]) -> dict[str, Any]:
+        num = cfg.eval.num_shards
+        ev, problems = paths.eval(it, num), eval_problems(cfg)
+        results, artifacts = {}, {}
+        for label in eval_models(cfg, it, baseline):
+            results[label] = summarize(merge_model(ev, label, problems, [f"{label}:{s}" for s in range(num)]))
+            write_json(ev.metrics(label), results[label])
+            artifacts[label] = artifact(ev.graded(label), paths.root)
+        return {"num_shards": num * len(results), "metrics": {f"{label}_acc": m["accuracy"] for label, m in results.items()},
+                "results": results, "artifacts": artifacts}
+    return merge
+
+
+def _summary(entry: dict[str, Any]) -> str:
+    return "; ".join(f"{label}: accuracy {m['accuracy']:.3f} on {m['n']} problems, {m['tokens_mean']:.1f} tokens/answer"
+                     for label, m in entry.get("results", {}).items())
+
+
+EVALUATE = Stage("evaluate", _evaluate(False), plans=(FIRST, UNDO), units=_units(False), sharded=True,
+                 merge=_merge(False), summary=_summary, unit_name="evaluation task")
+BASELINE_EVALUATE = Stage("baseline_evaluate", _evaluate(True), plans=(BASELINE,), units=_units(True), sharded=True,
+                          merge=_merge(True), resources="evaluate", summary=_summary, unit_name="evaluation task")
+
+
+# -- python -m distill eval ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -49,11 +196,7 @@ class EvalSettings:
         return dataclasses.asdict(self)
 
 
-def read_json_or_none(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def eval_problems(settings: EvalSettings) -> list[dict[str, Any]]:
+def settings_problems(settings: EvalSettings) -> list[dict[str, Any]]:
     data = dataclasses.replace(settings.data, test=settings.source)
     return load_problems(data, "test", settings.limit)
 
@@ -75,107 +218,40 @@ def parse_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
-class EvalDir:
-    """Paths of an evaluation directory, and the guard that keeps one settings per directory."""
-
-    def __init__(self, root: Path, settings: EvalSettings) -> None:
-        self.root, self.settings = Path(root), settings
-
-    @property
-    def meta(self) -> Path:
-        return self.root / "eval.json"
-
-    def shard(self, label: str, shard: int) -> Path:
-        return self.root / label / f"shard-{shard:05d}-of-{self.settings.num_shards:05d}.jsonl"
-
-    def graded_shard(self, label: str, shard: int) -> Path:
-        return self.shard(label, shard).with_suffix(".graded.jsonl")
-
-    def stats(self, label: str, shard: int) -> Path:
-        return self.shard(label, shard).with_suffix(".stats.json")
-
-    def graded(self, label: str) -> Path:
-        return self.root / label / "graded.jsonl"
-
-    def claim(self, models: dict[str, str]) -> dict[str, str]:
-        """Record settings and models on first use; refuse different settings or a label that
-        now points at another model (its shards would mix two models' answers). Returns every
-        model this directory has evaluated, so a model added later joins the same report."""
-        meta = read_json_or_none(self.meta)
-        settings = self.settings.to_dict()
-        if meta is not None:
-            if meta["settings"] != settings:
-                diff = sorted(k for k in settings if meta["settings"].get(k) != settings[k])
-                raise DistillError(f"{self.meta}: this directory was evaluated with other settings "
-                                   f"({', '.join(diff)} differ); use another --out")
-            for label, path in models.items():
-                old = meta["models"].get(label)
-                if old is not None and old != path:
-                    raise DistillError(f"{self.meta}: label {label!r} was {old}, not {path}; use another label or --out")
-            models = {**meta["models"], **models}
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_json(self.meta, {"settings": settings, "models": models})
-        return models
+def claim(paths: EvalPaths, settings: EvalSettings, models: dict[str, str]) -> dict[str, str]:
+    """Record settings and models on first use; refuse different settings or a label that now
+    points at another model (its shards would mix two models' answers). Returns every model the
+    directory has evaluated, so a model added later joins the same report."""
+    meta = read_json_or_none(paths.meta)
+    wanted = settings.to_dict()
+    if meta is not None:
+        if meta["settings"] != wanted:
+            diff = sorted(k for k in wanted if meta["settings"].get(k) != wanted[k])
+            raise DistillError(f"{paths.meta}: this directory was evaluated with other settings "
+                               f"({', '.join(diff)} differ); use another --out")
+        for label, path in models.items():
+            old = meta["models"].get(label)
+            if old is not None and old != path:
+                raise DistillError(f"{paths.meta}: label {label!r} was {old}, not {path}; use another label or --out")
+        models = {**meta["models"], **models}
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_json(paths.meta, {"settings": wanted, "models": models})
+    return models
 
 
-def _complete(path: Path, ids: list[str]) -> bool:
-    if not path.exists():
-        return False
-    have = {r["id"] for r in iter_jsonl(path, allow_partial_tail=True)}
-    return all(i in have for i in ids)
-
-
-def run_shard(
-    d: EvalDir, label: str, model: str, problems: list[dict[str, Any]], shard: int, *,
-    backend_cache: dict[str, Any], engine: Engine, batch_size: int, workers: int | None, progress: bool,
-) -> None:
-    """Generate (resuming) and grade one shard; a shard already graded costs nothing."""
-    s = d.settings
-    part = shard_slice(problems, shard, s.num_shards)
-    ids = [record_id(p["id"], 0) for p in part]
-    out, graded_out = d.shard(label, shard), d.graded_shard(label, shard)
-    if _complete(graded_out, ids):
-        return
-    gen_stats: dict[str, Any] = {}
-    if not _complete(out, ids):
-        if label not in backend_cache:  # loaded only when something is left to generate
-            backend_cache.clear()
-            backend_cache[label] = load_backend(engine, model)
-        backend = backend_cache[label]
-        tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, s.prompt, p["question"]),
-                  "question": p["question"], "gold": p["gold"], "model": label,
-                  **({"meta": p["meta"]} if p.get("meta") else {})} for p in part]
-        gen_stats = generate_shard(backend, tasks, out, SamplingSpec(max_new_tokens=s.max_new_tokens), batch_size,
-                                   desc=f"{label} shard {shard}/{s.num_shards}", progress=progress)
-    records = read_jsonl(out)
-    start = time.perf_counter()
-    graded = grade_records(records, workers=workers, progress=progress)
-    seconds = time.perf_counter() - start
-    write_jsonl(graded_out, graded)
-    grade_stats = {"answers": len(graded), "seconds": round(seconds, 3), "workers": workers or _default_workers(),
-                   "answers_per_s": round(len(graded) / seconds, 1) if seconds > 0 else 0.0}
-    write_json(d.stats(label, shard), {"generation": gen_stats, "grading": grade_stats})
-
-
-def _throughput(d: EvalDir, label: str) -> dict[str, Any]:
-    """Generation tokens/s and grading answers/s over the shards (as last run)."""
-    tokens = gen_s = answers = grade_s = 0.0
-    for shard in range(d.settings.num_shards):
-        stats = read_json_or_none(d.stats(label, shard)) or {}
-        g, r = stats.get("generation", {}), stats.get("grading", {})
-        tokens, gen_s = tokens + g.get("new_tokens", 0), gen_s + g.get("seconds", 0)
-        answers, grade_s = answers + r.get("answers", 0), grade_s + r.get("seconds", 0)
-    return {"generation_tokens_per_s": round(tokens / gen_s, 1) if gen_s else None,
-            "grading_answers_per_s": round(answers / grade_s, 1) if grade_s else None}
-
-
-def run_model(d: EvalDir, label: str, model: str, problems: list[dict[str, Any]], shards: list[int], engine: Engine,
-              batch_size: int, workers: int | None, progress: bool) -> None:
+def run_model(paths: EvalPaths, settings: EvalSettings, label: str, model: str, problems: list[dict[str, Any]],
+              shards: list[int], engine: Engine, batch_size: int, workers: int | None, progress: bool) -> None:
     """The given shards of one model, loading it at most once."""
-    cache: dict[str, Any] = {}
+    loaded: list[Backend] = []
+
+    def backend() -> Backend:
+        if not loaded:
+            loaded.append(load_backend(engine, model))
+        return loaded[0]
+
     for shard in shards:
-        run_shard(d, label, model, problems, shard, backend_cache=cache, engine=engine, batch_size=batch_size,
-                  workers=workers, progress=progress)
+        evaluate_part(paths, label, shard, problems, backend, prompt=settings.prompt,
+                      max_new_tokens=settings.max_new_tokens, batch_size=batch_size, workers=workers, progress=progress)
 
 
 def in_own_process(label: str, fn: Any, *args: Any) -> None:
@@ -194,9 +270,9 @@ def run_eval(
 ) -> dict[str, Any] | None:
     """Evaluate `models` (label -> path) into `out`; returns the per-model summaries, or None
     when `shards` ran only part of the work (a later call without `shards` merges)."""
-    d = EvalDir(out, settings)
-    problems = eval_problems(settings)
-    known = d.claim(models)
+    paths = EvalPaths(Path(out), settings.num_shards)
+    problems = settings_problems(settings)
+    known = claim(paths, settings, models)
     engine = engine or Engine(backend=settings.backend)
     todo = list(range(settings.num_shards)) if shards is None else shards
     for shard in todo:
@@ -204,26 +280,25 @@ def run_eval(
             raise DistillError(f"--shard {shard}: out of range for {settings.num_shards} shards")
     separate = engine.backend == "vllm" and len(models) > 1
     for label, model in models.items():
-        args = (d, label, model, problems, todo, engine, batch_size, workers, progress)
+        args = (paths, settings, label, model, problems, todo, engine, batch_size, workers, progress)
         if separate:
             in_own_process(label, run_model, *args)
         else:
             run_model(*args)
-    expected = [[p["id"] for p in shard_slice(problems, s, settings.num_shards)] for s in range(settings.num_shards)]
+    expected = expected_ids(problems, settings.num_shards)
 
     def done(label: str) -> bool:
-        return all(_complete(d.graded_shard(label, s), [record_id(i, 0) for i in expected[s]])
+        return all(_complete(paths.graded_shard(label, s), [record_id(i, 0) for i in expected[s]])
                    for s in range(settings.num_shards))
 
     if not all(done(label) for label in models):
         return None
     records_by_label = {}
     for label in [lb for lb in known if done(lb)]:
-        merge_shards([d.graded_shard(label, s) for s in range(settings.num_shards)], expected, 1, d.graded(label))
-        records_by_label[label] = read_jsonl(d.graded(label))
-        metrics = {**summarize(records_by_label[label]), **_throughput(d, label), "model": known[label]}
-        write_json(d.root / label / "metrics.json", metrics)
+        records_by_label[label] = merge_model(paths, label, problems, [str(s) for s in range(settings.num_shards)])
+        write_json(paths.metrics(label), {**summarize(records_by_label[label]), **throughput(paths, label),
+                                          "model": known[label]})
     limit = f", first {settings.limit}" if settings.limit else ""
-    write_token_report(records_by_label, d.root, f"{settings.source}{limit}: {len(problems)} problems",
+    write_token_report(records_by_label, paths.root, f"{settings.source}{limit}: {len(problems)} problems",
                        extra={"settings": settings.to_dict(), "paths": {lb: known[lb] for lb in records_by_label}})
     return {label: summarize(rs) for label, rs in records_by_label.items()}

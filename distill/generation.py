@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from distill.config import RunConfig
 from distill.errors import DistillError
 from distill.jsonl import append_jsonl, iter_jsonl, truncate_partial_tail, write_jsonl
 from distill.progress import progress_bar
@@ -45,6 +46,17 @@ class Engine:
     gpu_memory_utilization: float = 0.9
     logprobs: int = 0
     attn_implementation: str = "sdpa"
+
+
+def engine_for(cfg: RunConfig, role: str, *, logprobs: bool = True) -> Engine:
+    """How a role's model runs: the teacher with `generation`'s engine settings (top-k logprobs
+    only when generating rationales), the student with `eval`'s."""
+    attn = cfg.models.attn_implementation
+    if role == "teacher":
+        g = cfg.generation
+        return Engine(g.backend, g.tensor_parallel_size, g.gpu_memory_utilization, g.logprobs if logprobs else 0, attn)
+    e = cfg.eval
+    return Engine(e.backend or cfg.generation.backend, e.tensor_parallel_size, e.gpu_memory_utilization, 0, attn)
 
 
 @dataclass(frozen=True)

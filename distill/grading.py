@@ -175,7 +175,7 @@ def _grade_one(pair: tuple[str, str]) -> tuple[str | None, bool]:
         return pred, False
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     """CPUs this process may use: on a SLURM node that is the allocation, not the whole node."""
     try:
         return len(os.sched_getaffinity(0))
@@ -215,7 +215,7 @@ def grade(
     that calls this must guard its top level with `if __name__ == "__main__":`.
     """
     n = len(pairs)
-    workers = _default_workers() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if chunksize < 1:

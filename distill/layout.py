@@ -1,9 +1,74 @@
-"""Where every artifact of a run lives, in one place (like submitit's `JobPaths`)."""
+"""Where every artifact lives, in one place (like submitit's `JobPaths`): a run directory, a
+training output directory, an evaluation directory. No other module spells a file name of them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """One training run's output: checkpoints, the final model, the teacher's stored top-k."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    def topk(self, k: int) -> Path:
+        return self.root / f"teacher-top{k}.safetensors"
+
+    @property
+    def topk_info(self) -> Path:
+        return self.root / "teacher-topk.json"
+
+    @property
+    def timing(self) -> Path:
+        """Wall time of a run trained start to finish in one call (`distill compare`)."""
+        return self.root / "timing.json"
+
+
+@dataclass(frozen=True)
+class EvalPaths:
+    """Greedy answers of models on a problem set, one folder per model label, sharded."""
+
+    root: Path
+    num_shards: int
+
+    def shard(self, label: str, shard: int) -> Path:
+        return self.root / label / shard_name(shard, self.num_shards)
+
+    def graded_shard(self, label: str, shard: int) -> Path:
+        return self.shard(label, shard).with_suffix(".graded.jsonl")
+
+    def stats(self, label: str, shard: int) -> Path:
+        return self.shard(label, shard).with_suffix(".stats.json")
+
+    def graded(self, label: str) -> Path:
+        return self.root / label / "graded.jsonl"
+
+    def metrics(self, label: str) -> Path:
+        return self.root / label / "metrics.json"
+
+    def merged_labels(self) -> list[str]:
+        """The labels whose answers are merged (`graded.jsonl`), by name."""
+        return sorted(p.name for p in self.root.iterdir() if self.graded(p.name).is_file()) if self.root.is_dir() else []
+
+    @property
+    def meta(self) -> Path:
+        """What a standalone evaluation directory evaluates (`distill eval`)."""
+        return self.root / "eval.json"
 
 
 @dataclass(frozen=True)
@@ -22,11 +87,20 @@ class RunPaths:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def submit_lock(self) -> Path:
+        return self.root / "submit.lock"
+
+    @property
+    def report(self) -> Path:
+        """report.md, with report.json and report.png beside it."""
+        return self.root / "report.md"
+
     def iteration(self, it: int) -> Path:
         return self.root / f"iter-{it}"
 
     def gen_shard(self, it: int, shard: int, num_shards: int) -> Path:
-        return self.iteration(it) / "generate" / f"shard-{shard:05d}-of-{num_shards:05d}.jsonl"
+        return self.iteration(it) / "generate" / shard_name(shard, num_shards)
 
     def generations(self, it: int) -> Path:
         return self.iteration(it) / "generations.jsonl"
@@ -44,6 +118,12 @@ class RunPaths:
     def mine_dir(self, it: int) -> Path:
         return self.iteration(it) / "mine"
 
+    def mine_responses(self, it: int) -> Path:
+        return self.mine_dir(it) / "responses.jsonl"
+
+    def mine_graded(self, it: int) -> Path:
+        return self.mine_dir(it) / "graded.jsonl"
+
     def errors(self, it: int) -> Path:
         return self.iteration(it) / "errors.jsonl"
 
@@ -51,17 +131,19 @@ class RunPaths:
         """The training set D_it after the dataset policy (accumulate/replace, cap)."""
         return self.iteration(it) / "train_data.jsonl"
 
-    def baseline_dir(self, it: int) -> Path:
-        return self.iteration(it) / "oneshot"
+    def train(self, it: int) -> TrainPaths:
+        return TrainPaths(self.iteration(it) / "train")
 
-    def train_dir(self, it: int) -> Path:
-        return self.iteration(it) / "train"
+    def baseline(self, it: int) -> TrainPaths:
+        """The one-shot student trained at the compute of iterations 0..it."""
+        return TrainPaths(self.iteration(it) / "oneshot")
 
     def student(self, it: int) -> Path:
-        return self.train_dir(it) / "model"
+        return self.train(it).model
 
-    def eval_dir(self, it: int, label: str) -> Path:
-        return self.iteration(it) / "eval" / label
+    def eval(self, it: int, num_shards: int) -> EvalPaths:
+        return EvalPaths(self.iteration(it) / "eval", num_shards)
 
-    def eval_shard(self, it: int, label: str, shard: int, num_shards: int) -> Path:
-        return self.eval_dir(it, label) / f"shard-{shard:05d}-of-{num_shards:05d}.jsonl"
+    def compare(self, steps: int) -> Path:
+        """`distill compare` at `steps` optimizer steps: one TrainPaths per objective, eval/."""
+        return self.root / "compare" / f"steps-{steps}"

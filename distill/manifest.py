@@ -2,7 +2,9 @@
 
 Many jobs (array tasks on several nodes, the driver on a login node) update it at once, so
 every change is a read-modify-write under a lock file, and the new content replaces the old
-with an atomic rename: a reader never sees a half-written file, and no update is lost.
+with an atomic rename: a reader never sees a half-written file, and no update is lost. This
+module holds the file and its primitive writes; which state a unit or stage is in is decided
+by `distill.runner`, the only caller of those writes.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from filelock import FileLock, SoftFileLock
 
 from distill.errors import DistillError
 from distill.jsonl import atomic_write_text, sha256_file
+from distill.layout import RunPaths
 
 STATES = ("pending", "running", "done", "failed")
 
@@ -32,7 +35,7 @@ class Manifest:
 
     def __init__(self, run_dir: str | Path, *, soft_lock: bool = False, timeout: float = 120.0) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "manifest.json"
+        self.path = RunPaths(self.run_dir).manifest
         lock_cls = SoftFileLock if soft_lock else FileLock
         self._lock = lock_cls(str(self.path) + ".lock", timeout=timeout)
 
@@ -137,16 +140,13 @@ def _dir_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-STAGE_ORDER = ("mine", "generate", "verify", "train", "evaluate", "baseline_train", "baseline_evaluate")
-
-
-def format_table(data: dict[str, Any]) -> str:
-    """The manifest as a table: one row per iteration and stage, in pipeline order."""
+def format_table(data: dict[str, Any], order: Sequence[str] = ()) -> str:
+    """The manifest as a table: one row per iteration and stage, stages in `order` (pipeline
+    order), any other stage after them by name."""
     rows = [("iter", "stage", "state", "shards", "started", "ended", "detail")]
     for it in sorted(data.get("iterations", {}), key=int):
         stages = data["iterations"][it].get("stages", {})
-        order = sorted(stages, key=lambda n: (STAGE_ORDER.index(n) if n in STAGE_ORDER else len(STAGE_ORDER), n))
-        for name in order:
+        for name in sorted(stages, key=lambda n: (order.index(n) if n in order else len(order), n)):
             entry = stages[name]
             shards = entry.get("shards", {})
             total = entry.get("num_shards", len(shards))

@@ -15,6 +15,12 @@ def fill(template: str, **slots: Any) -> str:
     return out
 
 
+def training_pairs(prompt: PromptConfig, records: list[dict[str, Any]], tokenizer: Any) -> list[tuple[str, str]]:
+    """(student prompt, teacher rationale) per record: the student sees the plain prompt, never
+    the teacher's error-conditioned one."""
+    return [(build_prompt(tokenizer, prompt, r["question"]), r["response"]) for r in records]
+
+
 def build_prompt(
     tokenizer: Any, prompt: PromptConfig, question: str, template: str | None = None, **slots: Any
 ) -> str:

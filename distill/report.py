@@ -11,6 +11,7 @@ from typing import Any
 
 from distill.errors import DistillError
 from distill.jsonl import atomic_write_text, write_json
+from distill.layout import RunPaths
 from distill.manifest import Manifest
 
 COLUMNS = [
@@ -108,6 +109,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def write_report(run_dir: str | Path) -> tuple[Path, str]:
     """Write report.md, report.json and report.png into the run directory."""
     run_dir = Path(run_dir)
+    report = RunPaths(run_dir).report
     manifest = Manifest(run_dir)
     if not manifest.path.exists():
         raise DistillError(f"{manifest.path}: no manifest (has this run started?)")
@@ -117,9 +119,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, str]:
         raise DistillError(f"{run_dir}: no finished evaluation to report yet")
     table = markdown_table(rows)
     name = data.get("run", run_dir.name)
-    write_json(run_dir / "report.json", {"run": name, "config_hash": data.get("config_hash"), "rows": rows})
-    plot(rows, run_dir / "report.png", f"{name}: held-out accuracy")
+    write_json(report.with_suffix(".json"), {"run": name, "config_hash": data.get("config_hash"), "rows": rows})
+    plot(rows, report.with_suffix(".png"), f"{name}: held-out accuracy")
     text = (f"# Report: {name}\n\nconfig `{data.get('config_hash')}`; accuracy on the held-out test split; "
-            f"'student steps' counts optimizer steps across iterations.\n\n{table}\n\n![accuracy](report.png)\n")
-    atomic_write_text(run_dir / "report.md", text)
-    return run_dir / "report.md", table
+            f"'student steps' counts optimizer steps across iterations.\n\n{table}\n\n![accuracy]({report.with_suffix('.png').name})\n")
+    atomic_write_text(report, text)
+    return report, table

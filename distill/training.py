@@ -34,6 +34,7 @@ from distill import device as devices
 from distill.config import TrainConfig
 from distill.distillation import IGNORE, Distiller, to_device
 from distill.errors import DistillError
+from distill.layout import TrainPaths
 from distill.modeling import load_student, save_final
 from distill.progress import progress_bar
 
@@ -79,7 +80,7 @@ def tokenize_pairs(
     return examples
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
@@ -87,15 +88,15 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 def collate(batch: list[dict[str, list[int]]], pad_id: int, index: list[int] | None = None) -> dict[str, Any]:
     """Right-padded tensors; the teacher's sequences too when the examples have them."""
     out: dict[str, Any] = {
-        "input_ids": _pad([ex["input_ids"] for ex in batch], pad_id),
-        "attention_mask": _pad([[1] * len(ex["input_ids"]) for ex in batch], 0),
-        "labels": _pad([ex["labels"] for ex in batch], IGNORE),
+        "input_ids": pad_rows([ex["input_ids"] for ex in batch], pad_id),
+        "attention_mask": pad_rows([[1] * len(ex["input_ids"]) for ex in batch], 0),
+        "labels": pad_rows([ex["labels"] for ex in batch], IGNORE),
         "index": index or [],
     }
     if "t_input_ids" in batch[0]:
-        out["t_input_ids"] = _pad([ex["t_input_ids"] for ex in batch], pad_id)
-        out["t_attention_mask"] = _pad([[1] * len(ex["t_input_ids"]) for ex in batch], 0)
-        out["t_labels"] = _pad([ex["t_labels"] for ex in batch], IGNORE)
+        out["t_input_ids"] = pad_rows([ex["t_input_ids"] for ex in batch], pad_id)
+        out["t_attention_mask"] = pad_rows([[1] * len(ex["t_input_ids"]) for ex in batch], 0)
+        out["t_labels"] = pad_rows([ex["t_labels"] for ex in batch], IGNORE)
     return out
 
 
@@ -237,8 +238,8 @@ def train(
 
     place = devices.placement(cfg.precision, device)
     devices.check_training_hardware(cfg.quantize, attn_implementation, place.device)
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    out = TrainPaths(Path(out_dir))
+    ckpt_dir = out.checkpoints
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -249,7 +250,7 @@ def train(
                               teacher_prompt=(lambda p: context(prompt=p)) if context else None)
     if not examples:
         raise ValueError("no training examples (all prompts longer than train.max_length?)")
-    distiller = Distiller(cfg, tokenizer, teacher_path, out_dir, examples, place, attn_implementation)
+    distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation)
     distiller.attach_projections(model)
     steps = total_steps(cfg, len(examples))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -315,7 +316,7 @@ def train(
             bar.close()
             return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
     bar.close()
-    model_dir = save_final(model, tokenizer, out_dir / "model", dtype=place.dtype, base_path=model_path,
+    model_dir = save_final(model, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
                            quantized=cfg.quantize == "4bit")
     return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from, model_dir)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill import pipeline
 from distill.errors import ConfigError
 from distill.typed_yaml import from_mapping, read_yaml_mapping
 
@@ -33,18 +34,6 @@ class StageResources:
     cpus: int | None = None
     mem: str | None = None
     time_min: int | None = None
-
-
-@dataclass
-class StageOverrides:
-    """Per-stage resources, e.g. GPUs for generation and evaluation, CPUs only for verify.
-    The one-shot baseline's stages use `train` and `evaluate`."""
-
-    mine: StageResources | None = None
-    generate: StageResources | None = None
-    verify: StageResources | None = None
-    train: StageResources | None = None
-    evaluate: StageResources | None = None
 
 
 @dataclass
@@ -71,13 +60,17 @@ class ClusterProfile:
     max_num_timeout: int = 3
     # Shell lines run before the job's Python starts: module loads, conda activate.
     setup: list[str] = field(default_factory=list)
-    stages: StageOverrides = field(default_factory=StageOverrides)
+    # Per-stage resources, e.g. GPUs for generation and evaluation, CPUs only for verify; keyed by
+    # the stages' resource sections (the one-shot baseline's stages use `train` and `evaluate`).
+    stages: dict[str, StageResources] = field(default_factory=dict)
     source: str = field(default="", metadata={"internal": True})
 
     def resources(self, stage: str) -> StageResources:
-        """The resolved resources of `stage` (`baseline_train` counts as `train`)."""
+        """The resolved resources of a stage's jobs: by the stage's name (`baseline_train` draws
+        on `train`) or its resource section."""
         base = StageResources(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StageResources)})
-        override = getattr(self.stages, stage.removeprefix("baseline_"), None)
+        section = pipeline.stage(stage).resource_section if stage in pipeline.names() else stage
+        override = self.stages.get(section)
         if override is None:
             return base
         changes = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
@@ -123,8 +116,12 @@ def load_profile(name_or_path: str | Path) -> ClusterProfile:
 
 def _check_values(p: ClusterProfile) -> None:
     where = p.source
+    known = pipeline.resource_sections()
+    for name in p.stages:
+        if name not in known:
+            raise ConfigError(f"{where}: stages.{name}: unknown key (expected one of: {', '.join(known)})")
     sections: list[tuple[str, Any]] = [("", p)]
-    sections += [(f"stages.{f.name}.", getattr(p.stages, f.name)) for f in dataclasses.fields(StageOverrides)]
+    sections += [(f"stages.{name}.", resources) for name, resources in p.stages.items()]
     for prefix, section in sections:
         if section is None:
             continue
@@ -144,7 +141,7 @@ def _check_values(p: ClusterProfile) -> None:
         raise ConfigError(f"{where}: array_parallelism: must be >= 1, got {p.array_parallelism}")
     if p.max_num_timeout < 0:
         raise ConfigError(f"{where}: max_num_timeout: must be >= 0, got {p.max_num_timeout}")
-    shortest = min(p.resources(f.name).time_min for f in dataclasses.fields(StageOverrides))
+    shortest = min(p.resources(name).time_min for name in known)
     if not 0 <= p.signal_delay_s < shortest * 60:
         raise ConfigError(
             f"{where}: signal_delay_s: must be >= 0 and below the shortest time limit "

@@ -1,10 +1,11 @@
 """The iteration driver: does whatever the manifest says is still missing, and nothing twice.
 
-Run it on a login node (or a laptop): each stage is submitted through submitit (shards as one
-SLURM array), the driver waits for the stage's jobs, merges their outputs in-process, and moves
-on. Stages already `done` are skipped without importing torch, so re-running a finished
-iteration takes about a second. It can be re-run (or run twice) at any time: a shard whose
-recorded job is still in squeue is waited for, not submitted again.
+Run it on a login node (or a laptop): each stage of the plan (`distill.pipeline`) is submitted
+through submitit, one job per unit the manifest lacks (a sharded stage as one SLURM array); the
+driver waits for the stage's jobs, merges their outputs in-process, and moves on. Stages
+already `done` are skipped without importing torch, so re-running a finished iteration takes
+about a second. It can be re-run (or run twice) at any time: a unit whose recorded job is still
+in squeue is waited for, not submitted again.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import submitit
@@ -21,42 +22,48 @@ from filelock import FileLock, SoftFileLock
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
-from distill.manifest import Manifest, format_table
+from distill.manifest import format_table
 from distill.preflight import check_inputs
-from jobs import stages
+from distill.runner import fail_stage, merge_stage, open_run, record_submitted, unit_entry
+from distill.stage import Stage
 from jobs.cluster import ClusterProfile, load_profile
 from jobs.executors import attach, local_threads, make_executor, resolve_kind
 from jobs.queue import in_flight, queue_states
+from jobs.unit_job import UnitJob
 
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def failure(stage: str, job: submitit.Job, why: str) -> DistillError:
-    """One line: the job's final exception line (submitit wraps the remote traceback in text
-    that ends with log paths), and where its full log is."""
+def failure_line(job: submitit.Job, why: str) -> str:
+    """The job's final exception line (submitit wraps the remote traceback in text that ends
+    with log paths), and where its full log is."""
     trace = why.split("You can check full logs")[0]
     lines = [line.strip() for line in trace.splitlines() if line.strip().strip("-")]
-    last = lines[-1] if lines else "no detail"
-    return DistillError(f"{stage}: job {job.job_id} failed: {last} (log: {job.paths.stderr})")
+    return f"job {job.job_id} failed: {lines[-1] if lines else 'no detail'} (log: {job.paths.stderr})"
 
 
-def wait(jobs: Sequence[submitit.Job], stage: str, kind: str, *, poll_s: float = 2.0, grace_s: float = 30.0) -> None:
-    """Block until every job has ended; the first failure becomes one line naming the job's log.
+def wait(jobs: Sequence[submitit.Job], kind: str, *, poll_s: float = 2.0, grace_s: float = 30.0) -> dict[str, str]:
+    """Block until every job has ended; returns job id -> one line for each job that failed.
 
     A SLURM job has ended when its result pickle exists, or when it has left squeue (a requeued
     job is PENDING again, so it stays) without leaving one for `grace_s` seconds: cancelled or
     killed. Polling squeue is needed because without accounting `sacct` fails and `job.result()`
     would wait forever for such a job. Local jobs are the driver's children: it knows when they end.
     """
+    failed: dict[str, str] = {}
+
+    def collect(job: submitit.Job) -> None:
+        try:
+            job.result()
+        except Exception as exc:
+            failed[job.job_id] = failure_line(job, str(exc))
+
     if kind != "slurm":
         for job in jobs:
-            try:
-                job.result()
-            except Exception as exc:
-                raise failure(stage, job, str(exc)) from None
-        return
+            collect(job)
+        return failed
     pending = list(jobs)
     gone_since: dict[str, float] = {}
     last_state: dict[str, str] = {}
@@ -65,10 +72,7 @@ def wait(jobs: Sequence[submitit.Job], stage: str, kind: str, *, poll_s: float =
         for job in list(pending):
             if job.paths.result_pickle.exists():
                 pending.remove(job)
-                try:
-                    job.result()
-                except Exception as exc:
-                    raise failure(stage, job, str(exc)) from None
+                collect(job)
             elif states is None:
                 continue  # squeue did not answer: ask again, assume nothing
             elif in_flight(states, job.job_id):
@@ -78,10 +82,13 @@ def wait(jobs: Sequence[submitit.Job], stage: str, kind: str, *, poll_s: float =
                     say(f"  job {job.job_id} requeued ({reason})")
                 last_state[job.job_id] = state
             elif time.monotonic() - gone_since.setdefault(job.job_id, time.monotonic()) > grace_s:
+                pending.remove(job)
                 state = states.get(job.job_id, ("gone from the queue", ""))[0]
-                raise failure(stage, job, f"ended without a result ({state}: cancelled, killed, out of memory?)")
+                failed[job.job_id] = failure_line(
+                    job, f"ended without a result ({state}: cancelled, killed, out of memory?)")
         if pending:
             time.sleep(poll_s)
+    return failed
 
 
 def _stopped_at(entry: dict[str, Any]) -> str:
@@ -94,129 +101,102 @@ class Driver:
         self.cfg = cfg
         self.kind = resolve_kind(executor)
         self.cluster = cluster
-        self.paths, self.manifest = pipeline.open_run(cfg)
+        self.paths, self.manifest = open_run(cfg)
         lock_cls = SoftFileLock if cfg.lock == "soft" else FileLock
         # Held from "what is missing and not in flight" to "job ids recorded", so two drivers of
-        # one run never both submit the same shard.
-        self.submit_lock = lock_cls(str(self.paths.root / "submit.lock"), timeout=600)
+        # one run never both submit the same unit.
+        self.submit_lock = lock_cls(str(self.paths.submit_lock), timeout=600)
+        self.iteration = 0
 
-    def executor(self, stage: str) -> submitit.AutoExecutor:
-        return make_executor(self.kind, self.paths.logs, name=f"distill-{self.cfg.name}-{stage}",
-                             profile=self.cluster, stage=stage)
+    def executor(self, stage: Stage) -> submitit.AutoExecutor:
+        return make_executor(self.kind, self.paths.logs, name=f"distill-{self.cfg.name}-{stage.name}",
+                             profile=self.cluster, stage=stage.resource_section)
 
     def threads(self, parallel_jobs: int) -> int | None:
         return local_threads(parallel_jobs) if self.kind in ("local", "debug") else None
 
-    def unit_state(self, stage: str, key: str, sharded: bool) -> dict[str, Any]:
-        entry = self.manifest.stage(self.iteration, stage)
-        return entry.get("shards", {}).get(key, {}) if sharded else entry
+    def unit_state(self, stage: Stage, key: str) -> dict[str, Any]:
+        return unit_entry(self.manifest.read(), self.iteration, stage, key)
 
-    def in_flight(self, stage: str, keys: list[str]) -> dict[str, str]:
+    def in_flight(self, stage: Stage, keys: list[str]) -> dict[str, str]:
         """key -> job id of the units whose recorded job is still pending, running or requeued."""
         if self.kind != "slurm" or not keys:
             return {}
-        recorded = self.manifest.stage(self.iteration, stage).get("job_ids", {})
+        recorded = self.manifest.stage(self.iteration, stage.name).get("job_ids", {})
         states = queue_states()
         if states is None:
-            raise DistillError(f"{stage}: squeue does not answer, so in-flight jobs cannot be told apart "
+            raise DistillError(f"{stage.name}: squeue does not answer, so in-flight jobs cannot be told apart "
                                f"from finished ones; try again")
         return {k: recorded[k] for k in keys if k in recorded and in_flight(states, recorded[k])}
 
-    def run_jobs(self, stage: str, fn: Any, keys: list[str], args: Callable[[str, int | None], tuple],
-                 sharded: bool = True) -> None:
-        """One job per unit (shard) the manifest lacks, as one array, and wait for all of them.
+    def run_units(self, stage: Stage) -> None:
+        """One job per unit the manifest lacks (an array, for a sharded stage), and wait for all.
 
         A unit whose job is still in the queue (submitted by an earlier or a concurrent driver) is
         not submitted again: this driver waits for that job instead. When this returns, every
         unit is done, or a DistillError says which is not and why.
         """
+        keys = stage.units(self.cfg, self.iteration)
         with self.submit_lock:
-            todo = [k for k in keys if self.unit_state(stage, k, sharded).get("state") != "done"]
+            todo = [k for k in keys if self.unit_state(stage, k).get("state") != "done"]
             attached = self.in_flight(stage, todo)
             new = [k for k in todo if k not in attached]
-            jobs: list[submitit.Job] = []
+            jobs: dict[str, submitit.Job] = {}
             if new:
                 threads = self.threads(len(new))
                 ex = self.executor(stage)
                 with ex.batch():
-                    jobs = [ex.submit(fn, *args(k, threads)) for k in new]
-                self.manifest.add_job_ids(self.iteration, stage, {k: j.job_id for k, j in zip(new, jobs, strict=True)})
+                    submitted = [ex.submit(UnitJob(), self.cfg, self.iteration, stage, k, threads) for k in new]
+                jobs = dict(zip(new, submitted, strict=True))
+                record_submitted(self.cfg, self.iteration, stage.name, {k: j.job_id for k, j in jobs.items()})
         if jobs:
-            say(f"  submitted {len(jobs)} job(s): {', '.join(j.job_id for j in jobs)}")
+            say(f"  submitted {len(jobs)} job(s): {', '.join(j.job_id for j in jobs.values())}")
         if attached:
             say(f"  waiting for {len(attached)} job(s) already in flight: {', '.join(attached.values())}")
-        wait(jobs + [attach(self.kind, self.paths.logs, j) for j in attached.values()], stage, self.kind)
-        for k in keys:
-            entry = self.unit_state(stage, k, sharded)
-            if entry.get("state") != "done":
-                unit = f" shard {k}" if sharded else ""
-                detail = entry.get("error") or _stopped_at(entry) or f"state {entry.get('state', 'pending')}"
-                raise DistillError(f"{stage}{unit}: not done after its job ended: {detail}; run again to resume")
+        jobs |= {k: attach(self.kind, self.paths.logs, j) for k, j in attached.items()}
+        failed = wait(list(jobs.values()), self.kind)
+        for key in keys:
+            entry = self.unit_state(stage, key)
+            if entry.get("state") == "done":
+                continue
+            job = jobs.get(key)
+            if job is not None and job.job_id in failed:
+                raise DistillError(f"{stage.describe(key)}: {failed[job.job_id]}")
+            detail = entry.get("error") or _stopped_at(entry) or f"state {entry.get('state', 'pending')}"
+            raise DistillError(f"{stage.describe(key)}: not done after its job ended: {detail}; run again to resume")
 
-    # -- stages --------------------------------------------------------------------------------
+    def run_stage(self, stage: Stage) -> None:
+        self.run_units(stage)
+        if stage.merge is not None:
+            merge_stage(self.cfg, self.iteration, stage)
+        line = stage.summary(self.manifest.stage(self.iteration, stage.name))
+        if line:
+            say(f"  {line}")
 
-    def mine(self) -> None:
-        self.run_jobs("mine", stages.Mine(), ["0"], lambda k, t: (self.cfg, self.iteration, t), sharded=False)
-        m = self.manifest.stage(self.iteration, "mine")["metrics"]
-        say(f"  student of iteration {self.iteration - 1}: {m['errors']} errors on {m['probed']} probe problems")
-
-    def generate(self) -> None:
-        num = self.cfg.generation.num_shards
-        self.run_jobs("generate", stages.GenerateShard(), [str(s) for s in range(num)],
-                      lambda k, t: (self.cfg, self.iteration, int(k), t))
-        n = pipeline.merge_generation(self.cfg, self.iteration)
-        say(f"  merged {n} records from {num} shard(s)")
-
-    def verify(self) -> None:
-        self.run_jobs("verify", stages.Verify(), ["0"], lambda k, t: (self.cfg, self.iteration, t), sharded=False)
-        m = self.manifest.stage(self.iteration, "verify")["metrics"]
-        say(f"  kept {m['kept']} of {m['records']} rationales; {m['problems_unsolved']} problem(s) unsolved by the teacher")
-
-    def train(self, baseline: bool = False) -> None:
-        stage = "baseline_train" if baseline else "train"
-        self.run_jobs(stage, stages.Train(), ["0"], lambda k, t: (self.cfg, self.iteration, t, baseline), sharded=False)
-        entry = self.manifest.stage(self.iteration, stage)
-        m = entry.get("metrics", {})
-        say(f"  step {m.get('step')} of {m.get('total_steps')}, loss {m.get('loss')}, "
-            f"{entry.get('allocations', 1)} allocation(s)")
-
-    def evaluate(self, stage: str = "evaluate") -> None:
-        units = {f"{label}:{shard}": (label, shard) for label, shard in pipeline.eval_units(self.cfg, self.iteration, stage)}
-        self.run_jobs(stage, stages.EvaluateShard(), list(units),
-                      lambda k, t: (self.cfg, self.iteration, *units[k], t, stage))
-        for label, m in pipeline.merge_evaluation(self.cfg, self.iteration, stage).items():
-            say(f"  {label}: accuracy {m['accuracy']:.3f} on {m['n']} problems, {m['tokens_mean']:.1f} tokens/answer")
-
-    def baseline_train(self) -> None:
-        self.train(baseline=True)
-
-    def baseline_evaluate(self) -> None:
-        self.evaluate("baseline_evaluate")
-
-    # -- iterations ----------------------------------------------------------------------------
+    # -- plans ---------------------------------------------------------------------------------
 
     def require_finished(self, iteration: int) -> None:
-        for stage in pipeline.stages_for(iteration):
-            state = self.manifest.stage(iteration, stage).get("state", "pending")
+        for stage in pipeline.iteration_plan(iteration):
+            state = self.manifest.stage(iteration, stage.name).get("state", "pending")
             if state != "done":
                 raise DistillError(
-                    f"iteration {iteration + 1} needs iteration {iteration} finished, but its {stage} stage is "
+                    f"iteration {iteration + 1} needs iteration {iteration} finished, but its {stage.name} stage is "
                     f"{state}: run `make iter ITER={iteration}` first"
                 )
 
-    def run_stages(self, iteration: int, names: Sequence[str], only: Sequence[str] | None = None) -> None:
+    def run_plan(self, iteration: int, stages: Sequence[Stage], only: Sequence[str] | None = None) -> None:
         self.iteration = iteration
-        for stage in names:
-            if only is not None and stage not in only:
+        for stage in stages:
+            if only is not None and stage.name not in only:
                 continue
-            if self.manifest.is_done(iteration, stage):
-                say(f"iter {iteration} {stage}: done, skipped")
+            if self.manifest.is_done(iteration, stage.name):
+                say(f"iter {iteration} {stage.name}: done, skipped")
                 continue
-            say(f"iter {iteration} {stage}: running ({self.kind} executor)")
+            say(f"iter {iteration} {stage.name}: running ({self.kind} executor)")
             try:
-                getattr(self, stage)()
+                self.run_stage(stage)
             except DistillError as exc:
-                self.manifest.mark(iteration, stage, "failed", error=str(exc)[:300])
+                fail_stage(self.cfg, iteration, stage.name, str(exc))
                 raise
 
     def run_iteration(self, iteration: int, only: Sequence[str] | None = None) -> bool:
@@ -224,8 +204,9 @@ class Driver:
         whether the student improved."""
         if iteration > 0:
             self.require_finished(iteration - 1)
-        self.run_stages(iteration, pipeline.stages_for(iteration), only)
-        if only is not None and not all(self.manifest.is_done(iteration, s) for s in pipeline.stages_for(iteration)):
+        plan = pipeline.iteration_plan(iteration)
+        self.run_plan(iteration, plan, only)
+        if only is not None and not all(self.manifest.is_done(iteration, s.name) for s in plan):
             return False
         acc = self.student_accuracy(iteration)
         if iteration == 0:
@@ -243,7 +224,7 @@ class Driver:
     def run_baseline(self, iteration: int) -> None:
         """One-step distillation at the same student compute as iterations 0..`iteration`."""
         self.require_finished(iteration)
-        self.run_stages(iteration, pipeline.BASELINE_STAGES)
+        self.run_plan(iteration, pipeline.baseline_plan())
 
     def run_undo(self) -> int:
         """Iterations until `undo.max_iters` or `undo.patience` iterations without improvement."""
@@ -259,7 +240,7 @@ class Driver:
 
 
 def _parse_stages(text: str, iteration: int) -> list[str]:
-    known = pipeline.stages_for(iteration)
+    known = [s.name for s in pipeline.iteration_plan(iteration)]
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in known]
     if unknown:
@@ -308,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(Manifest(cfg.run_dir).read()))
+    print(format_table(driver.manifest.read(), pipeline.names()))
     return 0
 
 

@@ -1,12 +1,12 @@
-"""`python -m jobs.stage`: one unit of one stage (a shard, or a whole single-job stage) in this
+"""`python -m jobs.stage`: one unit of one stage (a shard, or a whole single-unit stage) in this
 process, for running an iteration with plain sbatch scripts (slurm/*.sbatch) instead of the driver.
 
 It keeps the driver's rules: the run's manifest says what is done (a done unit exits at once),
 every unit resumes from what it left on disk, and the merge refuses incomplete shards. On the
 stop signal (USR2, which `#SBATCH --signal=B:USR2@90` makes SLURM send to the batch script, and
-the script forwards here) training stops after its current optimizer step and saves; the other
-stages stop at once (they are safe to stop anywhere). It then exits with status 3, and the script
-requeues the job, at most `--max-requeues` times.
+the script forwards here) the unit stops (training after its current optimizer step, with a
+checkpoint) and the process exits with status 3; the script then requeues its job, at most
+`--max-requeues` times.
 
     python -m jobs.stage generate --config C --iter N --shard $SLURM_ARRAY_TASK_ID
     python -m jobs.stage merge generate --config C --iter N
@@ -20,120 +20,80 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
 
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
-from distill.manifest import Manifest
-from jobs.stages import STOP_SIGNAL, SafeStop, job_id, mark_failed, mark_requeued, set_threads
+from distill.runner import fail_unit, manifest_of, merge_stage, open_run, requeued_unit, run_unit, unit_done
+from distill.stage import Stage
+from jobs.allocation import job_id, set_threads
+from jobs.signals import STOP_SIGNAL, StopOnSignal
 
 REQUEUE = 3
-SHARDED = ("generate", "evaluate", "baseline_evaluate")
 
 
-class Stopped(BaseException):
-    """Raised by the stop-signal handler in stages that can stop anywhere.
-
-    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
-
-
-@contextmanager
-def stop_at_once() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Stopped(signal.Signals(signum).name)
-
-    previous = signal.signal(STOP_SIGNAL, handler)
-    try:
-        yield
-    finally:
-        signal.signal(STOP_SIGNAL, previous)
-
-
-def requeue_or_fail(cfg: RunConfig, it: int, stage: str, shard: str | None, max_requeues: int) -> int:
+def requeue_or_fail(cfg: RunConfig, it: int, stage: Stage, key: str, max_requeues: int) -> int:
     """Exit status after a stop: REQUEUE while requeues are left, else a failure in the manifest."""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if restarts >= max_requeues:
-        mark_failed(cfg, it, stage, shard,
-                    f"stopped by {STOP_SIGNAL.name} in allocation {restarts + 1}, not requeued again "
-                    f"(--max-requeues {max_requeues}); raise --time and submit again: the work done so far is kept")
-        print(f"{stage}: stopped; {restarts} requeue(s) already, not requeued again", file=sys.stderr)
+        fail_unit(cfg, it, stage, key,
+                  f"stopped by {STOP_SIGNAL.name} in allocation {restarts + 1}, not requeued again "
+                  f"(--max-requeues {max_requeues}); raise --time and submit again: the work done so far is kept")
+        print(f"{stage.name}: stopped; {restarts} requeue(s) already, not requeued again", file=sys.stderr)
         return 1
-    mark_requeued(cfg, it, stage, shard)
-    print(f"{stage}: stopped at a safe point; requeue me", file=sys.stderr)
+    requeued_unit(cfg, it, stage, key)
+    print(f"{stage.name}: stopped at a safe point; requeue me", file=sys.stderr)
     return REQUEUE
 
 
-def unit_done(cfg: RunConfig, it: int, stage: str, shard: str | None) -> bool:
-    entry = Manifest(cfg.run_dir).stage(it, stage)
-    if shard is not None:
-        entry = entry.get("shards", {}).get(shard, {})
-    return entry.get("state") == "done"
+def unit_key(cfg: RunConfig, it: int, stage: Stage, index: int | None) -> str:
+    """The key of array task `index` of a sharded stage ("0" for a single-unit stage)."""
+    if not stage.sharded:
+        return "0"
+    keys = stage.units(cfg, it)
+    if index is None or not 0 <= index < len(keys):
+        raise DistillError(f"{stage.name}: --shard {index} out of range: this iteration has {len(keys)} "
+                           f"{stage.unit_name}(s), 0-{len(keys) - 1} (see `count {stage.name}`)")
+    return keys[index]
 
 
-def eval_unit(cfg: RunConfig, it: int, stage: str, index: int) -> tuple[str, int]:
-    units = pipeline.eval_units(cfg, it, stage)
-    if not 0 <= index < len(units):
-        raise DistillError(f"{stage}: --shard {index} out of range: this iteration has {len(units)} "
-                           f"evaluation task(s), 0-{len(units) - 1} (see `count {stage}`)")
-    return units[index]
+def chosen_stage(args: argparse.Namespace) -> Stage:
+    name = args.command if args.command not in ("merge", "count") else args.what
+    return pipeline.stage(f"baseline_{name}" if getattr(args, "baseline", False) else name)
 
 
 def run(args: argparse.Namespace, cfg: RunConfig) -> int:
-    it, cmd = args.iteration, args.command
-    if cmd == "count":
-        print(cfg.generation.num_shards if args.what == "generate" else len(pipeline.eval_units(cfg, it, args.what)))
+    it, stage = args.iteration, chosen_stage(args)
+    if args.command == "count":
+        print(len(stage.units(cfg, it)))
         return 0
-    if cmd == "merge":
-        if Manifest(cfg.run_dir).is_done(it, args.what):
-            print(f"{args.what}: already merged")
-        elif args.what == "generate":
-            print(f"generate: merged {pipeline.merge_generation(cfg, it)} records")
+    if args.command == "merge":
+        if manifest_of(cfg).is_done(it, stage.name):
+            print(f"{stage.name}: already merged")
         else:
-            print(json.dumps(pipeline.merge_evaluation(cfg, it, args.what)))
+            merge_stage(cfg, it, stage)
+            print(stage.summary(manifest_of(cfg).stage(it, stage.name)))
         return 0
-
-    pipeline.open_run(cfg)  # refuses a config that differs from the run's
-    stage = ("baseline_" + cmd) if getattr(args, "baseline", False) else cmd
-    if cmd == "generate":
-        shard: str | None = str(args.shard)
-    elif cmd == "evaluate":
-        label, num = eval_unit(cfg, it, stage, args.shard)
-        shard = f"{label}:{num}"
-    else:
-        shard = None
-    if unit_done(cfg, it, stage, shard):
-        print(f"{stage}{f' {shard}' if shard else ''}: already done")
+    open_run(cfg)  # refuses a config that differs from the run's
+    key = unit_key(cfg, it, stage, getattr(args, "shard", None))
+    if unit_done(cfg, it, stage, key):
+        print(f"{stage.describe(key)}: already done")
         return 0
     set_threads(None)
-    if cmd == "train":
-        with SafeStop() as stop:
-            result = pipeline.train_student(cfg, it, baseline=args.baseline, job_id=job_id(), should_stop=stop.requested)
-        if not result.finished:
-            return requeue_or_fail(cfg, it, stage, None, args.max_requeues)
-        print(json.dumps({"finished": result.finished, "step": result.step, "loss": result.loss}))
-        return 0
-    try:
-        with stop_at_once():
-            if cmd == "generate":
-                out = pipeline.generate_teacher_shard(cfg, it, args.shard, job_id=job_id())
-            elif cmd == "evaluate":
-                out = pipeline.evaluate_shard(cfg, it, label, num, stage=stage, job_id=job_id())
-            elif cmd == "verify":
-                out = pipeline.verify(cfg, it, job_id=job_id())
-            else:
-                out = pipeline.mine(cfg, it, job_id=job_id())
-    except Stopped:
-        return requeue_or_fail(cfg, it, stage, shard, args.max_requeues)
-    print(json.dumps(out))
+    with StopOnSignal(stage.stops_anywhere) as stop:
+        outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)
+    if outcome.state == "stopped":
+        return requeue_or_fail(cfg, it, stage, key, args.max_requeues)
+    if outcome.state == "failed":
+        print(f"error: {stage.describe(key)}: {outcome.error}", file=sys.stderr)
+        return 2 if outcome.bad_input else 1
+    print(json.dumps(outcome.fields.get("metrics", outcome.fields)))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per registered stage (plus merge and count for the sharded ones)."""
     parser = argparse.ArgumentParser(prog="python -m jobs.stage", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
@@ -144,19 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-requeues", type=int, default=int(os.environ.get("DISTILL_MAX_REQUEUES", "3")),
                         help="stops after this many requeues fail the unit (default: $DISTILL_MAX_REQUEUES or 3)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", parents=[common], help="one teacher generation shard")
-    p.add_argument("--shard", type=int, required=True, help="shard index ($SLURM_ARRAY_TASK_ID)")
-    p = sub.add_parser("evaluate", parents=[common], help="one evaluation task: a (model, shard) pair")
-    p.add_argument("--shard", type=int, required=True, help="task index ($SLURM_ARRAY_TASK_ID), 0 to `count evaluate` - 1")
-    p.add_argument("--baseline", action="store_true", help="evaluate the one-shot baseline student")
-    sub.add_parser("mine", parents=[common], help="probe the previous student for errors (iterations >= 1)")
-    sub.add_parser("verify", parents=[common], help="grade the merged generations")
-    p = sub.add_parser("train", parents=[common], help="train the student (resumes from its newest checkpoint)")
-    p.add_argument("--baseline", action="store_true", help="train the one-shot baseline student")
-    for name, text in (("merge", "merge the shards of a stage once all are done"),
+    names = pipeline.names()
+    for stage in pipeline.STAGES:
+        if stage.name.startswith("baseline_") and stage.name.removeprefix("baseline_") in names:
+            continue  # run as `<stage> --baseline`
+        doc = (stage.run.__doc__ or stage.name).strip().splitlines()[0]
+        p = sub.add_parser(stage.name, parents=[common], help=doc)
+        if stage.sharded:
+            p.add_argument("--shard", type=int, required=True,
+                           help=f"{stage.unit_name} index ($SLURM_ARRAY_TASK_ID), 0 to `count {stage.name}` - 1")
+        if f"baseline_{stage.name}" in names:
+            p.add_argument("--baseline", action="store_true", help=f"the one-shot baseline's {stage.name}")
+    sharded = sorted({s.name for s in pipeline.STAGES if s.sharded}, key=names.index)
+    for name, text in (("merge", "merge the units of a stage once all are done"),
                        ("count", "print how many array tasks a stage has")):
         p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("what", choices=SHARDED)
+        p.add_argument("what", choices=sharded)
     return parser
 
 

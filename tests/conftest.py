@@ -81,3 +81,23 @@ def spawn_python(code: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_stage_unit(cfg, it: int, name: str, key: str = "0") -> dict:
+    """One unit of a registered stage through the runner, as any launcher runs it; its
+    manifest fields (metrics for a single-unit stage), or the failure raised."""
+    from distill import pipeline
+    from distill.runner import run_unit
+
+    outcome = run_unit(cfg, it, pipeline.stage(name), key, progress=False)
+    if outcome.state != "done":
+        raise AssertionError(f"{name} {key}: {outcome.state}: {outcome.error}")
+    return outcome.fields.get("metrics", outcome.fields)
+
+
+def merge_stage_units(cfg, it: int, name: str) -> dict:
+    """A sharded stage's merge; the stage entry's metrics."""
+    from distill import pipeline
+    from distill.runner import merge_stage
+
+    return merge_stage(cfg, it, pipeline.stage(name))["metrics"]

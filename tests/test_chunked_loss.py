@@ -8,7 +8,6 @@ direct way from the model's full [B, L, V] logits) to 1e-5.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from distill.chunked import CrossEntropy, full_head_loss, head_loss
 from distill.config import KDConfig, TrainConfig
 from distill.device import placement
 from distill.distillation import IGNORE, Distiller, completion_spans
+from distill.layout import TrainPaths
 from distill.modeling import load_student, load_teacher
 from distill.training import collate, tokenize_pairs
 from tests.test_training import pairs
@@ -136,7 +136,7 @@ def test_each_objective_equals_its_full_logits_form(tiny_world, tmp_path, name):
     model, tokenizer = load_student(tiny_world.student, cfg, place)
     context = cfg.kd.context_template.format if objective == "context" else None
     examples = tokenize_pairs(tokenizer, pairs()[:6], 64, teacher_prompt=(lambda p: context(prompt=p)) if context else None)
-    distiller = Distiller(cfg, tokenizer, tiny_world.teacher, tmp_path, examples, place)
+    distiller = Distiller(cfg, tokenizer, tiny_world.teacher, TrainPaths(tmp_path), examples, place)
     batch = collate(examples[1:5], tokenizer.pad_token_id, [1, 2, 3, 4])
     n_target = int((batch["labels"][:, 1:] != IGNORE).sum()) + 3  # as if another micro-batch held 3 more
     loss, ce_sum = distiller.loss(model, distiller.prepare(batch), n_target, grad_accum=2)
@@ -160,7 +160,7 @@ def test_vocabulary_rows_past_the_tokenizer_are_ignored(tiny_world, tmp_path):
     model, tokenizer = load_student(tiny_world.student, cfg, place)
     model.resize_token_embeddings(len(tokenizer) + 13)
     examples = tokenize_pairs(tokenizer, pairs()[:3], 64)
-    distiller = Distiller(cfg, tokenizer, None, Path(tmp_path), examples, place)
+    distiller = Distiller(cfg, tokenizer, None, TrainPaths(tmp_path), examples, place)
     batch = collate(examples, tokenizer.pad_token_id, [0, 1, 2])
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
     loss, _ = distiller.loss(model, distiller.prepare(batch), n, 1)

@@ -13,8 +13,8 @@ from distill.errors import ConfigError
 from distill.training import newest_checkpoint, train
 from jobs.cluster import load_profile
 from jobs.driver import main as driver_main
+from jobs.signals import StopOnSignal
 from jobs.stage import main as stage_main
-from jobs.stages import SafeStop
 from tests.conftest import ROOT
 from tests.test_training import pairs
 
@@ -86,14 +86,14 @@ def test_safe_stop_turns_the_signal_into_a_step_boundary_stop_then_hands_it_over
         cfg = TrainConfig(lr=3e-3, max_steps=20, batch_size=4, save_steps=100, max_length=64)
         calls = 0
 
-        def should_stop(stop: SafeStop) -> bool:
+        def should_stop(stop: StopOnSignal) -> bool:
             nonlocal calls
             calls += 1
             if calls == 3:
                 os.kill(os.getpid(), signal.SIGUSR2)  # arrives while the loop runs
             return stop.requested()
 
-        with SafeStop() as stop:
+        with StopOnSignal(anywhere=False) as stop:
             result = train(tiny_world.student, pairs(), cfg, tmp_path / "out", progress=False,
                            should_stop=lambda: should_stop(stop))
             assert handed == []  # not yet: submitit's handler would requeue and exit right here

@@ -17,6 +17,7 @@ import torch
 from distill.config import KDConfig, LoraConfig, TrainConfig
 from distill.device import placement
 from distill.distillation import Distiller, to_device
+from distill.layout import TrainPaths
 from distill.modeling import freeze, output_head, prepare_student, student_dtype
 from distill.training import collate, newest_checkpoint, pack, tokenize_pairs, train
 from tests.devicecheck import DeviceMismatch, MetaAccelerator
@@ -88,7 +89,7 @@ def test_lora_batches_follow_the_model_wherever_it_was_placed(tiny_world):
     model, tokenizer = load_student(tiny_world.student, cfg, place)
     assert {p.device.type for p in model.parameters()} == {"meta"}
     examples = tokenize_pairs(AutoTokenizer.from_pretrained(tiny_world.student), pairs()[:4], 64)
-    distiller = Distiller(cfg, tokenizer, None, Path("."), examples, place)
+    distiller = Distiller(cfg, tokenizer, None, TrainPaths(Path(".")), examples, place)
     batch = to_device(distiller.prepare(collate(examples, tokenizer.pad_token_id, [0, 1, 2, 3])), place.device)
     with MetaAccelerator():
         loss, _ = distiller.loss(model, batch, n_target=10, grad_accum=1)
@@ -147,7 +148,7 @@ def test_a_loss_step_at_real_size_on_the_device():
     examples = [{"input_ids": list(range(100, 196)), "labels": [-100] * 30 + list(range(130, 196))},
                 {"input_ids": list(range(5, 70)), "labels": [-100] * 20 + list(range(25, 70))}]
     tokenizer = type("Vocab", (), {"__len__": lambda self: 151_665})()  # Qwen2.5's real vocabulary
-    distiller = Distiller(cfg, tokenizer, None, Path("."), examples, place)
+    distiller = Distiller(cfg, tokenizer, None, TrainPaths(Path(".")), examples, place)
     batch = to_device(distiller.prepare(collate(examples, 0, [0, 1])), place.device)
     with MetaAccelerator():
         loss, _ = distiller.loss(model, batch, n_target=111, grad_accum=1)

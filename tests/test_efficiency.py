@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from distill import pipeline
 from distill.config import load_config
 from distill.efficiency import filter_rationales, summarize, write_token_report
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import RunPaths
+from distill.runner import open_run
+from tests.conftest import run_stage_unit
 
 
 def _rec(pid: str, k: int, n_tokens: int, correct: bool = True, **meta) -> dict:
@@ -32,12 +33,12 @@ def test_median_filters_global_and_per_problem():
 
 def test_verify_stage_applies_the_configured_filter(tiny_world, tmp_path):
     cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"), ["verify.filter=median_tokens"])
-    paths, _ = pipeline.open_run(cfg)
+    paths, _ = open_run(cfg)
     right, wrong = "So \\boxed{5}.", "So \\boxed{6}."
     gens = [{"id": f"p{i}#0", "problem_id": f"p{i}", "question": f"q{i}", "gold": "5",
              "response": right if i < 4 else wrong, "n_tokens": 10 * (i + 1), "finished": True} for i in range(6)]
     write_jsonl(paths.generations(0), gens)
-    metrics = pipeline.verify(cfg, 0, progress=False)
+    metrics = run_stage_unit(cfg, 0, "verify")
     assert [r["id"] for r in read_jsonl(RunPaths(cfg.run_dir).verified(0))] == ["p0#0", "p1#0"]
     assert metrics["correct"] == 4 and metrics["kept"] == 2 and metrics["filter_threshold"] == 25.0
     assert metrics["teacher_accuracy"] == round(4 / 6, 4) and metrics["problems_solved"] == 4
@@ -68,7 +69,7 @@ def test_tokens_command_reports_a_runs_evaluated_models(tmp_path, capsys):
 
     paths = RunPaths(tmp_path / "run")
     for label, recs in (("student", [_rec("a", 0, 7)]), ("teacher", RECORDS), ("base", [_rec("a", 0, 9, False)])):
-        write_jsonl(paths.eval_dir(0, label) / "graded.jsonl", recs)
+        write_jsonl(paths.eval(0, 1).graded(label), recs)
     assert main(["tokens", "--run", str(paths.root)]) == 0
     out = capsys.readouterr().out
     assert out.index("| teacher |") < out.index("| base |") < out.index("| student |")

@@ -1,13 +1,12 @@
 import signal
 import time
 
-from distill import pipeline
 from distill.config import load_config
 from distill.generation import SamplingSpec, TransformersBackend, generate_shard, merge_shards
 from distill.jsonl import read_jsonl
 from distill.layout import RunPaths
 from distill.problems import train_problems
-from tests.conftest import run_python, spawn_python
+from tests.conftest import merge_stage_units, run_python, spawn_python
 
 
 class FakeBackend:
@@ -70,8 +69,8 @@ def test_sigkilled_shard_resumes_with_every_record_exactly_once(tiny_world, tmp_
                  "generation.temperature=1.0"]
     cfg = load_config(cfg_path, overrides)
     shard = RunPaths(cfg.run_dir).gen_shard(0, 0, 1)
-    code = (f"from distill.config import load_config; from distill import pipeline; "
-            f"pipeline.generate_teacher_shard(load_config({str(cfg_path)!r}, {overrides!r}), 0, 0, progress=False)")
+    code = (f"from distill.config import load_config; from tests.conftest import run_stage_unit; "
+            f"run_stage_unit(load_config({str(cfg_path)!r}, {overrides!r}), 0, 'generate', '0')")
     proc = spawn_python(code)
     deadline = time.time() + 60
     while time.time() < deadline and (not shard.exists() or shard.read_text().count("\n") < 6):
@@ -86,7 +85,7 @@ def test_sigkilled_shard_resumes_with_every_record_exactly_once(tiny_world, tmp_
     problems = [p["id"] for p in train_problems(cfg)]
     assert sorted(ids) == sorted(f"{p}#{k}" for p in problems for k in range(2))
     assert len(ids) == len(set(ids))
-    assert pipeline.merge_generation(cfg, 0) == 48
+    assert merge_stage_units(cfg, 0, "generate")["records"] == 48
 
 
 def test_greedy_decoding_ignores_the_models_own_sampling_defaults(tiny_world, tmp_path):

@@ -214,6 +214,7 @@ def test_a_teacher_whose_vocabulary_extends_the_students_is_accepted(tiny_world,
 
     from distill.device import placement
     from distill.distillation import Distiller, vocabulary_relation
+    from distill.layout import TrainPaths
 
     tok = AutoTokenizer.from_pretrained(tiny_world.teacher)
     n = len(tok)
@@ -229,7 +230,8 @@ def test_a_teacher_whose_vocabulary_extends_the_students_is_accepted(tiny_world,
         result = train(tiny_world.student, pairs(), objective_cfg(name, 2), tmp_path / name, progress=False,
                        teacher_path=tmp_path / "teacher")
         assert result.finished
-    distiller = Distiller(objective_cfg("kd", 2), student_tok, tmp_path / "teacher", tmp_path, [], placement("fp32", "cpu"))
+    distiller = Distiller(objective_cfg("kd", 2), student_tok, tmp_path / "teacher", TrainPaths(tmp_path), [],
+                          placement("fp32", "cpu"))
     assert distiller.t_weight.shape[0] == n
 
 

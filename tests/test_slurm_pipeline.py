@@ -206,8 +206,8 @@ def steps_lasting(seconds: float, cfg: Path, sets: list[str], tmp_path: Path) ->
     underestimated and the run lasts at least about `seconds`."""
     import torch
 
-    from distill import pipeline
     from distill.config import load_config
+    from tests.conftest import run_stage_unit
 
     probe = 100
     run_cfg = load_config(cfg, [*sets, "name=calibrate", f"train.max_steps={probe}", f"train.save_steps={probe}"])
@@ -216,7 +216,7 @@ def steps_lasting(seconds: float, cfg: Path, sets: list[str], tmp_path: Path) ->
     torch.set_num_threads(1)
     try:
         start = time.perf_counter()
-        pipeline.train_student(run_cfg, 0, progress=False)
+        run_stage_unit(run_cfg, 0, "train")
         elapsed = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distill import pipeline
+from distill import mining, rationales
 from distill.config import load_config
 from distill.generation import Completion
 from distill.jsonl import read_jsonl, write_jsonl
@@ -12,7 +12,9 @@ from distill.layout import RunPaths
 from distill.manifest import Manifest
 from distill.problems import probe_problems
 from distill.report import write_report
+from distill.student import combine
 from jobs.driver import main as driver_main
+from tests.conftest import merge_stage_units, run_stage_unit
 
 
 class ScriptedBackend:
@@ -45,10 +47,10 @@ def test_mining_collects_exactly_the_wrong_answers_with_the_previous_rationale(r
     paths = RunPaths(cfg.run_dir)
     wrong = {p["id"] for p in probe[::3]}
     answers = {p["question"]: f"\\boxed{{{int(p['gold']) + 1 if p['id'] in wrong else p['gold']}}}" for p in probe}
-    monkeypatch.setattr(pipeline, "load_backend", lambda engine, path: ScriptedBackend(answers))
+    monkeypatch.setattr(mining, "load_backend", lambda engine, path: ScriptedBackend(answers))
     paths.iteration(0).mkdir(parents=True)
     write_jsonl(paths.train_data(0), [{"problem_id": probe[0]["id"], "response": "old rationale", "question": "q"}])
-    metrics = pipeline.mine(cfg, 1, progress=False)
+    metrics = run_stage_unit(cfg, 1, "mine")
     errors = read_jsonl(paths.errors(1))
     assert {e["id"] for e in errors} == wrong and metrics["errors"] == len(wrong)
     by_id = {e["id"]: e for e in errors}
@@ -67,12 +69,12 @@ def test_regeneration_prompt_carries_the_students_answer(run, monkeypatch):
                "previous": "7*3=21. 10+21=31. \\boxed{31}", "verdict": "wrong"} for p in probe[:3]]
     write_jsonl(paths.errors(1), errors)
     teacher = ScriptedBackend({p["question"]: f"\\boxed{{{p['gold']}}}" for p in probe})
-    monkeypatch.setattr(pipeline, "load_backend", lambda engine, path: teacher)
-    pipeline.generate_teacher_shard(cfg, 1, 0, progress=False)
+    monkeypatch.setattr(rationales, "load_backend", lambda engine, path: teacher)
+    run_stage_unit(cfg, 1, "generate", "0")
     assert len(teacher.prompts) == 3
     assert teacher.prompts[0] == (f"Question: {probe[0]['question']}\nPrevious answer: 7*3=21. 10+21=31. \\boxed{{31}}\n"
                                   "Student answer: 1234\nVerdict: wrong\nAnswer: ")
-    assert pipeline.merge_generation(cfg, 1) == 3 * 2  # undo.n samples per error
+    assert merge_stage_units(cfg, 1, "generate")["records"] == 3 * 2  # undo.n samples per error
 
 
 def test_unsolved_problems_are_recorded(run, monkeypatch):
@@ -81,7 +83,7 @@ def test_unsolved_problems_are_recorded(run, monkeypatch):
     write_jsonl(paths.generations(1), [
         {"id": f"{p['id']}#0", "problem_id": p["id"], "question": p["question"], "gold": p["gold"],
          "response": f"\\boxed{{{p['gold'] if i else 999}}}", "n_tokens": 4} for i, p in enumerate(probe[:3])])
-    metrics = pipeline.verify(cfg, 1, progress=False)
+    metrics = run_stage_unit(cfg, 1, "verify")
     assert metrics["kept"] == 2 and metrics["problems_unsolved"] == 1
     assert [u["id"] for u in read_jsonl(paths.unsolved(1))] == [probe[0]["id"]]
 
@@ -93,11 +95,11 @@ def rec(pid, text):
 def test_dataset_policy_dedups_caps_and_replaces():
     old = [rec("a", "x = 1"), rec("b", "y"), rec("b", "y2")]
     new = [rec("a", "x  =  1"), rec("a", "z"), rec("a", "w"), rec("c", "v")]
-    acc = pipeline.combine(new, old, "accumulate", cap=2)
+    acc = combine(new, old, "accumulate", cap=2)
     assert [(r["problem_id"], r["response"]) for r in acc] == [("a", "x  =  1"), ("a", "z"), ("c", "v"), ("b", "y"), ("b", "y2")]
-    rep = pipeline.combine(new, old, "replace", cap=4)
+    rep = combine(new, old, "replace", cap=4)
     assert [(r["problem_id"], r["response"]) for r in rep] == [("a", "x  =  1"), ("a", "z"), ("a", "w"), ("c", "v"), ("b", "y"), ("b", "y2")]
-    assert [r["response"] for r in pipeline.combine([], old, "replace", cap=1)] == ["x = 1", "y"]
+    assert [r["response"] for r in combine([], old, "replace", cap=1)] == ["x = 1", "y"]
 
 
 def test_iteration_refuses_to_start_until_the_previous_one_is_done(tiny_world, tmp_path, capsys):

@@ -19,6 +19,7 @@ from distill.generation import (
     SamplingSpec,
     TransformersBackend,
     VLLMBackend,
+    engine_for,
     generate_shard,
     load_backend,
 )
@@ -121,12 +122,11 @@ def test_without_vllm_the_transformers_backend_is_used_with_a_warning(tiny_world
 
 
 def test_pipeline_stages_pass_the_engine_options_from_the_config(fake_vllm, tiny_world, tmp_path):
-    from distill import pipeline
     from distill.config import load_config
 
     cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"),
                       ["generation.backend=vllm", "generation.tensor_parallel_size=2", "generation.logprobs=30"])
-    assert isinstance(load_backend(pipeline.engine_for(cfg, "teacher"), cfg.models.teacher), VLLMBackend)
+    assert isinstance(load_backend(engine_for(cfg, "teacher"), cfg.models.teacher), VLLMBackend)
     assert FakeLLM.instances[-1].kwargs["tensor_parallel_size"] == 2
     assert FakeLLM.instances[-1].kwargs["max_logprobs"] == 30
 
@@ -134,22 +134,23 @@ def test_pipeline_stages_pass_the_engine_options_from_the_config(fake_vllm, tiny
 def test_the_student_runs_with_its_own_engine_settings(fake_vllm, tiny_world, tmp_path):
     """Mining and evaluating the student do not inherit the teacher's tensor parallelism or
     logprobs; the teacher's own evaluation keeps its GPUs but captures no logprobs."""
-    from distill import pipeline
     from distill.config import load_config
     from distill.jsonl import write_jsonl
+    from distill.layout import RunPaths
+    from tests.conftest import run_stage_unit
 
     cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"),
                       ["generation.backend=vllm", "generation.tensor_parallel_size=8", "generation.logprobs=30",
                        "eval.tensor_parallel_size=1", "eval.gpu_memory_utilization=0.5", "eval.num_shards=1"])
-    student = pipeline.engine_for(cfg, "student")
+    student = engine_for(cfg, "student")
     assert (student.backend, student.tensor_parallel_size, student.logprobs, student.gpu_memory_utilization) == \
         ("vllm", 1, 0, 0.5)
-    pipeline.evaluate_shard(cfg, 0, "teacher", 0, progress=False)
+    run_stage_unit(cfg, 0, "evaluate", "teacher:0")
     assert FakeLLM.instances[-1].kwargs == {"tensor_parallel_size": 8, "gpu_memory_utilization": 0.9}
     assert FakeLLM.instances[-1].calls[-1][1].kwargs["logprobs"] is None
-    paths = pipeline.RunPaths(cfg.run_dir)
+    paths = RunPaths(cfg.run_dir)
     write_jsonl(paths.train_data(0), [])
-    pipeline.mine(cfg, 1, progress=False)
+    run_stage_unit(cfg, 1, "mine")
     assert FakeLLM.instances[-1].model == str(paths.student(0))
     assert FakeLLM.instances[-1].kwargs == {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.5}
 

@@ -1,0 +1,145 @@
+"""Running the units of a stage, and the one place that records what happened to them.
+
+Whatever launched a unit (a submitit job on SLURM or in a local subprocess, a plain sbatch
+script, a test), `run_unit` marks it running, runs it and records one of three outcomes: done
+(with the fields it reported), stopped at a safe point (pending again: its next allocation
+resumes it), or failed with a one-line reason. A stage's merge goes through `merge_stage`, and
+the driver's bookkeeping (submitted job ids, a stage that cannot go on) through the functions
+below: every state in the manifest is written here, the same way for every launcher.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from distill.config import RunConfig
+from distill.errors import DistillError
+from distill.jsonl import atomic_write_text
+from distill.layout import RunPaths
+from distill.manifest import Manifest, stage_entry
+from distill.stage import RedoUnit, Result, Stage, Stopped, Unit
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # done | stopped | failed
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    bad_input: bool = False  # failed on a DistillError: input to fix, not a crash
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line for the manifest: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:limit]
+
+
+def manifest_of(cfg: RunConfig) -> Manifest:
+    return Manifest(cfg.run_dir, soft_lock=cfg.lock == "soft")
+
+
+def open_run(cfg: RunConfig) -> tuple[RunPaths, Manifest]:
+    """Create the run directory on first use; refuse a config that differs from the run's."""
+    paths, manifest = RunPaths(cfg.run_dir), manifest_of(cfg)
+    current = manifest.read().get("config_hash")
+    if current is not None and current != cfg.hash():
+        raise DistillError(
+            f"{cfg.source}: config differs from the one {paths.root} was started with "
+            f"({cfg.hash()} vs {current}, see {paths.config}); use another run name (RUN=...)"
+        )
+    if current is None:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths.config, cfg.to_yaml())
+        manifest.set_meta(run=cfg.name, config_hash=cfg.hash(), config=str(paths.config))
+    return paths, manifest
+
+
+def unit_entry(data: dict[str, Any], it: int, stage: Stage, key: str, create: bool = False) -> dict[str, Any]:
+    entry = stage_entry(data, it, stage.name, create=create)
+    if not stage.sharded:
+        return entry
+    shards = entry.setdefault("shards", {}) if create else entry.get("shards", {})
+    return shards.setdefault(key, {}) if create else shards.get(key, {})
+
+
+def unit_done(cfg: RunConfig, it: int, stage: Stage, key: str) -> bool:
+    return unit_entry(manifest_of(cfg).read(), it, stage, key).get("state") == "done"
+
+
+def _mark(manifest: Manifest, it: int, stage: Stage, key: str, state: str, **fields: Any) -> None:
+    if stage.sharded:
+        manifest.mark_shard(it, stage.name, key, state, **fields)
+    else:
+        manifest.mark(it, stage.name, state, **fields)
+
+
+def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | None = None,
+             should_stop: Callable[[], bool] | None = None, progress: bool = True) -> Outcome:
+    """Run one unit and record its outcome. A crash is recorded as failed and re-raised only
+    when it is an interruption (KeyboardInterrupt, SystemExit); otherwise its traceback goes to
+    stderr (the job's log) and the outcome says `failed` with the one-line reason."""
+    paths, manifest = open_run(cfg)
+    _mark(manifest, it, stage, key, "running", job_id=job_id)
+    if not stage.sharded:
+        with manifest.update() as data:
+            entry = stage_entry(data, it, stage.name, create=True)
+            entry["allocations"] = entry.get("allocations", 0) + 1
+    unit = Unit(cfg, it, key, paths, should_stop or (lambda: False), progress, manifest.read())
+    try:
+        result: Result = stage.run(unit)
+    except Stopped:
+        result = Result(stopped=True)
+    except BaseException as exc:
+        reason = first_line(exc)
+        _mark(manifest, it, stage, key, "failed", error=reason)
+        if not isinstance(exc, Exception):
+            raise
+        if not isinstance(exc, DistillError):
+            traceback.print_exc(file=sys.stderr)
+        return Outcome("failed", error=reason, bad_input=isinstance(exc, DistillError))
+    if result.stopped:
+        _mark(manifest, it, stage, key, "pending", **result.fields)
+        return Outcome("stopped", result.fields)
+    _mark(manifest, it, stage, key, "done", **result.fields)
+    return Outcome("done", result.fields)
+
+
+def requeued_unit(cfg: RunConfig, it: int, stage: Stage, key: str) -> None:
+    """A stopped unit whose job was requeued: pending, not failed; the same job continues in
+    its next allocation."""
+    with manifest_of(cfg).update() as data:
+        entry = unit_entry(data, it, stage, key, create=True)
+        entry["state"] = "pending"
+        entry.pop("error", None)
+        entry["requeued"] = entry.get("requeued", 0) + 1
+
+
+def fail_unit(cfg: RunConfig, it: int, stage: Stage, key: str, reason: str) -> None:
+    """A unit that will not go on (e.g. stopped once too often to be requeued again)."""
+    _mark(manifest_of(cfg), it, stage, key, "failed", error=reason[:300])
+
+
+def merge_stage(cfg: RunConfig, it: int, stage: Stage) -> dict[str, Any]:
+    """Merge a sharded stage whose units are all done and record it done. A unit whose output
+    turns out damaged is marked failed, so the next run redoes it (and only it)."""
+    paths, manifest = open_run(cfg)
+    try:
+        fields = stage.merge(cfg, it, paths, manifest.stage(it, stage.name)) if stage.merge else {}
+    except RedoUnit as exc:
+        manifest.mark_shard(it, stage.name, exc.key, "failed", error=str(exc)[:300])
+        raise DistillError(f"{exc}; {stage.name} shard {exc.key} is marked failed: run again to redo it") from None
+    manifest.mark(it, stage.name, "done", **fields)
+    return fields
+
+
+def fail_stage(cfg: RunConfig, it: int, stage: str, reason: str) -> None:
+    manifest_of(cfg).mark(it, stage, "failed", error=reason[:300])
+
+
+def record_submitted(cfg: RunConfig, it: int, stage: str, job_ids: dict[str, str]) -> None:
+    """Which job runs which unit (`"0": "1234_0"`), so a later driver can ask squeue."""
+    manifest_of(cfg).add_job_ids(it, stage, job_ids)

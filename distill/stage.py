@@ -1,0 +1,107 @@
+"""What a stage is: a named step of an iteration, cut into units that run as separate jobs.
+
+A `Stage` says which units an iteration has (one, or one per shard), how one unit runs, how the
+units' outputs merge once all are done, what a unit's job needs (the cluster profile section
+that holds its resources) and in which plans it takes part. The stages themselves are defined
+beside their work (`distill.rationales`, `distill.student`, `distill.evaluation`, ...) and
+listed in pipeline order by `distill.pipeline`; the driver, the submitit jobs and the sbatch
+scripts run them through `distill.runner` without knowing any of them by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from distill.config import RunConfig
+from distill.errors import DataError, DistillError
+from distill.layout import RunPaths
+
+T = TypeVar("T")
+
+# Plans: which stages make up a first iteration, a later (UNDO) iteration, the one-shot baseline.
+FIRST, UNDO, BASELINE = "first", "undo", "baseline"
+
+
+class Stopped(BaseException):
+    """Raised inside a unit by a stop signal, in stages that may stop anywhere (their work on
+    disk stays consistent whatever line is interrupted). A BaseException, like
+    KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+
+class RedoUnit(DistillError):
+    """A merge found a unit's output damaged after the unit ended: that unit runs again."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class Unit:
+    """One unit of work handed to a stage's `run`: where, and how to know it should stop."""
+
+    cfg: RunConfig
+    iteration: int
+    key: str
+    paths: RunPaths
+    should_stop: Callable[[], bool] = lambda: False
+    progress: bool = True
+    # The run's manifest as it was when the unit started (read-only), e.g. for the steps trained so far.
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """What a unit reports: the fields its manifest entry gains (metrics, artifacts, ...), and
+    whether it stopped at a safe point before finishing (it resumes in its next allocation)."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    stopped: bool = False
+
+
+def single_unit(cfg: RunConfig, it: int) -> list[str]:
+    return ["0"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Unit], Result]
+    plans: tuple[str, ...]
+    # The unit keys of an iteration; a sharded stage records each unit under its entry's
+    # `shards`, a single-unit stage ("0") in the entry itself.
+    units: Callable[[RunConfig, int], list[str]] = single_unit
+    sharded: bool = False
+    # After every unit is done: combine their outputs, return the stage entry's fields.
+    merge: Callable[[RunConfig, int, RunPaths, dict[str, Any]], dict[str, Any]] | None = None
+    # True where the unit may be interrupted at any line; False: it polls `should_stop` and
+    # returns at a safe point (training, between optimizer steps).
+    stops_anywhere: bool = True
+    # The cluster profile section holding its jobs' resources (`stages.<resources>`).
+    resources: str = ""
+    # One line for the driver's log from the finished stage's manifest entry.
+    summary: Callable[[dict[str, Any]], str] = lambda entry: ""
+    # What one unit is called in messages ("shard", "evaluation task").
+    unit_name: str = "shard"
+
+    @property
+    def resource_section(self) -> str:
+        return self.resources or self.name
+
+    def describe(self, key: str) -> str:
+        return f"{self.name} shard {key}" if self.sharded else self.name
+
+
+def merged(outputs: dict[str, Path], merge: Callable[[list[Path]], T]) -> T:
+    """`merge` of the units' output files (unit key -> file); a file that does not parse (cut
+    short, or damaged after its unit ended) becomes `RedoUnit` for the unit that wrote it."""
+    try:
+        return merge(list(outputs.values()))
+    except DataError as exc:
+        key = next((k for k, p in outputs.items() if p == exc.path), None)
+        if key is None:
+            raise
+        raise RedoUnit(str(exc), key) from None

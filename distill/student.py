@@ -1,0 +1,103 @@
+"""The student's stages: `train` fits this iteration's student on the training set D_it, and
+`baseline_train` the one-shot student (iteration 0's data at UNDO's total student compute).
+
+Training stops only at a safe point: after an optimizer step, with a checkpoint saved there
+(`Unit.should_stop`); the next allocation resumes from it (`distill.training`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+from distill.config import RunConfig
+from distill.errors import DistillError
+from distill.jsonl import read_jsonl, write_jsonl
+from distill.layout import RunPaths, TrainPaths
+from distill.manifest import artifact, stage_entry
+from distill.prompts import training_pairs
+from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit
+
+
+def combine(new: list[dict[str, Any]], old: list[dict[str, Any]], policy: str, cap: int) -> list[dict[str, Any]]:
+    """D_N from the new verified rationales and D_{N-1}: newest first, no duplicate
+    (problem, rationale) pairs, at most `cap` rationales per problem.
+
+    `replace` drops a problem's old rationales once it has new ones; `accumulate` keeps them.
+    """
+    if policy == "replace":
+        fresh = {r["problem_id"] for r in new}
+        old = [r for r in old if r["problem_id"] not in fresh]
+    seen: set[tuple[str, str]] = set()
+    per_problem: dict[str, int] = defaultdict(int)
+    out = []
+    for r in new + old:
+        key = (r["problem_id"], " ".join(r["response"].split()))
+        if key in seen or per_problem[r["problem_id"]] >= cap:
+            continue
+        seen.add(key)
+        per_problem[r["problem_id"]] += 1
+        out.append(r)
+    return out
+
+
+def build_training_set(cfg: RunConfig, it: int) -> list[dict[str, Any]]:
+    paths = RunPaths(cfg.run_dir)
+    new = [{**r, "iteration": it} for r in read_jsonl(paths.verified(it))]
+    old = read_jsonl(paths.train_data(it - 1)) if it > 0 else []
+    records = combine(new, old, cfg.undo.dataset, cfg.undo.cap_per_problem)
+    write_jsonl(paths.train_data(it), records)
+    return records
+
+
+def steps_so_far(manifest: dict[str, Any], it: int) -> int:
+    """Optimizer steps the UNDO students took in iterations 0..it."""
+    return sum(stage_entry(manifest, i, "train").get("metrics", {}).get("step", 0) for i in range(it + 1))
+
+
+def fit(unit: Unit, records: list[dict[str, Any]], init: Any, out: TrainPaths, cfg_train: Any) -> Result:
+    from distill.modeling import load_tokenizer
+    from distill.training import train
+
+    cfg = unit.cfg
+    if not records:
+        raise DistillError(f"{unit.paths.verified(unit.iteration)}: no verified rationales to train on")
+    pairs = training_pairs(cfg.prompt, records, load_tokenizer(init))
+    result = train(init, pairs, cfg_train, out.root, should_stop=unit.should_stop, progress=unit.progress,
+                   teacher_path=cfg.models.teacher, attn_implementation=cfg.models.attn_implementation)
+    metrics = {"step": result.step, "total_steps": result.total_steps, "loss": result.loss,
+               "tokens_per_s": result.tokens_per_s, "examples": len(records),
+               "problems": len({r["problem_id"] for r in records})}
+    fields: dict[str, Any] = {"metrics": metrics}
+    if result.resumed_from is not None:
+        fields["resumed_from"] = result.resumed_from
+    if not result.finished:
+        return Result(fields, stopped=True)
+    return Result(fields | {"artifacts": {"model": artifact(result.model_dir, unit.paths.root)}})
+
+
+def train_student(unit: Unit) -> Result:
+    """This iteration's student, from the base model or (`undo.init: previous`) the last one."""
+    cfg, it, paths = unit.cfg, unit.iteration, unit.paths
+    records = build_training_set(cfg, it)
+    init = paths.student(it - 1) if it > 0 and cfg.undo.init == "previous" else cfg.models.student
+    return fit(unit, records, init, paths.train(it), cfg.train)
+
+
+def train_oneshot(unit: Unit) -> Result:
+    """The one-shot student: iteration 0's data for as many optimizer steps as UNDO spent in
+    iterations 0..it, from the base model."""
+    it, paths = unit.iteration, unit.paths
+    tcfg = dataclasses.replace(unit.cfg.train, max_steps=steps_so_far(unit.manifest, it))
+    return fit(unit, read_jsonl(paths.train_data(0)), unit.cfg.models.student, paths.baseline(it), tcfg)
+
+
+def _summary(entry: dict[str, Any]) -> str:
+    m = entry.get("metrics", {})
+    return f"step {m.get('step')} of {m.get('total_steps')}, loss {m.get('loss')}, {entry.get('allocations', 1)} allocation(s)"
+
+
+TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), stops_anywhere=False, summary=_summary)
+BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,), stops_anywhere=False, resources="train",
+                       summary=_summary)

@@ -1,0 +1,39 @@
+"""What SLURM (or the local executor) gave this job: its id and its CPUs."""
+
+from __future__ import annotations
+
+import os
+
+import submitit
+
+
+def job_id() -> str | None:
+    """`123` or `123_4` (array task) inside a SLURM or submitit job, else None."""
+    try:
+        return submitit.JobEnvironment().job_id
+    except RuntimeError:  # not a submitit job: a plain sbatch script, a test, an in-process run
+        array = os.environ.get("SLURM_ARRAY_JOB_ID")
+        if array:
+            return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+        return os.environ.get("SLURM_JOB_ID")
+
+
+def set_threads(threads: int | None) -> None:
+    """One torch thread per CPU the job was given, not per CPU on the node: with SLURM's
+    default of no CPU binding, two array tasks on one node would each start a thread per core,
+    and oversubscribed OpenMP threads slow generation down many times over."""
+    import torch
+
+    n = threads or allocated_cpus()
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def allocated_cpus() -> int:
+    """CPUs of this SLURM job on this node (--cpus-per-task, else the allocation); 0 outside SLURM."""
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if per_task:
+        return int(per_task)
+    per_node = os.environ.get("SLURM_JOB_CPUS_PER_NODE", "")  # e.g. "2" or "4(x2)"
+    digits = per_node.split("(")[0].split(",")[0]
+    return int(digits) if digits.isdigit() else 0

@@ -1,0 +1,65 @@
+"""Stopping a unit when SLURM asks for it, whichever way the unit was launched.
+
+SLURM sends the stop signal (USR2; `--signal=USR2@<s>`) before a time limit and at preemption.
+While a unit runs, `StopOnSignal` catches it: a stage that may stop anywhere has `Stopped`
+raised at once (its work on disk is consistent at every line); training gets a flag that it
+checks after each optimizer step, where it saves and returns. A second signal while stopping is
+ignored: SLURM may send both a preemption and a time-limit signal. Once the unit has recorded
+its stop, `hand_over` passes the signal to the handler installed before (submitit's:
+checkpoint, `scontrol requeue`, exit); the plain sbatch path requeues from its script instead.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import submitit
+
+from distill.stage import Stopped
+
+# submitit's choice: USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise.
+STOP_SIGNAL = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+
+
+class StopOnSignal:
+    """While active, the stop signal asks the running unit to stop (see the module's docstring).
+    Outside the main thread, where no handler can be set, it never reports a stop."""
+
+    def __init__(self, anywhere: bool, signum: int = STOP_SIGNAL) -> None:
+        self.anywhere, self.signum = anywhere, signum
+        self.received: int | None = None
+        self.previous: Any = None
+        self.active = False
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(self.signum, self._handle)
+            self.active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            signal.signal(self.signum, self.previous)
+            self.active = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            return  # already stopping
+        self.received = signum
+        when = "now" if self.anywhere else "at the next safe point"
+        print(f"caught {signal.Signals(signum).name}: stopping {when}", file=sys.stderr, flush=True)
+        if self.anywhere:
+            raise Stopped(signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def hand_over(self) -> None:
+        """Call the handler that was installed before (submitit's: checkpoint, requeue, exit).
+        Returns only when there was none, e.g. outside a submitit job."""
+        if self.received is not None and callable(self.previous):
+            self.previous(self.received, None)
