@@ -119,7 +119,9 @@ class Driver:
         return unit_entry(self.manifest.read(), self.iteration, stage, key)
 
     def in_flight(self, stage: Stage, keys: list[str]) -> dict[str, str]:
-        """key -> job id of the units whose recorded job is still pending, running or requeued."""
+        """key -> job id of the units whose recorded job is still pending, running or requeued.
+        A unit its job recorded as failed is not: that job has given up, even while squeue still
+        lists it (completing)."""
         if self.kind != "slurm" or not keys:
             return {}
         recorded = self.manifest.stage(self.iteration, stage.name).get("job_ids", {})
@@ -127,7 +129,8 @@ class Driver:
         if states is None:
             raise DistillError(f"{stage.name}: squeue does not answer, so in-flight jobs cannot be told apart "
                                f"from finished ones; try again")
-        return {k: recorded[k] for k in keys if k in recorded and in_flight(states, recorded[k])}
+        return {k: recorded[k] for k in keys if k in recorded and in_flight(states, recorded[k])
+                and self.unit_state(stage, k).get("state") != "failed"}
 
     def run_units(self, stage: Stage) -> None:
         """One job per unit the manifest lacks (an array, for a sharded stage), and wait for all.
