@@ -37,6 +37,7 @@ from distill.generation import (
     load_backend,
     merge_shards,
     record_id,
+    task,
 )
 from distill.grading import default_workers, grade_records
 from distill.jsonl import iter_jsonl, read_jsonl, write_json, write_jsonl
@@ -76,9 +77,7 @@ def evaluate_part(
         return gen_stats
     if not _complete(out, ids):
         model = backend()
-        tasks = [{"id": p["id"], "prompt": build_prompt(model.tokenizer, prompt, p["question"]),
-                  "question": p["question"], "gold": p["gold"], "model": label,
-                  **({"meta": p["meta"]} if p.get("meta") else {})} for p in part]
+        tasks = [task(p, build_prompt(model.tokenizer, prompt, p["question"]), model=label) for p in part]
         gen_stats = generate_shard(model, tasks, out, SamplingSpec(max_new_tokens=max_new_tokens), batch_size,
                                    desc=f"eval {label} {shard}/{paths.num_shards}", progress=progress)
     start = time.perf_counter()

@@ -210,6 +210,14 @@ def load_backend(engine: Engine, model_path: str | Path) -> Backend:
     raise DistillError(f"generation backend {engine.backend!r} is not available here")
 
 
+def task(problem: dict[str, Any], prompt: str, **extra: Any) -> dict[str, Any]:
+    """What `generate_shard` needs of a problem (`id`, `prompt`) and what its records keep
+    (question, gold answer, metadata such as MATH's subject and level, anything in `extra`)."""
+    meta = {"meta": problem["meta"]} if problem.get("meta") else {}
+    return {"id": problem["id"], "prompt": prompt, "question": problem["question"], "gold": problem["gold"], **meta,
+            **extra}
+
+
 def record_id(problem_id: str, sample: int) -> str:
     return f"{problem_id}#{sample}"
 

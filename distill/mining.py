@@ -4,7 +4,7 @@ its wrong answers, with the rationale it was trained on for each, become the tea
 from __future__ import annotations
 
 from distill.config import RunConfig
-from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend
+from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend, task
 from distill.grading import grade_records
 from distill.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from distill.layout import RunPaths
@@ -26,8 +26,7 @@ def mine(unit: Unit) -> Result:
     """Probe the previous student greedily; its wrong answers become the teacher's next tasks."""
     cfg, it, paths = unit.cfg, unit.iteration, unit.paths
     backend = load_backend(engine_for(cfg, "student"), paths.student(it - 1))
-    tasks = [{"id": p["id"], "prompt": build_prompt(backend.tokenizer, cfg.prompt, p["question"]),
-              "question": p["question"], "gold": p["gold"]} for p in probe_problems(cfg)]
+    tasks = [task(p, build_prompt(backend.tokenizer, cfg.prompt, p["question"])) for p in probe_problems(cfg)]
     out = paths.mine_responses(it)
     generate_shard(backend, tasks, out, SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.batch_size,
                    desc="mine", progress=unit.progress)

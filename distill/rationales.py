@@ -11,7 +11,7 @@ from typing import Any
 from distill.config import RunConfig
 from distill.data import shard_slice
 from distill.efficiency import filter_rationales, length_stats
-from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend, merge_shards
+from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend, merge_shards, task
 from distill.grading import grade_records
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import RunPaths
@@ -41,11 +41,6 @@ def teacher_prompt(cfg: RunConfig, tokenizer: Any, problem: dict[str, Any], it: 
     )
 
 
-def with_meta(problem: dict[str, Any]) -> dict[str, Any]:
-    """A problem's metadata (MATH subject and level, ...) for the records written about it."""
-    return {"meta": problem["meta"]} if problem.get("meta") else {}
-
-
 # -- generate --------------------------------------------------------------------------------------
 
 
@@ -58,8 +53,7 @@ def generate(unit: Unit) -> Result:
     cfg, it, shard, num = unit.cfg, unit.iteration, int(unit.key), unit.cfg.generation.num_shards
     problems = shard_slice(generation_problems(cfg, it), shard, num)
     backend = load_backend(engine_for(cfg, "teacher"), cfg.models.teacher)
-    tasks = [{"id": p["id"], "prompt": teacher_prompt(cfg, backend.tokenizer, p, it),
-              "question": p["question"], "gold": p["gold"], **with_meta(p)} for p in problems]
+    tasks = [task(p, teacher_prompt(cfg, backend.tokenizer, p, it)) for p in problems]
     stats = generate_shard(backend, tasks, unit.paths.gen_shard(it, shard, num), teacher_spec(cfg, it),
                            cfg.generation.batch_size, desc=f"generate shard {shard}/{num}", progress=unit.progress)
     return Result(stats)

@@ -32,10 +32,17 @@ class Outcome:
     bad_input: bool = False  # failed on a DistillError: input to fix, not a crash
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
+REASON_CHARS = 300  # a reason in the manifest: one line, at most this long
+
+
+def first_line(exc: BaseException) -> str:
     """An exception as one line for the manifest: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:limit]
+    return short(f"{type(exc).__name__}: {text[0] if text else ''}")
+
+
+def short(reason: str) -> str:
+    return reason.strip().splitlines()[0][:REASON_CHARS] if reason.strip() else ""
 
 
 def manifest_of(cfg: RunConfig) -> Manifest:
@@ -120,7 +127,7 @@ def requeued_unit(cfg: RunConfig, it: int, stage: Stage, key: str) -> None:
 
 def fail_unit(cfg: RunConfig, it: int, stage: Stage, key: str, reason: str) -> None:
     """A unit that will not go on (e.g. stopped once too often to be requeued again)."""
-    _mark(manifest_of(cfg), it, stage, key, "failed", error=reason[:300])
+    _mark(manifest_of(cfg), it, stage, key, "failed", error=short(reason))
 
 
 def merge_stage(cfg: RunConfig, it: int, stage: Stage) -> dict[str, Any]:
@@ -130,14 +137,14 @@ def merge_stage(cfg: RunConfig, it: int, stage: Stage) -> dict[str, Any]:
     try:
         fields = stage.merge(cfg, it, paths, manifest.stage(it, stage.name)) if stage.merge else {}
     except RedoUnit as exc:
-        manifest.mark_shard(it, stage.name, exc.key, "failed", error=str(exc)[:300])
+        manifest.mark_shard(it, stage.name, exc.key, "failed", error=short(str(exc)))
         raise DistillError(f"{exc}; {stage.name} shard {exc.key} is marked failed: run again to redo it") from None
     manifest.mark(it, stage.name, "done", **fields)
     return fields
 
 
 def fail_stage(cfg: RunConfig, it: int, stage: str, reason: str) -> None:
-    manifest_of(cfg).mark(it, stage, "failed", error=reason[:300])
+    manifest_of(cfg).mark(it, stage, "failed", error=short(reason))
 
 
 def record_submitted(cfg: RunConfig, it: int, stage: str, job_ids: dict[str, str]) -> None:
