@@ -19,7 +19,14 @@ from typing import Any, Literal
 import yaml
 
 from distill.errors import ConfigError
-from distill.typed_yaml import from_mapping, parse_overrides, read_yaml_mapping, set_path
+from distill.typed_yaml import (
+    check_name,
+    check_one_line,
+    from_mapping,
+    parse_overrides,
+    read_yaml_mapping,
+    set_path,
+)
 
 # Fields added after runs were started with configs that lack them. At their default they are
 # left out of the config hash, so adding them does not make existing run directories refuse
@@ -306,6 +313,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def _check_values(cfg: RunConfig) -> None:
     """Constraints a type cannot express."""
     where = cfg.source
+    # The name becomes a directory and part of every job's name and script: a plain name only.
+    check_name(cfg.name, f"{where}: name")
+    for key, value in (("run_root", cfg.run_root), ("models.teacher", cfg.models.teacher),
+                       ("models.student", cfg.models.student),
+                       *((f"data.{s}", getattr(cfg.data, s)) for s in ("train", "validation", "test"))):
+        if value is not None:
+            check_one_line(value, f"{where}: {key}")
     positive = {
         "generation.n": cfg.generation.n,
         "generation.max_new_tokens": cfg.generation.max_new_tokens,

@@ -16,6 +16,7 @@ from distill.mining import MINE
 from distill.rationales import GENERATE, VERIFY
 from distill.stage import BASELINE, FIRST, UNDO, Stage
 from distill.student import BASELINE_TRAIN, TRAIN
+from distill.typed_yaml import check_name
 
 STAGES: list[Stage] = [MINE, GENERATE, VERIFY, TRAIN, EVALUATE, BASELINE_TRAIN, BASELINE_EVALUATE]
 
@@ -23,6 +24,7 @@ STAGES: list[Stage] = [MINE, GENERATE, VERIFY, TRAIN, EVALUATE, BASELINE_TRAIN, 
 def register(stage: Stage, *, after: str | None = None) -> Stage:
     """Add a stage after another one (at the end when `after` is None); registering a stage of
     the same name again replaces it in place."""
+    check_name(stage.name, "stage name")
     names = [s.name for s in STAGES]
     if stage.name in names:
         STAGES[names.index(stage.name)] = stage

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from distill.config import PromptConfig
 
 
 def fill(template: str, **slots: Any) -> str:
-    """Fill `{slot}` placeholders; literal braces elsewhere (LaTeX) are left alone."""
-    out = template
-    for key, value in slots.items():
-        out = out.replace("{" + key + "}", str(value))
-    return out
+    """Fill `{slot}` placeholders in one pass: text a value brings in is never filled again (a
+    student answer that reads `{question}` stays literal), and braces that are no slot (LaTeX's
+    `\\boxed{}`) are left alone."""
+    if not slots:
+        return template
+    pattern = re.compile("{(" + "|".join(re.escape(k) for k in slots) + ")}")
+    return pattern.sub(lambda m: str(slots[m.group(1)]), template)
 
 
 def training_pairs(prompt: PromptConfig, records: list[dict[str, Any]], tokenizer: Any) -> list[tuple[str, str]]:

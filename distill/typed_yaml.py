@@ -7,6 +7,7 @@ against the dataclasses' type hints, converting only where it is lossless (int -
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -119,3 +120,31 @@ def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> 
     return raw
 
 
+# -- shapes of values that end up in file names, shell lines and sbatch scripts ----------------
+
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SBATCH_TOKEN = re.compile(r"^[A-Za-z0-9._:,+=@/%-]+$")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_name(value: str, where: str) -> None:
+    """A run or stage name: a directory name and part of every job's name, so letters, digits
+    and `-_.` only (at most 64, not starting with `.` or `-`)."""
+    if not PLAIN_NAME.match(value):
+        raise ConfigError(f"{where}: {value!r} is not a plain name (letters, digits, '-', '_', '.'; at most 64; "
+                          "starting with a letter or digit)")
+
+
+def check_sbatch_token(value: str, where: str) -> None:
+    """A value that becomes one `#SBATCH --key=value` (partition, account, QOS, gres, memory):
+    one token, no blanks, quotes, `$`, or control characters."""
+    if not SBATCH_TOKEN.match(value):
+        raise ConfigError(f"{where}: {value!r} is not a plain sbatch value (letters, digits and ._:,+=@/%- only)")
+
+
+def check_one_line(value: str, where: str) -> None:
+    """A path or a shell line: anything printable, but never a newline or another control
+    character (each would start a new line of a job script)."""
+    if CONTROL.search(value):
+        raise ConfigError(f"{where}: contains a control character ({CONTROL.search(value).group(0)!r}); "
+                          "one printable line is allowed")

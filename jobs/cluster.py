@@ -16,7 +16,7 @@ from typing import Any
 
 from distill import pipeline
 from distill.errors import ConfigError
-from distill.typed_yaml import from_mapping, read_yaml_mapping
+from distill.typed_yaml import check_one_line, check_sbatch_token, from_mapping, read_yaml_mapping
 
 PROFILE_DIR = Path("configs/cluster")
 PLACEHOLDER = re.compile(r"<[^<>]+>")
@@ -130,11 +130,14 @@ def _check_values(p: ClusterProfile) -> None:
             key = f"{prefix}{f.name}"
             if isinstance(value, str) and PLACEHOLDER.search(value):
                 raise ConfigError(f"{where}: {key}: fill in {PLACEHOLDER.search(value).group(0)} in {value!r}")
+            if isinstance(value, str):
+                check_sbatch_token(value, f"{where}: {key}")
             if f.name in ("cpus", "time_min") and value is not None and value < 1:
                 raise ConfigError(f"{where}: {key}: must be >= 1, got {value}")
             if f.name == "mem" and value is not None and not MEM.match(value):
                 raise ConfigError(f"{where}: {key}: expected a size like 32G or 4000M, got {value!r}")
     for i, line in enumerate(p.setup):
+        check_one_line(line, f"{where}: setup[{i}]")
         if PLACEHOLDER.search(line):
             raise ConfigError(f"{where}: setup[{i}]: fill in {PLACEHOLDER.search(line).group(0)} in {line!r}")
     if p.array_parallelism < 1:

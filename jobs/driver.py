@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     args = parser.parse_args(argv)
     try:
-        overrides = list(args.set) + ([f"name={args.run}"] if args.run else [])
+        overrides = list(args.set) + ([f"name={args.run}"] if args.run is not None else [])
         cfg = load_config(args.config, overrides)
         cluster = load_profile(args.cluster) if args.cluster else None
         only = _parse_stages(args.stages, args.iteration) if args.stages else None

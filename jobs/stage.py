@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, list(args.set) + ([f"name={args.run}"] if args.run else []))
+        cfg = load_config(args.config, list(args.set) + ([f"name={args.run}"] if args.run is not None else []))
         return run(args, cfg)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -137,3 +137,14 @@ def test_several_greedy_samples_are_refused(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match=r"undo.n: 4 samples at temperature 0"):
         load_config(cfg, ["undo.temperature=0"])
     assert load_config(cfg, ["generation.n=4", "generation.temperature=0.7"]).generation.n == 4
+
+
+def test_slot_text_inside_a_value_stays_literal():
+    from distill.prompts import fill
+
+    template = "Question: {question}\nPrevious answer: {previous}\nStudent answer: {student_answer}\nVerdict: {verdict}"
+    out = fill(template, question="What is {verdict}?", previous="use {question} here", student_answer="\\boxed{5}",
+               verdict="wrong")
+    assert out == ("Question: What is {verdict}?\nPrevious answer: use {question} here\nStudent answer: \\boxed{5}\n"
+                   "Verdict: wrong")
+    assert fill("\\boxed{} {question}", question="1+1") == "\\boxed{} 1+1"
