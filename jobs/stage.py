@@ -12,7 +12,8 @@ checkpoint) and the process exits with status 3; the script then requeues its jo
     python -m jobs.stage merge generate --config C --iter N
     python -m jobs.stage count evaluate --config C --iter N     # -> array size, e.g. 3
 
-Exit status: 0 done, 1 failed, 2 bad input, 3 stopped by the signal: requeue me.
+Exit status: 0 done, 1 failed, 2 bad input, 3 stopped by the signal: requeue me, 143 stopped
+by SIGTERM (recorded as stopped; a later run resumes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from distill import pipeline
@@ -31,6 +33,7 @@ from jobs.allocation import job_id, set_threads
 from jobs.signals import STOP_SIGNAL, StopOnSignal
 
 REQUEUE = 3
+TERMINATED = 128 + signal.SIGTERM
 
 
 def requeue_or_fail(cfg: RunConfig, it: int, stage: Stage, key: str, max_requeues: int) -> int:
@@ -81,8 +84,12 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
         print(f"{stage.describe(key)}: already done")
         return 0
     set_threads(None)
-    with StopOnSignal(stage.stops_anywhere) as stop:
+    with StopOnSignal(stage.stops_anywhere, (STOP_SIGNAL, signal.SIGTERM)) as stop:
         outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)
+    if outcome.state == "stopped" and stop.received == signal.SIGTERM:
+        # Cancelled (or preempted, which SLURM requeues itself): stopped, not requeued by us.
+        print(f"{stage.describe(key)}: stopped by SIGTERM at a safe point; run again to resume", file=sys.stderr)
+        return TERMINATED
     if outcome.state == "stopped":
         return requeue_or_fail(cfg, it, stage, key, args.max_requeues)
     if outcome.state == "failed":

@@ -145,8 +145,8 @@ def test_iteration_through_sbatch_arrays_and_a_second_driver_submits_nothing(slu
 
 @pytest.mark.slow
 def test_requeued_array_tasks_finish_every_record_exactly_once(slurm, cleanup, tmp_path, tiny_world):
-    """Task 0 is requeued by `scontrol requeue`, task 1 gets USR2 the way SLURM sends it before a
-    time limit (submitit checkpoints and requeues it). A requeue sends SIGTERM, which submitit's
+    """Task 0 is requeued by `scontrol requeue`, task 1 gets USR2 twice, the way SLURM sends it
+    before a time limit and again at a preemption (submitit checkpoints and requeues it once). A requeue sends SIGTERM, which submitit's
     job ignores, then SIGKILL KillWait (5 s here) later: each shard is made long enough (3
     samples of 2000 problems) that the kill lands mid-shard."""
     runs, procs = cleanup
@@ -164,7 +164,8 @@ def test_requeued_array_tasks_finish_every_record_exactly_once(slurm, cleanup, t
     ids = Manifest(run).stage(0, "generate")["job_ids"]
     at_signal = {s: lines(p) for s, p in shard.items()}
     subprocess.run(["scontrol", "requeue", ids["0"]], check=True, capture_output=True)
-    subprocess.run(["scancel", "--signal=USR2", ids["1"]], check=True, capture_output=True)
+    for _ in range(2):
+        subprocess.run(["scancel", "--signal=USR2", ids["1"]], check=True, capture_output=True)
 
     released: set[str] = set()
     wait_for(lambda: release_all(list(ids.values()), released) or proc.poll() is not None, timeout=240, interval=0.5)
@@ -177,7 +178,7 @@ def test_requeued_array_tasks_finish_every_record_exactly_once(slurm, cleanup, t
         assert len(counts) == n_records // 2 and max(counts.values()) == 1, f"shard {s}: duplicates or gaps"
         assert entry["shards"][str(s)]["state"] == "done"
         assert entry["shards"][str(s)]["attempts"] == 2, entry["shards"][str(s)]  # ran twice, finished once
-    assert entry["shards"]["1"]["requeued"] == 1  # recorded by the USR2 path
+    assert entry["shards"]["1"]["requeued"] == 1  # recorded by the USR2 path, once for two signals
     assert 0 < entry["shards"]["0"]["generated_records"] < n_records // 2  # killed mid-shard
     merged = [r["id"] for r in read_jsonl(run / "iter-0" / "generations.jsonl")]
     assert len(merged) == len(set(merged)) == n_records
