@@ -39,9 +39,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distill.integrity import artifact  # noqa: E402
 from distill.jsonl import iter_jsonl, sha256_file, write_json  # noqa: E402
 from distill.layout import RunPaths  # noqa: E402
-from distill.manifest import Manifest, artifact  # noqa: E402
+from distill.manifest import Manifest  # noqa: E402
 from distill.training import newest_checkpoint  # noqa: E402
 from jobs.signals import STOP_SIGNAL  # noqa: E402
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,11 @@ from distill.chunked import CrossEntropy, head_loss
 from distill.config import TrainConfig
 from distill.device import Placement
 from distill.errors import DistillError
+from distill.jsonl import sha256_file
 from distill.layout import TrainPaths
 from distill.modeling import PROJECTIONS, decoder, load_teacher, output_head
 
+log = logging.getLogger(__name__)
 IGNORE = -100
 
 
@@ -181,15 +184,19 @@ class Distiller:
                 "tokens": str(sum(sum(1 for lab in e["labels"] if lab != IGNORE) for e in examples))}
         if path.exists():
             store, saved = TopKStore.load(path)
-            if saved == meta:
+            info = json.loads(out.topk_info.read_text()) if out.topk_info.exists() else {}
+            if saved == meta and info.get("sha256") == sha256_file(path):
                 return store
+            log.warning("%s: written for other settings, or damaged (sha256 differs from %s): captured again",
+                        path, out.topk_info.name)
         teacher = load_teacher(teacher_path, self.place, attn)
         store = capture_topk(teacher, examples, self.kd.top_k, self.vocab, batch_size=self.cfg.batch_size,
                              chunk=self.cfg.loss_chunk)
         del teacher
         store.save(path, meta)
         out.topk_info.write_text(json.dumps(
-            {**meta, "bytes_per_token": round(store.bytes_per_token(), 1), "file_bytes": path.stat().st_size}, indent=1))
+            {**meta, "bytes_per_token": round(store.bytes_per_token(), 1), "file_bytes": path.stat().st_size,
+             "sha256": sha256_file(path)}, indent=1))
         return store
 
     def attach_projections(self, model: torch.nn.Module) -> None:

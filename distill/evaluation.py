@@ -40,9 +40,9 @@ from distill.generation import (
     task,
 )
 from distill.grading import default_workers, grade_records
+from distill.integrity import Input, artifact
 from distill.jsonl import iter_jsonl, read_jsonl, write_json, write_jsonl
 from distill.layout import EvalPaths, RunPaths
-from distill.manifest import artifact
 from distill.problems import eval_problems, load_problems
 from distill.prompts import build_prompt
 from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit, merged
@@ -170,9 +170,11 @@ def _summary(entry: dict[str, Any]) -> str:
 
 
 EVALUATE = Stage("evaluate", _evaluate(False), plans=(FIRST, UNDO), units=_units(False), sharded=True,
-                 merge=_merge(False), summary=_summary, unit_name="evaluation task")
+                 inputs=lambda cfg, it: [Input(it, "train", "model")], merge=_merge(False), summary=_summary,
+                 unit_name="evaluation task")
 BASELINE_EVALUATE = Stage("baseline_evaluate", _evaluate(True), plans=(BASELINE,), units=_units(True), sharded=True,
-                          merge=_merge(True), resources="evaluate", summary=_summary, unit_name="evaluation task")
+                          inputs=lambda cfg, it: [Input(it, "baseline_train", "model")], merge=_merge(True),
+                          resources="evaluate", summary=_summary, unit_name="evaluation task")
 
 
 # -- python -m distill eval ----------------------------------------------------------------------------

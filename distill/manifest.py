@@ -9,7 +9,6 @@ by `distill.runner`, the only caller of those writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 from filelock import FileLock, SoftFileLock
 
 from distill.errors import DistillError
-from distill.jsonl import atomic_write_text, sha256_file
+from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
 
 STATES = ("pending", "running", "done", "failed")
@@ -117,27 +116,6 @@ def stage_entry(data: dict[str, Any], iteration: int, stage: str, create: bool =
     it = iters.setdefault(str(iteration), {"stages": {}}) if create else iters.get(str(iteration), {})
     stages = it.setdefault("stages", {}) if create else it.get("stages", {})
     return stages.setdefault(stage, {}) if create else stages.get(stage, {})
-
-
-def artifact(path: str | Path, run_dir: str | Path) -> dict[str, str]:
-    """An artifact record: its path relative to the run and its content hash."""
-    path = Path(path)
-    try:
-        rel = str(path.resolve().relative_to(Path(run_dir).resolve()))
-    except ValueError:
-        rel = str(path)
-    if path.is_dir():
-        return {"path": rel, "sha256": _dir_hash(path)}
-    return {"path": rel, "sha256": sha256_file(path)}
-
-
-def _dir_hash(path: Path) -> str:
-    """Hash of a directory's files (names and contents), e.g. a saved model."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def format_table(data: dict[str, Any], order: Sequence[str] = ()) -> str:

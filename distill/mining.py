@@ -6,9 +6,9 @@ from __future__ import annotations
 from distill.config import RunConfig
 from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend, task
 from distill.grading import grade_records
+from distill.integrity import Input, artifact
 from distill.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from distill.layout import RunPaths
-from distill.manifest import artifact
 from distill.problems import probe_problems
 from distill.prompts import build_prompt
 from distill.stage import UNDO, Result, Stage, Unit
@@ -47,5 +47,6 @@ def mine(unit: Unit) -> Result:
 
 MINE = Stage(
     "mine", mine, plans=(UNDO,),
+    inputs=lambda cfg, it: [Input(it - 1, "train", "model"), Input(it - 1, "train", "train_data")],
     summary=lambda e: f"the previous student: {e['metrics']['errors']} errors on {e['metrics']['probed']} probe problems",
 )

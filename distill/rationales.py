@@ -13,9 +13,9 @@ from distill.data import shard_slice
 from distill.efficiency import filter_rationales, length_stats
 from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend, merge_shards, task
 from distill.grading import grade_records
+from distill.integrity import Input, artifact
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import RunPaths
-from distill.manifest import artifact
 from distill.problems import train_problems
 from distill.prompts import build_prompt
 from distill.stage import FIRST, UNDO, Result, Stage, Unit, merged
@@ -74,6 +74,7 @@ def merge_generation(cfg: RunConfig, it: int, paths: RunPaths, entry: dict[str, 
 
 GENERATE = Stage(
     "generate", generate, plans=(FIRST, UNDO), units=generation_shards, sharded=True, merge=merge_generation,
+    inputs=lambda cfg, it: [Input(it, "mine", "errors")] if it > 0 else [],
     summary=lambda e: f"merged {e['metrics']['records']} records from {e['num_shards']} shard(s)",
 )
 
@@ -110,7 +111,7 @@ def verify(unit: Unit) -> Result:
 
 
 VERIFY = Stage(
-    "verify", verify, plans=(FIRST, UNDO),
+    "verify", verify, plans=(FIRST, UNDO), inputs=lambda cfg, it: [Input(it, "generate", "generations")],
     summary=lambda e: (f"kept {e['metrics']['kept']} of {e['metrics']['records']} rationales; "
                        f"{e['metrics']['problems_unsolved']} problem(s) unsolved by the teacher"),
 )

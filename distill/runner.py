@@ -18,6 +18,7 @@ from typing import Any
 
 from distill.config import RunConfig
 from distill.errors import DistillError
+from distill.integrity import Damaged, Input, verify
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
 from distill.manifest import Manifest, stage_entry
@@ -97,11 +98,14 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
             entry["allocations"] = entry.get("allocations", 0) + 1
     unit = Unit(cfg, it, key, paths, should_stop or (lambda: False), progress, manifest.read())
     try:
+        unit.inputs = verified_inputs(stage, unit)
         result: Result = stage.run(unit)
     except Stopped:
         result = Result(stopped=True)
     except BaseException as exc:
         reason = first_line(exc)
+        if isinstance(exc, Damaged) and exc.producer is not None:
+            reason = short(f"{exc}; {reopen(manifest, exc.producer, str(exc))}")
         _mark(manifest, it, stage, key, "failed", error=reason)
         if not isinstance(exc, Exception):
             raise
@@ -113,6 +117,27 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
         return Outcome("stopped", result.fields)
     _mark(manifest, it, stage, key, "done", **result.fields)
     return Outcome("done", result.fields)
+
+
+def verified_inputs(stage: Stage, unit: Unit) -> dict[Input, str]:
+    """The recorded artifacts the unit reads, each checked against its hash: input -> sha256."""
+    out = {}
+    for item in stage.inputs(unit.cfg, unit.iteration):
+        digest = verify(unit.manifest, unit.paths.root, item)
+        if digest is not None:
+            out[item] = digest
+    return out
+
+
+def reopen(manifest: Manifest, producer: Input, reason: str) -> str:
+    """Send the stage that produced a damaged artifact back to pending, so the next run redoes
+    it (a sharded stage whose shards are done merges again); says so in a phrase."""
+    with manifest.update() as data:
+        entry = stage_entry(data, producer.iteration, producer.stage, create=True)
+        entry["state"] = "pending"
+        entry["error"] = short(reason)
+        entry.pop("artifacts", None)
+    return f"{producer.describe()} is marked pending: run again to redo it"
 
 
 def requeued_unit(cfg: RunConfig, it: int, stage: Stage, key: str) -> None:

@@ -1,9 +1,9 @@
 """What a stage is: a named step of an iteration, cut into units that run as separate jobs.
 
-A `Stage` says which units an iteration has (one, or one per shard), how one unit runs, how the
-units' outputs merge once all are done, what a unit's job needs (the cluster profile section
-that holds its resources) and in which plans it takes part. The stages themselves are defined
-beside their work (`distill.rationales`, `distill.student`, `distill.evaluation`, ...) and
+A `Stage` says which units an iteration has (one, or one per shard), how one unit runs, which
+recorded artifacts of earlier stages it reads, how the units' outputs merge once all are done,
+what a unit's job needs (the cluster profile section that holds its resources) and in which
+plans it takes part. The stages themselves are defined beside their work (`distill.rationales`, `distill.student`, `distill.evaluation`, ...) and
 listed in pipeline order by `distill.pipeline`; the driver, the submitit jobs and the sbatch
 scripts run them through `distill.runner` without knowing any of them by name.
 """
@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from distill.config import RunConfig
 from distill.errors import DataError, DistillError
+from distill.integrity import Input
 from distill.layout import RunPaths
 
 T = TypeVar("T")
@@ -51,6 +52,8 @@ class Unit:
     progress: bool = True
     # The run's manifest as it was when the unit started (read-only), e.g. for the steps trained so far.
     manifest: dict[str, Any] = field(default_factory=dict)
+    # The stage's inputs, checked against the manifest before the unit ran: input -> sha256.
+    inputs: dict[Input, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +67,10 @@ class Result:
 
 def single_unit(cfg: RunConfig, it: int) -> list[str]:
     return ["0"]
+
+
+def no_inputs(cfg: RunConfig, it: int) -> list[Input]:
+    return []
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class Stage:
     # True where the unit may be interrupted at any line; False: it polls `should_stop` and
     # returns at a safe point (training, between optimizer steps).
     stops_anywhere: bool = True
+    # The recorded artifacts of earlier stages a unit reads: each is checked against its hash
+    # before the unit runs (`distill.integrity`).
+    inputs: Callable[[RunConfig, int], list[Input]] = no_inputs
     # The cluster profile section holding its jobs' resources (`stages.<resources>`).
     resources: str = ""
     # One line for the driver's log from the finished stage's manifest entry.

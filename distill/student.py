@@ -13,9 +13,10 @@ from typing import Any
 
 from distill.config import RunConfig
 from distill.errors import DistillError
+from distill.integrity import Input, artifact
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import RunPaths, TrainPaths
-from distill.manifest import artifact, stage_entry
+from distill.manifest import stage_entry
 from distill.prompts import training_pairs
 from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit
 
@@ -82,7 +83,18 @@ def train_student(unit: Unit) -> Result:
     cfg, it, paths = unit.cfg, unit.iteration, unit.paths
     records = build_training_set(cfg, it)
     init = paths.student(it - 1) if it > 0 and cfg.undo.init == "previous" else cfg.models.student
-    return fit(unit, records, init, paths.train(it), cfg.train)
+    result = fit(unit, records, init, paths.train(it), cfg.train)
+    if not result.stopped:
+        result.fields["artifacts"]["train_data"] = artifact(paths.train_data(it), paths.root)
+    return result
+
+
+def train_inputs(cfg: RunConfig, it: int) -> list[Input]:
+    """The verified set; from iteration 1 also D_{it-1}, and the last student when it is the init."""
+    previous = [Input(it - 1, "train", "train_data")] if it > 0 else []
+    if it > 0 and cfg.undo.init == "previous":
+        previous.append(Input(it - 1, "train", "model"))
+    return [Input(it, "verify", "verified"), *previous]
 
 
 def train_oneshot(unit: Unit) -> Result:
@@ -98,6 +110,8 @@ def _summary(entry: dict[str, Any]) -> str:
     return f"step {m.get('step')} of {m.get('total_steps')}, loss {m.get('loss')}, {entry.get('allocations', 1)} allocation(s)"
 
 
-TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), stops_anywhere=False, summary=_summary)
-BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,), stops_anywhere=False, resources="train",
-                       summary=_summary)
+TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False,
+              summary=_summary)
+BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,),
+                       inputs=lambda cfg, it: [Input(0, "train", "train_data")], stops_anywhere=False,
+                       resources="train", summary=_summary)

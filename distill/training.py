@@ -2,9 +2,10 @@
 
 Why not `transformers.Trainer`: its checkpoints are written in place, so a job killed mid-save
 leaves a newest checkpoint that auto-resume picks and fails on. Here every checkpoint is written
-to a temporary directory and renamed into place only when complete, and the batch order is a
-pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted run
-would have seen.
+to a temporary directory, sealed with its files' hashes and renamed into place only when
+complete; a resume checks the seal and sets a damaged checkpoint aside for the one before it.
+The batch order is a pure function of (seed, step), so a resumed run sees exactly the batches
+an uninterrupted run would have seen.
 
 Batches are built on the host and moved to the job's device (`distill.device`); the loss runs
 under the configured precision's autocast, with loss scaling for fp16. A step whose loss is not
@@ -34,6 +35,7 @@ from distill import device as devices
 from distill.config import TrainConfig
 from distill.distillation import IGNORE, Distiller, to_device
 from distill.errors import DistillError
+from distill.integrity import is_sealed, seal, seal_damage
 from distill.layout import TrainPaths
 from distill.modeling import load_student, save_final
 from distill.progress import progress_bar
@@ -154,12 +156,32 @@ def total_steps(cfg: TrainConfig, n_examples: int) -> int:
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def newest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest *complete* checkpoint; temporary directories of an interrupted save are ignored."""
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Sealed checkpoints, oldest first; temporary directories of an interrupted save are ignored."""
     if not ckpt_dir.is_dir():
-        return None
-    complete = [p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name) and (p / "state.json").is_file()]
-    return max(complete, key=lambda p: int(CKPT_RE.match(p.name).group(1)), default=None)
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name) and is_sealed(p))
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (not yet checked against its hashes)."""
+    complete = complete_checkpoints(ckpt_dir)
+    return complete[-1] if complete else None
+
+
+def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files match their hashes. A damaged one is renamed
+    `damaged-step-N` (kept for a look, never resumed or counted again) and the one before it
+    is tried."""
+    for ckpt in reversed(complete_checkpoints(ckpt_dir)):
+        damage = seal_damage(ckpt)
+        if damage is None:
+            return ckpt
+        aside = ckpt.with_name(f"damaged-{ckpt.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(ckpt, aside)
+        log.warning("checkpoint %s is damaged (%s): set aside as %s; trying the one before", ckpt, damage, aside.name)
+    return None
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -179,13 +201,13 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(devices.rng_state(_device_of(model)), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    seal(tmp)
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_dir)
-    complete = sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name))
-    for old in complete[:-keep]:
+    for old in complete_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -241,8 +263,9 @@ def train(
     out = TrainPaths(Path(out_dir))
     ckpt_dir = out.checkpoints
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_dir.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # Left by a killed save (this unit is the only writer of its directory).
+    for stale in [*ckpt_dir.glob(".tmp-*"), *out.root.glob(".tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     model, tokenizer = load_student(model_path, cfg, place, attn_implementation)
     context = cfg.kd.context_template.format if cfg.objective == "context" else None
@@ -263,7 +286,7 @@ def train(
     scaler = place.grad_scaler()
     state: dict[str, Any] = {"step": 0, "total_steps": steps, "n_examples": len(examples), "history": []}
     resumed_from = None
-    ckpt = newest_checkpoint(ckpt_dir)
+    ckpt = resumable_checkpoint(ckpt_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
         resumed_from = state["step"]

@@ -1,0 +1,131 @@
+"""Verify before use: what the manifest promises is checked against what is on disk.
+
+Every artifact a finished stage leaves for a later one (the merged generations, the verified
+set, the training set, the errors, a final model) is recorded in the manifest with its sha256.
+A unit that consumes one hashes it again before use; a file that changed since, or is gone,
+stops the unit with one line naming the file, and the stage that produced it is reopened so the
+next run redoes it (a merged file is merged again from its shards; a final model is saved again
+from the last checkpoint). Checkpoints carry their own hashes (`hashes.json`, written last, is
+what makes a checkpoint complete), so a damaged newest one is set aside and training resumes
+from the one before.
+
+The full sha256 is used everywhere: it reads each file once (about 1 GB/s per core), which is
+small beside loading the same weights onto a GPU, and a cheaper fingerprint (size, mtime)
+misses a flipped byte. A model from outside the run (the teacher, the base student) has no
+recorded hash; shards that depend on one are bound to its fingerprint instead
+(`model_fingerprint`), since hashing 60 GB of teacher weights in every array task is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill.errors import DistillError
+from distill.jsonl import sha256_file
+
+
+class Damaged(DistillError):
+    """An artifact that does not match its recorded hash (or is gone)."""
+
+    def __init__(self, message: str, producer: Input | None = None) -> None:
+        super().__init__(message)
+        self.producer = producer
+
+
+@dataclass(frozen=True)
+class Input:
+    """An artifact a unit consumes: `name` in the `artifacts` of stage `stage` of `iteration`."""
+
+    iteration: int
+    stage: str
+    name: str
+
+    def describe(self) -> str:
+        return f"{self.stage} of iteration {self.iteration}"
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (names and contents), e.g. a saved model."""
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def artifact(path: str | Path, run_dir: str | Path) -> dict[str, str]:
+    """An artifact record: its path relative to the run and its content hash."""
+    path = Path(path)
+    try:
+        rel = str(path.resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        rel = str(path)
+    return {"path": rel, "sha256": content_hash(path)}
+
+
+def recorded(manifest: dict[str, Any], item: Input) -> dict[str, str] | None:
+    stages = manifest.get("iterations", {}).get(str(item.iteration), {}).get("stages", {})
+    return stages.get(item.stage, {}).get("artifacts", {}).get(item.name)
+
+
+def verify(manifest: dict[str, Any], run_dir: Path, item: Input) -> str | None:
+    """The recorded sha256 of `item` after checking the file against it (None when nothing is
+    recorded: the producer has not finished, so nothing was promised)."""
+    record = recorded(manifest, item)
+    if record is None:
+        return None
+    path = run_dir / record["path"]
+    if not path.exists():
+        raise Damaged(f"{path}: missing, though {item.describe()} recorded it", item)
+    if content_hash(path) != record["sha256"]:
+        raise Damaged(f"{path}: changed since {item.describe()} recorded it (sha256 differs)", item)
+    return record["sha256"]
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """A cheap identity of a model directory: each file's name, size and mtime. Used to bind
+    shards to a model from outside the run, whose contents the run never hashed."""
+    path = Path(path)
+    h = hashlib.sha256(str(path.resolve()).encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+HASHES = "hashes.json"
+
+
+def seal(directory: Path) -> None:
+    """Record the hash of every file in a checkpoint directory; written last, it marks the
+    checkpoint complete."""
+    hashes = {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != HASHES}
+    (directory / HASHES).write_text(json.dumps(hashes, indent=1))
+
+
+def is_sealed(directory: Path) -> bool:
+    return (directory / HASHES).is_file()
+
+
+def seal_damage(directory: Path) -> str | None:
+    """What is wrong with a sealed directory (one phrase), or None when every file matches."""
+    try:
+        hashes = json.loads((directory / HASHES).read_text())
+    except (OSError, ValueError):
+        return f"{HASHES} unreadable"
+    for name, digest in hashes.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} missing"
+        if sha256_file(f) != digest:
+            return f"{name} does not match its hash"
+    return None
