@@ -40,7 +40,7 @@ from distill.generation import (
     task,
 )
 from distill.grading import default_workers, grade_records
-from distill.integrity import Input, artifact
+from distill.integrity import Input, artifact, bind, model_fingerprint
 from distill.jsonl import iter_jsonl, read_jsonl, write_json, write_jsonl
 from distill.layout import EvalPaths, RunPaths
 from distill.problems import eval_problems, load_problems
@@ -63,14 +63,18 @@ def _complete(path: Path, ids: list[str]) -> bool:
 
 def evaluate_part(
     paths: EvalPaths, label: str, shard: int, problems: list[dict[str, Any]], backend: Callable[[], Backend], *,
-    prompt: PromptConfig, max_new_tokens: int, batch_size: int, workers: int | None = None, progress: bool = True,
+    model_id: str, prompt: PromptConfig, max_new_tokens: int, batch_size: int, workers: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Answer (resuming) and grade one shard of one model; a shard already graded costs
-    nothing, and the model (`backend()`) is loaded only when answers are missing. Returns the
-    generation statistics of this call (nothing generated: zero new records)."""
+    nothing, and the model (`backend()`) is loaded only when answers are missing. The shard is
+    bound to `model_id` and the prompt settings: one written by another model is redone.
+    Returns the generation statistics of this call (nothing generated: zero new records)."""
     part = shard_slice(problems, shard, paths.num_shards)
     ids = [record_id(p["id"], 0) for p in part]
     out, graded_out = paths.shard(label, shard), paths.graded_shard(label, shard)
+    bind(out, {"model": model_id, "prompt": dataclasses.asdict(prompt), "max_new_tokens": max_new_tokens},
+         graded_out, paths.stats(label, shard))
     gen_stats: dict[str, Any] = {"records": len(ids), "generated_records": 0, "new_tokens": 0, "seconds": 0.0,
                                  "tokens_per_s": 0.0}
     if _complete(graded_out, ids):
@@ -144,7 +148,8 @@ def _evaluate(baseline: bool) -> Callable[[Unit], Result]:
         model = eval_models(cfg, it, baseline)[label]
         stats = evaluate_part(
             unit.paths.eval(it, cfg.eval.num_shards), label, int(shard), eval_problems(cfg),
-            lambda: load_backend(engine_for(cfg, role, logprobs=False), model), prompt=cfg.prompt,
+            lambda: load_backend(engine_for(cfg, role, logprobs=False), model), model_id=unit.model_identity(model),
+            prompt=cfg.prompt,
             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=unit.progress)
         return Result(stats)
     return evaluate
@@ -251,7 +256,8 @@ def run_model(paths: EvalPaths, settings: EvalSettings, label: str, model: str, 
         return loaded[0]
 
     for shard in shards:
-        evaluate_part(paths, label, shard, problems, backend, prompt=settings.prompt,
+        evaluate_part(paths, label, shard, problems, backend, model_id=f"fingerprint:{model_fingerprint(model)}",
+                      prompt=settings.prompt,
                       max_new_tokens=settings.max_new_tokens, batch_size=batch_size, workers=workers, progress=progress)
 
 

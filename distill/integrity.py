@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
-from distill.jsonl import sha256_file
+from distill.jsonl import atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 class Damaged(DistillError):
@@ -98,6 +101,45 @@ def model_fingerprint(path: str | Path) -> str:
         st = f.stat()
         h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
+
+
+def identity(manifest: dict[str, Any], run_dir: Path, verified: dict[Input, str], model: str | Path) -> str:
+    """What a shard records as the model that wrote it: the sha256 the manifest holds for the
+    run's own model at `model` (already verified), else the fingerprint of an outside model."""
+    target = Path(model).resolve()
+    for item, digest in verified.items():
+        record = recorded(manifest, item)
+        if record is not None and (run_dir / record["path"]).resolve() == target:
+            return f"sha256:{digest}"
+    return f"fingerprint:{model_fingerprint(model)}"
+
+
+# -- outputs bound to their inputs ---------------------------------------------------------------
+
+
+def source_file(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".source.json")
+
+
+def bind(shard: Path, source: dict[str, Any], *derived: Path) -> bool:
+    """Tie a resumable shard to what produces it (the model's identity, the prompt and sampling
+    settings). A shard on disk written by anything else (or with no record of its source) is
+    removed with the files derived from it, so it is redone rather than resumed; returns
+    whether that happened."""
+    record = source_file(shard)
+    try:
+        same = json.loads(record.read_text()) == source
+    except (OSError, ValueError):
+        same = False
+    stale = not same and any(p.exists() for p in (shard, *derived))
+    if stale:
+        log.warning("%s: written by another model or other settings (see %s): redone", shard, record.name)
+        for p in (shard, *derived):
+            p.unlink(missing_ok=True)
+    if not same:
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(source, sort_keys=True, indent=1) + "\n")
+    return stale
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -68,36 +68,14 @@ class Manifest:
 
     def mark(self, iteration: int, stage: str, state: str, **fields: Any) -> None:
         """Set a stage's state and merge `fields` into its entry, stamping start/end times."""
-        assert state in STATES, state
         with self.update() as data:
-            entry = stage_entry(data, iteration, stage, create=True)
-            if state == "running" and entry.get("state") != "running":
-                entry["started"] = now()
-                entry.pop("ended", None)
-                entry.pop("error", None)
-            if state in ("done", "failed"):
-                entry["ended"] = now()
-            if state == "done":
-                entry.pop("error", None)
-            entry["state"] = state
-            for key, value in fields.items():
-                if isinstance(value, dict) and isinstance(entry.get(key), dict):
-                    entry[key].update(value)
-                else:
-                    entry[key] = value
+            set_stage_state(stage_entry(data, iteration, stage, create=True), state, **fields)
 
     def mark_shard(self, iteration: int, stage: str, shard: str, state: str, **fields: Any) -> None:
         with self.update() as data:
             entry = stage_entry(data, iteration, stage, create=True)
             entry.setdefault("state", "running")
-            shard_entry = entry.setdefault("shards", {}).setdefault(str(shard), {})
-            if state == "running":
-                shard_entry["started"] = now()
-                shard_entry["attempts"] = shard_entry.get("attempts", 0) + 1
-            if state in ("done", "failed"):
-                shard_entry["ended"] = now()
-            shard_entry["state"] = state
-            shard_entry.update(fields)
+            set_shard_state(entry.setdefault("shards", {}).setdefault(str(shard), {}), state, **fields)
 
     def add_job_ids(self, iteration: int, stage: str, job_ids: dict[str, str]) -> None:
         """Remember which job runs which shard (`"0": "1234_0"`), so the driver can ask squeue."""
@@ -109,6 +87,35 @@ class Manifest:
     def set_meta(self, **fields: Any) -> None:
         with self.update() as data:
             data.update(fields)
+
+
+def set_stage_state(entry: dict[str, Any], state: str, **fields: Any) -> None:
+    assert state in STATES, state
+    if state == "running" and entry.get("state") != "running":
+        entry["started"] = now()
+        entry.pop("ended", None)
+        entry.pop("error", None)
+    if state in ("done", "failed"):
+        entry["ended"] = now()
+    if state == "done":
+        entry.pop("error", None)
+    entry["state"] = state
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict):
+            entry[key].update(value)
+        else:
+            entry[key] = value
+
+
+def set_shard_state(entry: dict[str, Any], state: str, **fields: Any) -> None:
+    assert state in STATES, state
+    if state == "running":
+        entry["started"] = now()
+        entry["attempts"] = entry.get("attempts", 0) + 1
+    if state in ("done", "failed"):
+        entry["ended"] = now()
+    entry["state"] = state
+    entry.update(fields)
 
 
 def stage_entry(data: dict[str, Any], iteration: int, stage: str, create: bool = False) -> dict[str, Any]:

@@ -6,6 +6,7 @@ problems the student got wrong (`distill.mining`), with the error-conditioned te
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from distill.config import RunConfig
@@ -13,7 +14,7 @@ from distill.data import shard_slice
 from distill.efficiency import filter_rationales, length_stats
 from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend, merge_shards, task
 from distill.grading import grade_records
-from distill.integrity import Input, artifact
+from distill.integrity import Input, artifact, bind
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import RunPaths
 from distill.problems import train_problems
@@ -52,9 +53,13 @@ def generate(unit: Unit) -> Result:
     """One shard of the teacher's rationales (resumes from the records already written)."""
     cfg, it, shard, num = unit.cfg, unit.iteration, int(unit.key), unit.cfg.generation.num_shards
     problems = shard_slice(generation_problems(cfg, it), shard, num)
+    out = unit.paths.gen_shard(it, shard, num)
+    template = cfg.prompt.template if it == 0 else cfg.undo.template
+    bind(out, {"model": unit.model_identity(cfg.models.teacher), "prompt": asdict(cfg.prompt), "template": template,
+               "sampling": asdict(teacher_spec(cfg, it)), "tasks": unit.inputs.get(Input(it, "mine", "errors"))})
     backend = load_backend(engine_for(cfg, "teacher"), cfg.models.teacher)
     tasks = [task(p, teacher_prompt(cfg, backend.tokenizer, p, it)) for p in problems]
-    stats = generate_shard(backend, tasks, unit.paths.gen_shard(it, shard, num), teacher_spec(cfg, it),
+    stats = generate_shard(backend, tasks, out, teacher_spec(cfg, it),
                            cfg.generation.batch_size, desc=f"generate shard {shard}/{num}", progress=unit.progress)
     return Result(stats)
 

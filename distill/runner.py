@@ -21,7 +21,8 @@ from distill.errors import DistillError
 from distill.integrity import Damaged, Input, verify
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
-from distill.manifest import Manifest, stage_entry
+from distill.lease import live_holder, me
+from distill.manifest import Manifest, set_shard_state, set_stage_state, stage_entry
 from distill.stage import RedoUnit, Result, Stage, Stopped, Unit
 
 
@@ -85,17 +86,31 @@ def _mark(manifest: Manifest, it: int, stage: Stage, key: str, state: str, **fie
         manifest.mark(it, stage.name, state, **fields)
 
 
+def claim(manifest: Manifest, it: int, stage: Stage, key: str, job_id: str | None) -> None:
+    """Mark the unit running, as this process on this host, unless a live process already runs
+    it (a driver's job beside a `jobs.stage` started by hand): then refuse, changing nothing.
+    Check and mark are one manifest update, so two starters cannot both pass."""
+    with manifest.update() as data:
+        entry = unit_entry(data, it, stage, key, create=True)
+        holder = live_holder(entry) if entry.get("state") == "running" else None
+        if holder is not None:
+            raise DistillError(f"{stage.describe(key)} is already running ({holder}, job {entry.get('job_id')}); "
+                               f"not started twice")
+        if stage.sharded:
+            stage_entry(data, it, stage.name).setdefault("state", "running")
+            set_shard_state(entry, "running", job_id=job_id, **me())
+        else:
+            set_stage_state(entry, "running", job_id=job_id, **me())
+            entry["allocations"] = entry.get("allocations", 0) + 1
+
+
 def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | None = None,
              should_stop: Callable[[], bool] | None = None, progress: bool = True) -> Outcome:
     """Run one unit and record its outcome. A crash is recorded as failed and re-raised only
     when it is an interruption (KeyboardInterrupt, SystemExit); otherwise its traceback goes to
     stderr (the job's log) and the outcome says `failed` with the one-line reason."""
     paths, manifest = open_run(cfg)
-    _mark(manifest, it, stage, key, "running", job_id=job_id)
-    if not stage.sharded:
-        with manifest.update() as data:
-            entry = stage_entry(data, it, stage.name, create=True)
-            entry["allocations"] = entry.get("allocations", 0) + 1
+    claim(manifest, it, stage, key, job_id)
     unit = Unit(cfg, it, key, paths, should_stop or (lambda: False), progress, manifest.read())
     try:
         unit.inputs = verified_inputs(stage, unit)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from distill.config import RunConfig
 from distill.errors import DataError, DistillError
-from distill.integrity import Input
+from distill.integrity import Input, identity
 from distill.layout import RunPaths
 
 T = TypeVar("T")
@@ -54,6 +54,10 @@ class Unit:
     manifest: dict[str, Any] = field(default_factory=dict)
     # The stage's inputs, checked against the manifest before the unit ran: input -> sha256.
     inputs: dict[Input, str] = field(default_factory=dict)
+
+    def model_identity(self, model: str | Path) -> str:
+        """What the unit's shards record as the model that wrote them (`distill.integrity`)."""
+        return identity(self.manifest, self.paths.root, self.inputs, model)
 
 
 @dataclass

@@ -4,8 +4,9 @@ Run it on a login node (or a laptop): each stage of the plan (`distill.pipeline`
 through submitit, one job per unit the manifest lacks (a sharded stage as one SLURM array); the
 driver waits for the stage's jobs, merges their outputs in-process, and moves on. Stages
 already `done` are skipped without importing torch, so re-running a finished iteration takes
-about a second. It can be re-run (or run twice) at any time: a unit whose recorded job is still
-in squeue is waited for, not submitted again.
+about a second. It can be re-run at any time: a unit whose recorded job is still in squeue is
+waited for, not submitted again. One driver works on a run at a time (`distill.lease`): a second
+one refuses, naming the first.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from filelock import FileLock, SoftFileLock
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
+from distill.lease import RunLease
 from distill.manifest import format_table
 from distill.preflight import check_inputs
 from distill.runner import fail_stage, merge_stage, open_run, record_submitted, unit_entry
@@ -281,14 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         only = _parse_stages(args.stages, args.iteration) if args.stages else None
         check_inputs(cfg, 1 if args.undo else args.iteration)
         driver = Driver(cfg, args.executor, cluster)
-        if args.undo:
-            last = driver.run_undo()
-            if args.with_baseline:
-                driver.run_baseline(last)
-        elif args.baseline:
-            driver.run_baseline(args.iteration)
-        else:
-            driver.run_iteration(args.iteration, only)
+        with RunLease(driver.paths.root, soft_lock=cfg.lock == "soft"):
+            if args.undo:
+                last = driver.run_undo()
+                if args.with_baseline:
+                    driver.run_baseline(last)
+            elif args.baseline:
+                driver.run_baseline(args.iteration)
+            else:
+                driver.run_iteration(args.iteration, only)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

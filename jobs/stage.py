@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 
@@ -30,6 +31,7 @@ from distill.errors import DistillError
 from distill.runner import fail_unit, manifest_of, merge_stage, open_run, requeued_unit, run_unit, unit_done
 from distill.stage import Stage
 from jobs.allocation import job_id, set_threads
+from jobs.queue import in_flight, queue_states
 from jobs.signals import STOP_SIGNAL, StopOnSignal
 
 REQUEUE = 3
@@ -61,6 +63,18 @@ def unit_key(cfg: RunConfig, it: int, stage: Stage, index: int | None) -> str:
     return keys[index]
 
 
+def refuse_if_submitted(cfg: RunConfig, it: int, stage: Stage, key: str) -> None:
+    """A unit whose recorded job (a driver's, or another script's) is still in squeue is not
+    started again by hand; its own job, requeued, goes on."""
+    recorded = manifest_of(cfg).stage(it, stage.name).get("job_ids", {}).get(key)
+    if recorded is None or recorded == job_id() or shutil.which("squeue") is None:
+        return
+    states = queue_states()
+    if states is not None and in_flight(states, recorded):
+        raise DistillError(f"{stage.describe(key)} is submitted as job {recorded} ({states[recorded][0]}); "
+                           f"not started twice: wait for it, or `scancel {recorded}` first")
+
+
 def chosen_stage(args: argparse.Namespace) -> Stage:
     name = args.command if args.command not in ("merge", "count") else args.what
     return pipeline.stage(f"baseline_{name}" if getattr(args, "baseline", False) else name)
@@ -83,6 +97,7 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     if unit_done(cfg, it, stage, key):
         print(f"{stage.describe(key)}: already done")
         return 0
+    refuse_if_submitted(cfg, it, stage, key)
     set_threads(None)
     with StopOnSignal(stage.stops_anywhere, (STOP_SIGNAL, signal.SIGTERM)) as stop:
         outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)

@@ -155,3 +155,42 @@ def test_a_damaged_topk_store_is_captured_again(tiny_world, tmp_path, caplog):
     assert "damaged (sha256 differs" in caplog.text
     assert store.read_bytes() == clean and info["sha256"] == content_hash(store)
     assert again.loss == pytest.approx(first.loss, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_eval_shard_written_by_another_model_is_redone(tiny_world, tmp_path):
+    """The stale-evaluation case: shards of a damaged model stay on disk, the model is restored
+    and the manifest rebuilt; the shards must not be resumed."""
+    cfg = config(tiny_world, tmp_path)
+    paths = finished_verify(cfg)
+    run_stage_unit(cfg, 0, "train")
+    ev = paths.eval(0, 1)
+    run_stage_unit(cfg, 0, "evaluate", "student:0")
+    clean = ev.graded_shard("student", 0).read_bytes()
+
+    # Shards answered by another model (a damaged copy, since restored) sit where the student's go.
+    record = ev.shard("student", 0).with_name(ev.shard("student", 0).name + ".source.json")
+    source = json.loads(record.read_text())
+    assert source["model"] == "sha256:" + Manifest(paths.root).stage(0, "train")["artifacts"]["model"]["sha256"]
+    record.write_text(json.dumps({**source, "model": "sha256:" + "0" * 64}))
+    for p in (ev.shard("student", 0), ev.graded_shard("student", 0)):
+        p.write_text(p.read_text().replace('"correct": false', '"correct": true').replace('"response": "', '"response": "STALE'))
+
+    run_stage_unit(cfg, 0, "evaluate", "student:0")  # the student's own unit: the shard is redone
+    assert ev.graded_shard("student", 0).read_bytes() == clean
+    assert json.loads(record.read_text()) == source
+
+
+@pytest.mark.slow
+def test_a_generation_shard_from_other_settings_is_redone_not_resumed(tiny_world, tmp_path):
+    cfg = config(tiny_world, tmp_path, "data.train_limit=8", "generation.n=1")
+    paths = RunPaths(cfg.run_dir)
+    run_stage_unit(cfg, 0, "generate", "0")
+    shard = paths.gen_shard(0, 0, 2)
+    clean = shard.read_bytes()
+    hotter = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs", name="r"),
+                         ["data.train_limit=8", "generation.n=1", "generation.max_new_tokens=4"])
+    Manifest(paths.root).set_meta(config_hash=hotter.hash())
+    run_stage_unit(hotter, 0, "generate", "0")
+    assert shard.read_bytes() != clean  # not the old records under the new settings
+    assert all(r["n_tokens"] <= 4 for r in read_jsonl(shard))

@@ -108,7 +108,7 @@ def release_all(job_ids: list[str], released: set[str]) -> None:
 
 # ----------------------------------------------------------------------------- the tests
 @pytest.mark.slow
-def test_iteration_through_sbatch_arrays_and_a_second_driver_submits_nothing(slurm, cleanup, tmp_path, tiny_world):
+def test_iteration_through_sbatch_arrays_and_a_second_driver_refuses_and_submits_nothing(slurm, cleanup, tmp_path, tiny_world):
     runs, procs = cleanup
     cfg = demo_config(tmp_path, tiny_world)
     run = tmp_path / "runs" / "e2e"
@@ -119,11 +119,14 @@ def test_iteration_through_sbatch_arrays_and_a_second_driver_submits_nothing(slu
     start = time.monotonic()
     first = start_driver(args, tmp_path / "first.log", procs)
     wait_for(lambda: Manifest(run).stage(0, "generate").get("job_ids"), timeout=60)
-    # A second driver while the generation array is in flight: it must wait for those jobs,
-    # and for whatever the first driver submits later, never submit its own.
-    second = start_driver(args, tmp_path / "second.log", procs)
+    # A second driver while the generation array is in flight: it refuses at once, naming the
+    # first, and submits nothing.
+    second = subprocess.run([sys.executable, "-m", "jobs.driver", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 2 and submitted(second.stdout) == 0, second.stdout + second.stderr
+    assert f"another driver works on this run (pid {first.pid} on " in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
     out_first = finish(first, tmp_path / "first.log", timeout=600)
-    out_second = finish(second, tmp_path / "second.log", timeout=120)
     elapsed = time.monotonic() - start
 
     stages = Manifest(run).read()["iterations"]["0"]["stages"]
@@ -137,10 +140,9 @@ def test_iteration_through_sbatch_arrays_and_a_second_driver_submits_nothing(slu
     assert stages["generate"]["metrics"]["records"] == 60
     assert set(stages["evaluate"]["results"]) == {"teacher", "base", "student"}
     # 2 generation tasks + verify + train + 3 evaluation tasks, each submitted exactly once.
-    assert submitted(out_first) + submitted(out_second) == 7, out_first + out_second
-    assert "already in flight" in out_second
-    print(f"iteration through SLURM arrays: {elapsed:.0f} s; first driver submitted {submitted(out_first)} "
-          f"job(s), second {submitted(out_second)}")
+    assert submitted(out_first) == 7, out_first
+    print(f"iteration through SLURM arrays: {elapsed:.0f} s; the driver submitted {submitted(out_first)} job(s), "
+          f"a second one refused: {second.stderr.strip()}")
 
 
 @pytest.mark.slow
