@@ -101,6 +101,14 @@ def cmd_tokens(args: argparse.Namespace) -> None:
     print(f"-> {path} (+ tokens.json, tokens.png)")
 
 
+def cmd_repair(args: argparse.Namespace) -> None:
+    from distill.repair import repair
+
+    for it, stage, state in repair(args.run):
+        print(f"iter {it} {stage}: {state}")
+    print(f"-> {args.run / 'manifest.json'} rebuilt; `make iter` redoes only what is not done")
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     from distill.gpucheck import main
 
@@ -180,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("repair", help="rebuild a run's manifest from the outputs on disk",
+                       description="For a manifest that was deleted or damaged: every unit whose outputs are complete "
+                       "and sound on disk is recorded done (sharded stages merged again); the rest is left for the next "
+                       "run. The old manifest is kept as manifest.json.before-repair.")
+    p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
+    p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser("gpu-check", help="exercise every GPU path on tiny models built here; a table of what passed",
                        description="Training in the job's precision with a kill and resume, every objective, LoRA and "

@@ -34,7 +34,7 @@ from distill import objectives
 from distill.chunked import CrossEntropy, head_loss
 from distill.config import TrainConfig
 from distill.device import Placement
-from distill.errors import DistillError
+from distill.errors import DistillError, writing
 from distill.jsonl import sha256_file
 from distill.layout import TrainPaths
 from distill.modeling import PROJECTIONS, decoder, load_teacher, output_head
@@ -102,7 +102,12 @@ class TopKStore:
 
     def save(self, path: Path, meta: dict[str, str]) -> None:
         tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-        save_file({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}, str(tmp), metadata=meta)
+        try:
+            with writing(path):
+                save_file({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}, str(tmp), metadata=meta)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
 
     @classmethod

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,3 +23,42 @@ class DataError(DistillError):
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         super().__init__(message)
         self.path = Path(path) if path is not None else None
+
+
+class NoSpace(DistillError):
+    """A write that ran out of disk space: one line naming the filesystem and the file."""
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """ENOSPC however it surfaces: an OSError, or the RuntimeError text torch's and
+    safetensors' writers wrap it in."""
+    if isinstance(exc, NoSpace) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "file write failed" in text or "StorageFull" in text
+
+
+def mount_point(path: str | Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def no_space(path: str | Path) -> NoSpace:
+    return NoSpace(f"no space left on {mount_point(path)} while writing {path}; free space and rerun")
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn running out of disk space while writing `path` into `NoSpace` naming it."""
+    try:
+        yield
+    except NoSpace:
+        raise
+    except Exception as exc:
+        if is_no_space(exc):
+            raise no_space(path) from None
+        raise

@@ -155,6 +155,15 @@ def _evaluate(baseline: bool) -> Callable[[Unit], Result]:
     return evaluate
 
 
+def recover_evaluation(unit: Unit) -> Result | None:
+    """A graded shard holding every problem of its slice."""
+    cfg, it = unit.cfg, unit.iteration
+    label, shard = unit.key.rsplit(":", 1)
+    ev = unit.paths.eval(it, cfg.eval.num_shards)
+    ids = [record_id(p["id"], 0) for p in shard_slice(eval_problems(cfg), int(shard), ev.num_shards)]
+    return Result({"records": len(ids)}) if _complete(ev.graded_shard(label, int(shard)), ids) else None
+
+
 def _merge(baseline: bool) -> Callable[[RunConfig, int, RunPaths, dict[str, Any]], dict[str, Any]]:
     def merge(cfg: RunConfig, it: int, paths: RunPaths, entry: dict[str, Any]) -> dict[str, Any]:
         num = cfg.eval.num_shards
@@ -176,9 +185,11 @@ def _summary(entry: dict[str, Any]) -> str:
 
 EVALUATE = Stage("evaluate", _evaluate(False), plans=(FIRST, UNDO), units=_units(False), sharded=True,
                  inputs=lambda cfg, it: [Input(it, "train", "model")], merge=_merge(False), summary=_summary,
+                 recover=recover_evaluation,
                  unit_name="evaluation task")
 BASELINE_EVALUATE = Stage("baseline_evaluate", _evaluate(True), plans=(BASELINE,), units=_units(True), sharded=True,
                           inputs=lambda cfg, it: [Input(it, "baseline_train", "model")], merge=_merge(True),
+                          recover=recover_evaluation,
                           resources="evaluate", summary=_summary, unit_name="evaluation task")
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from distill.errors import DataError
+from distill.errors import DataError, writing
 
 
 def iter_jsonl_numbered(
@@ -75,7 +75,7 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if not payload:
         return
-    with path.open("a", encoding="utf-8") as fh:
+    with writing(path), path.open("a", encoding="utf-8") as fh:
         fh.write(payload)
         fh.flush()
         os.fsync(fh.fileno())
@@ -84,17 +84,18 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so readers see either the old or the new content, never a mix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:

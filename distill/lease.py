@@ -19,10 +19,12 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, SoftFileLock
+from filelock import BaseFileLock, FileLock, SoftFileLock, Timeout
 
 from distill.errors import DistillError
 from distill.jsonl import atomic_write_text
@@ -81,7 +83,7 @@ class RunLease:
 
     def __enter__(self) -> RunLease:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
+        with holding(self._lock):
             held = self.read()
             holder = live_holder(held)
             if holder is not None:
@@ -96,7 +98,7 @@ class RunLease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            with self._lock:
+            with holding(self._lock):
                 if self.read().get("pid") != self.record["pid"]:
                     return  # taken over: not ours to renew
                 self.record["heartbeat"] = time.time()
@@ -106,6 +108,29 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        with self._lock:
+        with holding(self._lock):
             if self.read().get("pid") == self.record.get("pid") and self.read().get("host") == self.record.get("host"):
                 self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def holding(lock: BaseFileLock) -> Iterator[None]:
+    """Hold a file lock; one that cannot be had within its timeout is one line naming its
+    holder. A soft lock left by a process on another host (which this host cannot see die)
+    is never broken silently: the user checks that process and removes the file."""
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = ""
+        try:
+            pid, host = Path(lock.lock_file).read_text().split("\n")[:2]
+            holder = f" by pid {pid} on {host}"
+        except (OSError, ValueError):
+            pass
+        raise DistillError(
+            f"{lock.lock_file}: held{holder} for more than {lock.timeout:.0f} s; if that process is gone "
+            f"(a crash on another host leaves a soft lock behind), remove the file and rerun") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -2,9 +2,11 @@
 
 Many jobs (array tasks on several nodes, the driver on a login node) update it at once, so
 every change is a read-modify-write under a lock file, and the new content replaces the old
-with an atomic rename: a reader never sees a half-written file, and no update is lost. This
-module holds the file and its primitive writes; which state a unit or stage is in is decided
-by `distill.runner`, the only caller of those writes.
+with an atomic rename: a reader never sees a half-written file, and no update is lost. The
+version before each update is kept beside it (`manifest.json.prev`); `distill.repair` rebuilds
+a lost or damaged manifest from the outputs on disk. This module holds the file and its
+primitive writes; which state a unit or stage is in is decided by `distill.runner`, the only
+caller of those writes.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from filelock import FileLock, SoftFileLock
 from distill.errors import DistillError
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
+from distill.lease import holding
 
 STATES = ("pending", "running", "done", "failed")
+LOCK_TIMEOUT_S = 120.0  # an update holds the lock for milliseconds: waiting longer means a stale lock
 
 
 def now() -> str:
@@ -32,11 +36,16 @@ def now() -> str:
 class Manifest:
     """`runs/<name>/manifest.json` plus its lock file."""
 
-    def __init__(self, run_dir: str | Path, *, soft_lock: bool = False, timeout: float = 120.0) -> None:
+    def __init__(self, run_dir: str | Path, *, soft_lock: bool = False, timeout: float | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.path = RunPaths(self.run_dir).manifest
         lock_cls = SoftFileLock if soft_lock else FileLock
-        self._lock = lock_cls(str(self.path) + ".lock", timeout=timeout)
+        self._lock = lock_cls(str(self.path) + ".lock", timeout=LOCK_TIMEOUT_S if timeout is None else timeout)
+
+    @property
+    def previous(self) -> Path:
+        """The manifest before its last update, for a look or a copy back by hand."""
+        return self.path.with_name(self.path.name + ".prev")
 
     def read(self) -> dict[str, Any]:
         """A consistent snapshot; needs no lock because writes are atomic renames."""
@@ -45,16 +54,27 @@ class Manifest:
         try:
             return json.loads(self.path.read_text())
         except json.JSONDecodeError as exc:
-            raise DistillError(f"{self.path}:{exc.lineno}: manifest is not valid JSON ({exc.msg})") from None
+            raise DistillError(
+                f"{self.path}:{exc.lineno}: manifest is not valid JSON ({exc.msg}); its previous version is "
+                f"{self.previous.name}, and `python -m distill repair --run {self.run_dir}` rebuilds it from what is "
+                "on disk") from None
 
     @contextmanager
     def update(self) -> Iterator[dict[str, Any]]:
         """Yield the current content for in-place edits; they land when the block exits cleanly."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with self._lock:
+        with holding(self._lock):
             data = self.read()
             yield data
+            if self.path.exists():
+                atomic_write_text(self.previous, self.path.read_text())
             atomic_write_text(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def check_lock(self) -> None:
+        """Take the lock and let go: a stale lock shows here, before anything is submitted."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with holding(self._lock):
+            pass
 
     # -- views -------------------------------------------------------------------------------
 

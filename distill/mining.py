@@ -48,8 +48,17 @@ def mine(unit: Unit) -> Result:
     return Result({"metrics": metrics, "artifacts": {"errors": artifact(paths.errors(it), paths.root)}})
 
 
+def recover_mine(unit: Unit) -> Result | None:
+    paths, it = unit.paths, unit.iteration
+    if not (paths.errors(it).exists() and paths.mine_graded(it).exists()):
+        return None
+    graded, errors = read_jsonl(paths.mine_graded(it)), read_jsonl(paths.errors(it))
+    return Result({"metrics": {"probed": len(graded), "errors": len(errors)},
+                   "artifacts": {"errors": artifact(paths.errors(it), paths.root)}})
+
+
 MINE = Stage(
-    "mine", mine, plans=(UNDO,),
+    "mine", mine, plans=(UNDO,), recover=recover_mine,
     inputs=lambda cfg, it: [Input(it - 1, "train", "model"), Input(it - 1, "train", "train_data")],
     summary=lambda e: f"the previous student: {e['metrics']['errors']} errors on {e['metrics']['probed']} probe problems",
 )

@@ -163,18 +163,23 @@ def save_final(model: Any, tokenizer: Any, out_dir: Path, *, dtype: torch.dtype,
     if hasattr(model, PROJECTIONS):  # feature distillation's projections are not part of the student
         delattr(model, PROJECTIONS)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    adapter = out_dir.with_name(f".tmp-{out_dir.name}-adapter-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if quantized:
-        adapter = out_dir.with_name(f".tmp-{out_dir.name}-adapter-{os.getpid()}")
-        model.save_pretrained(str(adapter))
-        merge_adapter(base_path, adapter, tmp, dtype=dtype)
+    try:
+        if quantized:
+            model.save_pretrained(str(adapter))
+            merge_adapter(base_path, adapter, tmp, dtype=dtype)
+        else:
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            model.to(dtype)
+            model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once
+        raise
+    finally:
         shutil.rmtree(adapter, ignore_errors=True)
-    else:
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        model.to(dtype)
-        model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

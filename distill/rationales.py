@@ -6,6 +6,7 @@ problems the student got wrong (`distill.mining`), with the error-conditioned te
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
@@ -64,6 +65,18 @@ def generate(unit: Unit) -> Result:
     return Result(stats)
 
 
+def recover_generation(unit: Unit) -> Result | None:
+    """A shard holding every sample of every one of its problems."""
+    cfg, it, shard, num = unit.cfg, unit.iteration, int(unit.key), unit.cfg.generation.num_shards
+    out = unit.paths.gen_shard(it, shard, num)
+    if not out.exists():
+        return None
+    have = Counter(r["problem_id"] for r in read_jsonl(out))
+    if any(have[p["id"]] < teacher_spec(cfg, it).n for p in shard_slice(generation_problems(cfg, it), shard, num)):
+        return None
+    return Result({"records": sum(have.values())})
+
+
 def merge_generation(cfg: RunConfig, it: int, paths: RunPaths, entry: dict[str, Any]) -> dict[str, Any]:
     num = cfg.generation.num_shards
     problems = generation_problems(cfg, it)
@@ -79,7 +92,7 @@ def merge_generation(cfg: RunConfig, it: int, paths: RunPaths, entry: dict[str, 
 
 GENERATE = Stage(
     "generate", generate, plans=(FIRST, UNDO), units=generation_shards, sharded=True, merge=merge_generation,
-    inputs=lambda cfg, it: [Input(it, "mine", "errors")] if it > 0 else [],
+    inputs=lambda cfg, it: [Input(it, "mine", "errors")] if it > 0 else [], recover=recover_generation,
     summary=lambda e: f"merged {e['metrics']['records']} records from {e['num_shards']} shard(s)",
 )
 
@@ -115,8 +128,20 @@ def verify(unit: Unit) -> Result:
     return Result({"metrics": metrics, "artifacts": artifacts})
 
 
+def recover_verify(unit: Unit) -> Result | None:
+    """Its three files, readable: verify is a pure function of the merged generations."""
+    paths, it = unit.paths, unit.iteration
+    files = {"graded": paths.graded(it), "verified": paths.verified(it), "unsolved": paths.unsolved(it)}
+    if not all(p.exists() for p in files.values()):
+        return None
+    graded, kept = read_jsonl(files["graded"]), read_jsonl(files["verified"])
+    metrics = {"records": len(graded), "kept": len(kept), "problems_unsolved": len(read_jsonl(files["unsolved"]))}
+    return Result({"metrics": metrics, "artifacts": {k: artifact(p, paths.root) for k, p in files.items()}})
+
+
 VERIFY = Stage(
     "verify", verify, plans=(FIRST, UNDO), inputs=lambda cfg, it: [Input(it, "generate", "generations")],
+    recover=recover_verify,
     summary=lambda e: (f"kept {e['metrics']['kept']} of {e['metrics']['records']} rationales; "
                        f"{e['metrics']['problems_unsolved']} problem(s) unsolved by the teacher"),
 )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.config import RunConfig
-from distill.errors import DistillError
+from distill.errors import DistillError, NoSpace, is_no_space, no_space
 from distill.integrity import Damaged, Input, verify
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
@@ -108,7 +108,8 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
              should_stop: Callable[[], bool] | None = None, progress: bool = True) -> Outcome:
     """Run one unit and record its outcome. A crash is recorded as failed and re-raised only
     when it is an interruption (KeyboardInterrupt, SystemExit); otherwise its traceback goes to
-    stderr (the job's log) and the outcome says `failed` with the one-line reason."""
+    stderr (the job's log) and the outcome says `failed` with the one-line reason. A manifest
+    that cannot be written (a full disk) raises: nothing can record that."""
     paths, manifest = open_run(cfg)
     claim(manifest, it, stage, key, job_id)
     unit = Unit(cfg, it, key, paths, should_stop or (lambda: False), progress, manifest.read())
@@ -118,7 +119,9 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
     except Stopped:
         result = Result(stopped=True)
     except BaseException as exc:
-        reason = first_line(exc)
+        if is_no_space(exc) and not isinstance(exc, NoSpace):
+            exc = no_space(paths.root)  # out of space where no write named its file
+        reason = short(str(exc)) if isinstance(exc, NoSpace | Damaged) else first_line(exc)
         if isinstance(exc, Damaged) and exc.producer is not None:
             reason = short(f"{exc}; {reopen(manifest, exc.producer, str(exc))}")
         _mark(manifest, it, stage, key, "failed", error=reason)
@@ -181,6 +184,11 @@ def merge_stage(cfg: RunConfig, it: int, stage: Stage) -> dict[str, Any]:
         raise DistillError(f"{exc}; {stage.name} shard {exc.key} is marked failed: run again to redo it") from None
     manifest.mark(it, stage.name, "done", **fields)
     return fields
+
+
+def record_recovered(cfg: RunConfig, it: int, stage: Stage, key: str, fields: dict[str, Any]) -> None:
+    """A unit `distill repair` found complete on disk: done, with the fields it reported."""
+    _mark(manifest_of(cfg), it, stage, key, "done", recovered=True, **fields)
 
 
 def fail_stage(cfg: RunConfig, it: int, stage: str, reason: str) -> None:

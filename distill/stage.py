@@ -94,6 +94,9 @@ class Stage:
     # The recorded artifacts of earlier stages a unit reads: each is checked against its hash
     # before the unit runs (`distill.integrity`).
     inputs: Callable[[RunConfig, int], list[Input]] = no_inputs
+    # For `distill repair`: the fields of a unit whose outputs are complete on disk, or None
+    # when it has to run again (the default: nothing is taken on trust).
+    recover: Callable[[Unit], Result | None] = lambda unit: None
     # The cluster profile section holding its jobs' resources (`stages.<resources>`).
     resources: str = ""
     # One line for the driver's log from the finished stage's manifest entry.

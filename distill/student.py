@@ -8,7 +8,9 @@ Training stops only at a safe point: after an optimizer step, with a checkpoint 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from distill.config import RunConfig
@@ -105,13 +107,34 @@ def train_oneshot(unit: Unit) -> Result:
     return fit(unit, read_jsonl(paths.train_data(0)), unit.cfg.models.student, paths.baseline(it), tcfg)
 
 
+def _recover(out: Any, *extra: tuple[str, Any]) -> Callable[[Unit], Result | None]:
+    def recover(unit: Unit) -> Result | None:
+        """A saved model beside a sound checkpoint at the last step."""
+        from distill.training import resumable_checkpoint
+
+        train_paths = out(unit.paths, unit.iteration)
+        ckpt = resumable_checkpoint(train_paths.checkpoints)
+        if ckpt is None or not train_paths.model.is_dir():
+            return None
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["step"] < state["total_steps"]:
+            return None
+        metrics = {"step": state["step"], "total_steps": state["total_steps"], "loss": state.get("loss")}
+        artifacts = {"model": artifact(train_paths.model, unit.paths.root)}
+        for name, path in extra:
+            artifacts[name] = artifact(path(unit.paths, unit.iteration), unit.paths.root)
+        return Result({"metrics": metrics, "artifacts": artifacts})
+    return recover
+
+
 def _summary(entry: dict[str, Any]) -> str:
     m = entry.get("metrics", {})
     return f"step {m.get('step')} of {m.get('total_steps')}, loss {m.get('loss')}, {entry.get('allocations', 1)} allocation(s)"
 
 
 TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False,
-              summary=_summary)
+              summary=_summary,
+              recover=_recover(RunPaths.train, ("train_data", RunPaths.train_data)))
 BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,),
                        inputs=lambda cfg, it: [Input(0, "train", "train_data")], stops_anywhere=False,
-                       resources="train", summary=_summary)
+                       resources="train", summary=_summary, recover=_recover(RunPaths.baseline))

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from distill import device as devices
 from distill.config import TrainConfig
 from distill.distillation import IGNORE, Distiller, to_device
-from distill.errors import DistillError
+from distill.errors import DistillError, writing
 from distill.integrity import is_sealed, seal, seal_damage
 from distill.layout import TrainPaths
 from distill.modeling import load_student, save_final
@@ -193,6 +193,23 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
     final = ckpt_dir / f"step-{step:08d}"
     tmp = ckpt_dir / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(final):
+            _write_checkpoint(tmp, model, optimizer, scheduler, state, scaler)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    for old in complete_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, model, optimizer, scheduler, state: dict[str, Any],
+                      scaler: torch.amp.GradScaler | None) -> None:
     tmp.mkdir(parents=True)
     save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -203,13 +220,6 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     seal(tmp)
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
-    for old in complete_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
@@ -339,8 +349,9 @@ def train(
             bar.close()
             return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
     bar.close()
-    model_dir = save_final(model, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
-                           quantized=cfg.quantize == "4bit")
+    with writing(out.model):
+        model_dir = save_final(model, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
+                               quantized=cfg.quantize == "4bit")
     return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from, model_dir)
 
 

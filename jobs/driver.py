@@ -12,6 +12,7 @@ one refuses, naming the first.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -23,10 +24,10 @@ from filelock import FileLock, SoftFileLock
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
-from distill.lease import RunLease
+from distill.lease import RunLease, holding
 from distill.manifest import format_table
 from distill.preflight import check_inputs
-from distill.runner import fail_stage, merge_stage, open_run, record_submitted, unit_entry
+from distill.runner import fail_stage, merge_stage, open_run, record_submitted, short, unit_entry
 from distill.stage import Stage
 from jobs.cluster import ClusterProfile, load_profile
 from jobs.executors import attach, local_threads, make_executor, resolve_kind
@@ -38,12 +39,27 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# The line of a Python traceback that names the exception: `ValueError: ...`, `x.y.FooError`.
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(:.*)?$")
+
+
 def failure_line(job: submitit.Job, why: str) -> str:
-    """The job's final exception line (submitit wraps the remote traceback in text that ends
-    with log paths), and where its full log is."""
+    """One line for a job that failed, from submitit's account of it: the exception the job
+    raised (the last exception line of the remote traceback), or, for a job that ended without
+    a result (killed, out of memory, out of time), its final state; never the job's last stderr
+    line, which is often a progress bar. Where the unit recorded its own reason in the
+    manifest, the driver shows that instead."""
     trace = why.split("You can check full logs")[0]
     lines = [line.strip() for line in trace.splitlines() if line.strip().strip("-")]
-    return f"job {job.job_id} failed: {lines[-1] if lines else 'no detail'} (log: {job.paths.stderr})"
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)]
+    ended = re.search(r"has not produced any output \(state: ([^)]*)\)", why)
+    if raised:
+        detail = raised[-1]
+    elif ended:
+        detail = f"ended without a result (state {ended.group(1)}: killed, out of memory or out of time?)"
+    else:
+        detail = lines[0] if lines else "no detail"
+    return f"job {job.job_id} failed: {short(detail)} (log: {job.paths.stderr})"
 
 
 def wait(jobs: Sequence[submitit.Job], kind: str, *, poll_s: float = 2.0, grace_s: float = 30.0) -> dict[str, str]:
@@ -142,7 +158,7 @@ class Driver:
         unit is done, or a DistillError says which is not and why.
         """
         keys = stage.units(self.cfg, self.iteration)
-        with self.submit_lock:
+        with holding(self.submit_lock):
             todo = [k for k in keys if self.unit_state(stage, k).get("state") != "done"]
             attached = self.in_flight(stage, todo)
             new = [k for k in todo if k not in attached]
@@ -166,7 +182,9 @@ class Driver:
                 continue
             job = jobs.get(key)
             if job is not None and job.job_id in failed:
-                raise DistillError(f"{stage.describe(key)}: {failed[job.job_id]}")
+                recorded = entry.get("error") if entry.get("state") == "failed" else None
+                why = f"job {job.job_id} failed: {recorded} (log: {job.paths.stderr})" if recorded else failed[job.job_id]
+                raise DistillError(f"{stage.describe(key)}: {why}")
             detail = entry.get("error") or _stopped_at(entry) or f"state {entry.get('state', 'pending')}"
             raise DistillError(f"{stage.describe(key)}: not done after its job ended: {detail}; run again to resume")
 
@@ -284,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(cfg, 1 if args.undo else args.iteration)
         driver = Driver(cfg, args.executor, cluster)
         with RunLease(driver.paths.root, soft_lock=cfg.lock == "soft"):
+            driver.manifest.check_lock()
             if args.undo:
                 last = driver.run_undo()
                 if args.with_baseline:
