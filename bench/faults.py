@@ -13,6 +13,13 @@ reruns the stage to completion and checks:
 
 Manifest trials kill a process in the middle of a stream of locked read-modify-write updates
 and check that the file parses and holds a prefix of the updates, then finish the stream.
+
+Corruption trials damage what a stage consumes (flipped bytes in the newest checkpoint or the
+final model, an edited line of verified.jsonl): the consumer must refuse it (or, for a
+checkpoint, set it aside and resume from the one before), and the reruns must end at the
+uninterrupted run's outputs. A use of the damaged data is a "silent use". The second-driver
+trial starts two drivers of one run half a second apart: one runs, the other refuses, and no
+record is written twice.
 Lost work is measured from what was on disk at the kill: the records the rerun generated beyond
 those missing, and the training steps between the newest checkpoint and the end.
 
@@ -47,7 +54,8 @@ from distill.training import newest_checkpoint  # noqa: E402
 from jobs.signals import STOP_SIGNAL  # noqa: E402
 
 # "requeue": training sent SLURM's stop signal (USR2) instead of SIGKILL, as before a time limit.
-KINDS = ("generate", "verify", "train", "evaluate", "manifest", "requeue")
+KINDS = ("generate", "verify", "train", "evaluate", "manifest", "requeue", "corrupt-checkpoint", "corrupt-model",
+         "corrupt-jsonl", "second-driver")
 MANIFEST_UPDATES = 2000
 # Kill moments are drawn from [KILL_FROM, 1] x the unit's uninterrupted time: the first ~40% of
 # a unit is interpreter start and model loading, and kills there leave nothing on disk.
@@ -155,6 +163,10 @@ def check_artifacts(run: Path) -> list[str]:
 def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
     if kind == "manifest":
         return manifest_trial(bench, rng)
+    if kind.startswith("corrupt-"):
+        return corruption_trial(bench, kind, rng)
+    if kind == "second-driver":
+        return second_driver_trial(bench)
     sig = signal.SIGKILL
     if kind == "requeue":
         kind, sig = "train", STOP_SIGNAL
@@ -224,6 +236,101 @@ def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
     if state != "done":
         row["problems"].append(f"manifest: {kind} {unit or ''} is {state!r}, not done")
     row["problems"] += check_artifacts(run)
+    return row
+
+
+def flip(path: Path, rng: random.Random, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    start = rng.randrange(len(data) // 4, len(data) - n)
+    for i in range(start, start + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def attempt(bench: Bench, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(bench.cmd(*args), cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def corruption_trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
+    """Damage one input of a stage; the stage must not use it, and the reruns must end at the
+    uninterrupted run's outputs."""
+    ref, run, paths = bench.work / "reference", bench.run, bench.paths
+    row: dict[str, Any] = {"kind": kind, "kill_s": 0.0, "killed": False, "problems": [], "silent": 0}
+    if kind == "corrupt-checkpoint":
+        bench.restore("train")
+        delay = rng.uniform(0.5, 0.85) * bench.durations["train"]
+        row["kill_s"], row["killed"] = round(delay, 2), kill_at(bench.cmd("train"), delay)
+        ckpt = newest_checkpoint(paths.train(0).checkpoints)
+        if ckpt is None or not row["killed"]:
+            row["problems"].append("no checkpoint to damage (killed too early or too late)")
+            return row
+        damaged = json.loads((ckpt / "state.json").read_text())["step"]
+        row["on_disk"] = damaged
+        flip(ckpt / "weights.safetensors", rng)
+        bench.run_to_end("train")
+        entry = Manifest(run).stage(0, "train")
+        row["silent"] = int(entry.get("resumed_from", 0) >= damaged)
+        ref_entry = Manifest(ref).stage(0, "train")["metrics"]
+        if abs(entry["metrics"]["loss"] - ref_entry["loss"]) > 1e-6:
+            row["problems"].append(f"final loss {entry['metrics']['loss']} vs {ref_entry['loss']}")
+        compare = [paths.student(0) / "model.safetensors"]
+    elif kind == "corrupt-model":
+        bench.restore("evaluate")
+        flip(paths.student(0) / "model.safetensors", rng)
+        refused = attempt(bench, "evaluate", "--shard", "2")  # the student's evaluation task
+        row["silent"] = int(refused.returncode == 0)
+        if "model" not in refused.stderr or "changed since train of iteration 0" not in refused.stderr:
+            row["problems"].append(f"refusal does not name the model: {refused.stderr.strip()[-300:]}")
+        for args in (("train",), *[("evaluate", "--shard", str(i)) for i in range(3)], ("merge", "evaluate")):
+            bench.run_to_end(*args)
+        compare = [paths.student(0) / "model.safetensors", paths.eval(0, 1).graded("student")]
+    else:  # corrupt-jsonl
+        bench.restore("train")
+        rows = paths.verified(0).read_text().splitlines(keepends=True)
+        i = rng.randrange(len(rows))
+        record = json.loads(rows[i])
+        record["response"] = record["response"][::-1]
+        rows[i] = json.dumps(record) + "\n"
+        paths.verified(0).write_text("".join(rows))
+        refused = attempt(bench, "train")
+        row["silent"] = int(refused.returncode == 0 or paths.train(0).checkpoints.exists())
+        if "verified.jsonl: changed since verify of iteration 0" not in refused.stderr:
+            row["problems"].append(f"refusal does not name the file: {refused.stderr.strip()[-300:]}")
+        bench.run_to_end("verify")
+        bench.run_to_end("train")
+        compare = [paths.verified(0), paths.student(0) / "model.safetensors"]
+    for path in compare:
+        if path.read_bytes() != (ref / path.relative_to(run)).read_bytes():
+            row["problems"].append(f"{path.relative_to(run)} differs from the uninterrupted run")
+    if row["silent"]:
+        row["problems"].append("the damaged data was used")
+    row["problems"] += check_artifacts(run)
+    return row
+
+
+def second_driver_trial(bench: Bench) -> dict[str, Any]:
+    """Two drivers of one run, 0.5 s apart: one generates, the other refuses; nothing twice."""
+    bench.restore("generate")
+    cmd = [sys.executable, "-m", "jobs.driver", "--config", str(bench.config), "--executor", "local",
+           "--stages", "generate"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    out, err = first.communicate()
+    row: dict[str, Any] = {"kind": "second-driver", "kill_s": 0.0, "killed": False, "problems": [], "silent": 0}
+    if first.returncode != 0:
+        row["problems"].append(f"the first driver failed: {err.strip()[-300:]}")
+    if second.returncode != 2 or "another driver works on this run" not in second.stderr:
+        row["problems"].append(f"the second driver did not refuse: exit {second.returncode} {second.stderr.strip()[-300:]}")
+    row["silent"] = int("submitted" in second.stdout)
+    row["on_disk"] = sum(1 for line in out.splitlines() if "submitted" in line)
+    for shard in range(2):
+        got = ids(bench.paths.gen_shard(0, shard, 2))
+        if len(got) != len(set(got)):
+            row["problems"].append(f"shard {shard}: {len(got) - len(set(got))} duplicate records")
+    bench.run_to_end("merge", "generate")
+    if lines(bench.paths.generations(0)) != lines(bench.work / "reference" / bench.paths.generations(0).relative_to(bench.run)):
+        row["problems"].append("generations.jsonl differs from the uninterrupted run")
     return row
 
 
@@ -305,17 +412,20 @@ def main(argv: list[str] | None = None) -> int:
         g, t = SETTINGS["generation"], SETTINGS["train"]
         in_flight = {"generate": f"{g['batch_size'] * g['n']} records (a batch)", "verify": "the stage (one pass)",
                      "train": f"{t['save_steps'] - 1} steps (save_steps - 1)", "evaluate": f"{SETTINGS['eval']['batch_size']} records (a batch)",
-                     "manifest": "1 update", "requeue": "0 steps (saved at the stop)"}
-        print("| stage | trials | killed mid-run | failed | on disk at the kill (records / checkpoint step / updates) "
-              "| done again although on disk | lost in flight, at most |")
-        print("|---|---|---|---|---|---|---|")
+                     "manifest": "1 update", "requeue": "0 steps (saved at the stop)",
+                     "corrupt-checkpoint": f"{t['save_steps']} steps (one checkpoint)", "corrupt-model": "0 (saved again)",
+                     "corrupt-jsonl": "0 (verify again)", "second-driver": "0"}
+        print("| trial | trials | killed mid-run | failed | on disk at the kill (records / checkpoint step / updates) "
+              "| done again although on disk | lost in flight, at most | silent uses of bad data |")
+        print("|---|---|---|---|---|---|---|---|")
         for kind in KINDS:
             mine = [r for r in rows if (r["kind"].split()[0] if "(" not in r["kind"] else "requeue") == kind]
             if mine:
                 on_disk = ", ".join(str(r.get("on_disk", "-")) for r in mine)
                 redone = ", ".join(str(r["redone"]) for r in mine if "redone" in r) or "-"
+                silent = sum(r["silent"] for r in mine) if "silent" in mine[0] else "-"
                 print(f"| {kind} | {len(mine)} | {sum(r['killed'] for r in mine)} | {sum(bool(r['problems']) for r in mine)} "
-                      f"| {on_disk} | {redone} | {in_flight[kind]} |")
+                      f"| {on_disk} | {redone} | {in_flight[kind]} | {silent} |")
         write_json(args.out, {"settings": SETTINGS, "durations": bench.durations, "trials": rows})
         return 1 if failed else 0
     finally:

@@ -28,11 +28,19 @@ def start_stage(cfg: Path, run: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen) -> None:
+def signalled(cfg: Path, runs: Path, run: str, *signums: int) -> tuple[subprocess.Popen, str]:
+    """Train in `python -m jobs.stage`; once it has a checkpoint, send `signums` 50 ms apart;
+    the ended process and its stderr."""
+    proc = start_stage(cfg, run, "train")
     deadline = time.time() + 120
-    while newest_checkpoint(run_dir / "iter-0" / "train" / "checkpoints") is None:
+    while newest_checkpoint(runs / run / "iter-0" / "train" / "checkpoints") is None:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
+    for signum in signums:
+        proc.send_signal(signum)
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    return proc, err
 
 
 @pytest.fixture
@@ -48,12 +56,7 @@ def setup(tiny_world, tmp_path):
 @pytest.mark.slow
 def test_the_stop_signal_twice_requeues_once_and_the_run_ends_as_an_uninterrupted_one(setup):
     cfg, runs = setup
-    proc = start_stage(cfg, "twice", "train")
-    wait_for_checkpoint(runs / "twice", proc)
-    proc.send_signal(signal.SIGUSR2)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR2)
-    _, err = proc.communicate(timeout=120)
+    proc, err = signalled(cfg, runs, "twice", signal.SIGUSR2, signal.SIGUSR2)
     assert proc.returncode == 3, err  # requeue me
     assert err.count("caught SIGUSR2: stopping at the next safe point; further stop signals are ignored") == 1
     entry = Manifest(runs / "twice").stage(0, "train")
@@ -74,10 +77,7 @@ def test_the_stop_signal_twice_requeues_once_and_the_run_ends_as_an_uninterrupte
 @pytest.mark.slow
 def test_sigterm_stops_at_a_safe_point_and_never_leaves_the_unit_running(setup):
     cfg, runs = setup
-    proc = start_stage(cfg, "term", "train")
-    wait_for_checkpoint(runs / "term", proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc, err = signalled(cfg, runs, "term", signal.SIGTERM)
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "train: stopped by SIGTERM at a safe point; run again to resume"
     entry = Manifest(runs / "term").stage(0, "train")
