@@ -8,12 +8,12 @@ a config or the eval CLI only names the benchmark. Metadata a report groups by (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.data import answer_text, check_unique, iter_rows
+from distill.data import answer_text, iter_rows, take
 from distill.errors import DataError
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
@@ -69,20 +69,18 @@ def find_benchmark(ref: str) -> BenchmarkSplit | None:
     return BENCHMARKS.get(name, {}).get(split or "test")
 
 
-def load_benchmark(ref: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """The first `limit` problems of a benchmark split, in file order."""
+def iter_benchmark(ref: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`(place, problem)` for each record of a benchmark split, in file order."""
     bench = find_benchmark(ref)
     if bench is None:
         raise DataError(f"{ref}: unknown benchmark (known: {', '.join(split_names())})")
-    problems: list[dict[str, Any]] = []
-    places: list[str] = []
     for i, (place, rec) in enumerate(iter_rows(bench.path)):
         try:
-            problems.append(bench.to_problem(rec, i))
+            yield place, bench.to_problem(rec, i)
         except KeyError as exc:
             raise DataError(f"{place}: missing field {exc.args[0]!r}") from None
-        places.append(place)
-        if limit is not None and len(problems) >= limit:
-            break
-    check_unique(problems, places)
-    return problems
+
+
+def load_benchmark(ref: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first `limit` problems of a benchmark split, in file order."""
+    return take(iter_benchmark(ref), limit)

@@ -54,7 +54,8 @@ class ModelsConfig:
 
 @dataclass
 class DataConfig:
-    """Where each split's problems come from, and the names of their fields.
+    """Where each split's problems come from, the names of their fields, and how long a
+    question may be.
 
     A split is a file (JSONL, JSON array, parquet, or a `datasets.save_to_disk` directory)
     or a named benchmark (`gsm8k`, `gsm8k:train`, `math500`, `svamp`; see distill.benchmarks),
@@ -74,6 +75,13 @@ class DataConfig:
     format: Literal["auto", "jsonl", "json", "parquet", "datasets"] = compat("auto")
     # Fields of user files kept as per-problem metadata, so reports can group by them.
     meta_fields: list[str] = compat(default_factory=list)
+    # The longest question a model is given, in characters: a limit the login node can check
+    # without loading a tokenizer. A question far past the model's context otherwise fails
+    # deep inside a job, in an allocator error that names no record.
+    max_question_chars: int = compat(8000)
+    # refuse: the start-up checks fail, naming the first longer question; skip: longer
+    # questions are left out of every split that feeds a model, the same way in every job.
+    too_long: Literal["refuse", "skip"] = compat("refuse")
 
 
 @dataclass
@@ -325,6 +333,7 @@ def _check_values(cfg: RunConfig) -> None:
         "generation.max_new_tokens": cfg.generation.max_new_tokens,
         "generation.batch_size": cfg.generation.batch_size,
         "generation.num_shards": cfg.generation.num_shards,
+        "data.max_question_chars": cfg.data.max_question_chars,
         "train.batch_size": cfg.train.batch_size,
         "train.grad_accum": cfg.train.grad_accum,
         "train.max_length": cfg.train.max_length,

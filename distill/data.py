@@ -8,7 +8,7 @@ travels with the problem into generation and graded records, so reports can grou
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -115,22 +115,33 @@ def check_unique(problems: list[dict[str, Any]], places: list[str]) -> None:
         seen[problem["id"]] = place
 
 
-def read_problems(
+def iter_problems(
     source: str | Path, split: str, *, fmt: str = "auto", question: str = "question", answer: str = "answer",
-    id_field: str | None = "id", meta_fields: list[str] | tuple[str, ...] = (), limit: int | None = None,
+    id_field: str | None = "id", meta_fields: list[str] | tuple[str, ...] = (),
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`(place, problem)` for each record of a file, in file order; without an id field the id
+    is `<split>-<row>`, the row counted over the whole file, so it does not depend on which
+    problems a run leaves out."""
+    for row, (place, rec) in enumerate(iter_rows(source, fmt, split)):
+        yield place, map_problem(rec, place, question=question, answer=answer, id_field=id_field,
+                                 meta_fields=meta_fields, default_id=f"{split}-{row:05d}")
+
+
+def take(
+    rows: Iterable[tuple[str, dict[str, Any]]], limit: int | None = None,
+    drop: Callable[[str, dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """The problems of a file, in file order, mapped with the given fields; ids are stable across
-    runs (the id field, else `<split>-<position>`)."""
+    """The first `limit` problems of `rows` that `drop` (given each place and problem) does not
+    leave out, with unique ids. Rows past the limit are not read."""
     problems: list[dict[str, Any]] = []
     places: list[str] = []
-    for place, rec in iter_rows(source, fmt, split):
-        problems.append(map_problem(rec, place, question=question, answer=answer, id_field=id_field,
-                                    meta_fields=meta_fields, default_id=f"{split}-{len(problems):05d}"))
+    for place, problem in rows:
+        if drop is not None and drop(place, problem):
+            continue
+        problems.append(problem)
         places.append(place)
         if limit is not None and len(problems) >= limit:
             break
-    if not problems:
-        raise DataError(f"{source}: no problems in file")
     check_unique(problems, places)
     return problems
 

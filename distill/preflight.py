@@ -1,6 +1,6 @@
 """Checks that read the filesystem, run on the login node before anything is submitted: the
-model and data paths a config names exist, every problem file a job will read parses, and the
-run directory can be created.
+model and data paths a config names exist, every problem file a job will read parses (and its
+questions fit `data.max_question_chars`), and the run directory can be created.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from distill.config import RunConfig
 from distill.errors import ConfigError, DistillError
-from distill.problems import eval_problems, probe_problems, train_problems
+from distill.problems import problem_set, skipped_note
 
 
 def check_paths(cfg: RunConfig) -> None:
@@ -35,12 +35,19 @@ def check_paths(cfg: RunConfig) -> None:
         raise ConfigError(f"{cfg.source}: run_root: cannot create the run directory {run_dir}: {existing} is {why}")
 
 
-def check_inputs(cfg: RunConfig, it: int = 0) -> None:
-    """Read every input a job will read, so bad data fails on the login node, not in the queue."""
+def check_inputs(cfg: RunConfig, it: int = 0) -> list[str]:
+    """Read every input a job will read, so bad data fails on the login node, not in the queue.
+    Returns one line per split whose too-long questions `data.too_long: skip` leaves out: the
+    jobs leave them out silently, so this is where the count is said."""
     check_paths(cfg)
-    train_problems(cfg)
-    eval_problems(cfg)
+    splits = [("train", cfg.data.train_limit), (cfg.eval.split, cfg.eval.limit)]
     if it > 0:
         if getattr(cfg.data, cfg.undo.probe_split) is None:
             raise DistillError(f"{cfg.source}: undo.probe_split: data.{cfg.undo.probe_split} is not set")
-        probe_problems(cfg)
+        splits.append((cfg.undo.probe_split, cfg.undo.probe_limit))
+    notes: list[str] = []
+    for split, limit in splits:
+        note = skipped_note(cfg.data, split, problem_set(cfg.data, split, limit))
+        if note and note not in notes:
+            notes.append(note)
+    return notes

@@ -1,25 +1,70 @@
 """The problem sets of a run: a split is a named benchmark or a file, and a run reads its
-training problems, its held-out split and its UNDO probe split from them."""
+training problems, its held-out split and its UNDO probe split from them.
+
+Every split that feeds a model goes through `problem_set`, which applies `data.max_question_chars`:
+with `data.too_long: skip` each job leaves out the same problems, so shards slice the same list
+everywhere; with `refuse` the first job to read the split (the driver's start-up checks) fails.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from distill.benchmarks import find_benchmark, load_benchmark
+from distill.benchmarks import find_benchmark, iter_benchmark
 from distill.config import DataConfig, RunConfig
-from distill.data import read_problems
+from distill.data import iter_problems, take
 from distill.errors import DataError
 
 
-def load_problems(data: DataConfig, split: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """The problems of a split, in source order; ids are stable across runs (field or position)."""
+@dataclass
+class ProblemSet:
+    """The problems of a split, and where the questions over `data.max_question_chars` are."""
+
+    problems: list[dict[str, Any]]
+    too_long: list[str] = field(default_factory=list)
+
+
+def problem_set(data: DataConfig, split: str, limit: int | None = None) -> ProblemSet:
+    """The first `limit` problems of a split, in source order; ids are stable across runs (field
+    or position). A question longer than `data.max_question_chars` is refused, or with
+    `data.too_long: skip` left out (the limit then counts the problems kept)."""
     source = getattr(data, split)
     if source is None:
         raise DataError(f"data.{split}: no file configured for this split")
-    if find_benchmark(source):
-        return load_benchmark(source, limit)
-    return read_problems(source, split, fmt=data.format, question=data.question_field, answer=data.answer_field,
-                         id_field=data.id_field, meta_fields=data.meta_fields, limit=limit)
+    rows = iter_benchmark(source) if find_benchmark(source) else iter_problems(
+        source, split, fmt=data.format, question=data.question_field, answer=data.answer_field,
+        id_field=data.id_field, meta_fields=data.meta_fields)
+    too_long: list[str] = []
+
+    def over(place: str, problem: dict[str, Any]) -> bool:
+        if len(problem["question"]) <= data.max_question_chars:
+            return False
+        too_long.append(place)
+        return data.too_long == "skip"
+
+    problems = take(rows, limit, over)
+    if too_long and data.too_long == "refuse":
+        raise DataError(f"{too_long[0]}: question longer than data.max_question_chars ({data.max_question_chars} "
+                        f"characters), {len(too_long)} such in data.{split}; raise data.max_question_chars or set "
+                        "data.too_long: skip to leave them out")
+    if not problems:
+        why = f" (all {len(too_long)} longer than data.max_question_chars)" if too_long else ""
+        raise DataError(f"{source}: no problems in file{why}")
+    return ProblemSet(problems, too_long)
+
+
+def load_problems(data: DataConfig, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The problems of a split that a model is given (see `problem_set`)."""
+    return problem_set(data, split, limit).problems
+
+
+def skipped_note(data: DataConfig, split: str, found: ProblemSet) -> str:
+    """One line for the driver's output when `data.too_long: skip` left problems out."""
+    if not found.too_long:
+        return ""
+    return (f"data.{split}: left out {len(found.too_long)} problem(s) whose question is longer than "
+            f"data.max_question_chars ({data.max_question_chars} characters), the first at {found.too_long[0]}")
 
 
 def train_problems(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         cluster = load_profile(args.cluster) if args.cluster else None
         only = _parse_stages(args.stages, args.iteration) if args.stages else None
-        check_inputs(cfg, 1 if args.undo else args.iteration)
+        for note in check_inputs(cfg, 1 if args.undo else args.iteration):
+            say(note)
         driver = Driver(cfg, args.executor, cluster)
         with RunLease(driver.paths.root, soft_lock=cfg.lock == "soft"):
             driver.manifest.check_lock()

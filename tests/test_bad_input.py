@@ -5,7 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from distill.config import load_config
+from distill.errors import DataError
 from distill.manifest import Manifest
+from distill.preflight import check_inputs
+from distill.problems import eval_problems, train_problems
+from jobs.driver import Driver
 from jobs.driver import main as driver_main
 from jobs.stage import main as stage_main
 from tests.test_driver import snapshot
@@ -23,6 +28,12 @@ def _drop_answer(rows: list[str]) -> list[str]:
     return rows[:6] + [json.dumps(record)] + rows[7:]
 
 
+def _one_long_question(rows: list[str], at: int = 2, chars: int = 1_000_000) -> list[str]:
+    record = json.loads(rows[at])
+    record["question"] = "x" * chars
+    return rows[:at] + [json.dumps(record)] + rows[at + 1:]
+
+
 # name -> (how to break the input: (tmp_path, config path, train file) -> extra driver args, expected message)
 CASES = {
     "malformed JSONL": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'bad.jsonl', lambda r: r[:4] + [r[4][:-5]] + r[5:])}"],
@@ -31,6 +42,9 @@ CASES = {
                       "{tmp}/empty.jsonl: no problems in file"),
     "missing answer field": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'noans.jsonl', _drop_answer)}"],
                              "{tmp}/noans.jsonl:7: missing field 'answer'"),
+    "question too long": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'long.jsonl', _one_long_question)}"],
+                          "{tmp}/long.jsonl:3: question longer than data.max_question_chars (8000 characters), 1 such "
+                          "in data.train; raise data.max_question_chars or set data.too_long: skip to leave them out"),
     "unknown config key": (lambda tmp, cfg, train: cfg.write_text(cfg.read_text().replace("  num_shards: 2", "  num_shard: 2", 1)) and [],
                            "{cfg}: generation.num_shard: unknown key (expected one of: backend, n,"),
     "wrong type": (lambda tmp, cfg, train: cfg.write_text(cfg.read_text().replace("lr: 0.001", "lr: fast")) and [],
@@ -87,3 +101,49 @@ def test_shard_cut_mid_line_is_named_then_redone(tmp_path, tiny_world, capsys):
     assert stage_main(["merge", "generate", *common]) == 0
     merged = [json.loads(line)["id"] for line in (run / "iter-0" / "generations.jsonl").read_text().splitlines()]
     assert len(merged) == len(set(merged)) == 16
+
+
+def test_too_long_questions_are_counted_and_named_by_the_first(tmp_path, tiny_world):
+    long_at = lambda rows: _one_long_question(_one_long_question(rows, 5, 9000), 2, 8001)  # noqa: E731
+    train = _rewrite(tiny_world.data / "train.jsonl", tmp_path / "long.jsonl", long_at)
+    cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"), [f"data.train={train}"])
+    with pytest.raises(DataError, match=rf"^{tmp_path}/long.jsonl:3: question longer .* 2 such in data.train;"):
+        check_inputs(cfg)
+    # Only the problems a run reads count: the first two are short.
+    cfg = load_config(cfg.source, [f"data.train={train}", "data.train_limit=2"])
+    assert check_inputs(cfg) == []
+    cfg = load_config(cfg.source, [f"data.train={train}", "data.max_question_chars=9000"])
+    assert check_inputs(cfg) == []
+
+
+def test_skip_leaves_long_questions_out_of_every_job_and_says_how_many(tmp_path, tiny_world, monkeypatch, capsys):
+    train = _rewrite(tiny_world.data / "train.jsonl", tmp_path / "long.jsonl", _one_long_question)
+    test = _rewrite(tiny_world.data / "test.jsonl", tmp_path / "test.jsonl", _one_long_question)
+    path = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    sets = [f"data.train={train}", f"data.test={test}", "data.too_long=skip", "data.train_limit=10"]
+    cfg = load_config(path, sets)
+    every = [json.loads(line)["id"] for line in train.read_text().splitlines()]
+    ids = [p["id"] for p in train_problems(cfg)]
+    assert ids == every[:2] + every[3:11]  # left out; the limit counts the problems kept
+    assert "test-00002" not in [p["id"] for p in eval_problems(cfg)]
+    assert check_inputs(cfg) == [
+        f"data.train: left out 1 problem(s) whose question is longer than data.max_question_chars (8000 "
+        f"characters), the first at {tmp_path}/long.jsonl:3",
+        f"data.test: left out 1 problem(s) whose question is longer than data.max_question_chars (8000 "
+        f"characters), the first at {tmp_path}/test.jsonl:3",
+    ]
+    # The driver says so once, before any stage runs.
+    monkeypatch.setattr(Driver, "run_iteration", lambda self, iteration, only=None: True)
+    args = ["--config", str(path), "--executor", "local"] + [a for s in sets for a in ("--set", s)]
+    assert driver_main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("left out 1 problem(s)") == 2 and f"the first at {tmp_path}/long.jsonl:3" in out
+
+
+def test_a_file_of_only_long_questions_says_so(tmp_path, tiny_world):
+    train = tmp_path / "all-long.jsonl"
+    train.write_text(json.dumps({"question": "x" * 20, "answer": "1"}) + "\n")
+    cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"),
+                      [f"data.train={train}", "data.too_long=skip", "data.max_question_chars=10"])
+    with pytest.raises(DataError, match=r"no problems in file \(all 1 longer than data.max_question_chars\)$"):
+        check_inputs(cfg)
