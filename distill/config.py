@@ -310,7 +310,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Load and validate a YAML config; `overrides` are `key.path=value` strings."""
     path = Path(path)
     raw = read_yaml_mapping(path)
-    for key, value in parse_overrides(overrides or []):
+    for key, value in parse_overrides(overrides or [], schema=RunConfig):
         set_path(raw, key, value, f"{path} (--set)")
     cfg = from_mapping(RunConfig, raw, f"{path}: ")
     cfg.source = str(path)

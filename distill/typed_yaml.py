@@ -89,18 +89,52 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
     node[keys[-1]] = value
 
 
-def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, Any]]:
-    """Turn `key.path=value` strings (values in YAML syntax) into pairs."""
+def parse_overrides(items: list[str], flag: str = "--set", schema: type | None = None) -> list[tuple[str, Any]]:
+    """Turn `key.path=value` strings (values in YAML syntax) into pairs. With `schema` (a
+    dataclass) a key path that names none of its fields is refused here, so the error names the
+    override rather than the config file it would be applied to."""
     pairs = []
     for item in items:
+        shown = f"{flag} {printable(item)}"
         key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {item}: expected key.path=value")
+        if not sep or not key.strip():
+            raise ConfigError(f"{shown}: expected key.path=value")
+        key = key.strip()
+        if schema is not None:
+            check_key_path(schema, key, shown)
         try:
-            pairs.append((key.strip(), yaml.safe_load(text)))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{flag} {item}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+            value = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+            # A bad YAML tag (`!!int x`) fails in the constructor with a plain Python error.
+            why = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
+            raise ConfigError(f"{shown}: not valid YAML ({why.strip().splitlines()[0]})") from None
+        pairs.append((key, value))
     return pairs
+
+
+def check_key_path(schema: type, dotted: str, where: str) -> None:
+    """Refuse a dotted key path that names no field of the `schema` dataclass (a mapping-typed
+    field such as `prompt.chat_template_kwargs` takes any key below it)."""
+    keys = dotted.split(".")
+    tp: Any = schema
+    for depth, key in enumerate(keys):
+        path = printable(".".join(keys[: depth + 1]))
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if dataclasses.is_dataclass(tp):
+            fields = [f.name for f in dataclasses.fields(tp) if not f.metadata.get("internal")]
+            if key not in fields:
+                raise ConfigError(f"{where}: {path}: unknown key (expected one of: {', '.join(fields)})")
+            tp = typing.get_type_hints(tp)[key]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif tp is not Any:
+            raise ConfigError(f"{where}: {printable('.'.join(keys[:depth]))} is not a mapping, so it has no key {key!r}")
+
+
+def printable(text: str) -> str:
+    """`text` as it is when printable, else quoted with escapes: an error stays one line."""
+    return text if text.isprintable() else repr(text)
 
 
 def read_yaml_mapping(path: Path, what: str = "config file", hint: str = "") -> dict:

@@ -1,6 +1,8 @@
 """Bad input: one line naming the file and the place, a non-zero exit, completed work untouched."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from distill.problems import eval_problems, train_problems
 from jobs.driver import Driver
 from jobs.driver import main as driver_main
 from jobs.stage import main as stage_main
+from tests.conftest import ROOT
 from tests.test_driver import snapshot
 
 
@@ -147,3 +150,35 @@ def test_a_file_of_only_long_questions_says_so(tmp_path, tiny_world):
                       [f"data.train={train}", "data.too_long=skip", "data.max_question_chars=10"])
     with pytest.raises(DataError, match=r"no problems in file \(all 1 longer than data.max_question_chars\)$"):
         check_inputs(cfg)
+
+
+# Every command line that takes `--set` (or, for `distill eval`, its `key=value` flag).
+CLIS = {
+    "driver": ["-m", "jobs.driver", "--config", "{cfg}", "--executor", "local"],
+    "stage generate": ["-m", "jobs.stage", "generate", "--config", "{cfg}", "--iter", "0", "--shard", "0"],
+    "stage merge": ["-m", "jobs.stage", "merge", "generate", "--config", "{cfg}", "--iter", "0"],
+    "stage count": ["-m", "jobs.stage", "count", "evaluate", "--config", "{cfg}", "--iter", "0"],
+    "distill compare": ["-m", "distill", "compare", "--config", "{cfg}", "--quiet"],
+    "distill eval": ["-m", "distill", "eval", "--bench", "gsm8k", "--model", "m", "--out", "{tmp}/eval"],
+}
+BAD_SETS = {
+    "train.lr=[1,": "not valid YAML (expected the node content, but found '<stream end>')",
+    "train.lr=!!int x": "not valid YAML (invalid literal for int() with base 10: 'x')",
+    "train.nope=1": "train.nope: unknown key (expected one of: objective, lr,",
+    "train.lr": "expected key.path=value",
+}
+
+
+@pytest.mark.parametrize("cli, item", [(cli, item) for cli in CLIS for item in BAD_SETS
+                                       if not (cli == "distill eval" and item == "train.nope=1")])  # any key goes there
+def test_a_bad_set_is_one_line_and_exit_2_from_every_command_line(cli, item, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: t\nrun_root: {tmp_path}/runs\nmodels: {{teacher: m/t, student: m/s}}\n"
+                   "data: {train: d/train.jsonl, test: d/test.jsonl}\n")
+    args = [a.format(cfg=cfg, tmp=tmp_path) for a in CLIS[cli]]
+    flag = "--chat-template-arg" if cli == "distill eval" else "--set"
+    out = subprocess.run([sys.executable, *args, flag, item], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: {flag} {item}: {BAD_SETS[item]}"), out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()

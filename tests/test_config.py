@@ -82,3 +82,26 @@ def test_missing_paths_are_reported_before_anything_runs(tmp_path):
     cfg = load_config(write(tmp_path, BASE))
     with pytest.raises(ConfigError, match=r"models.teacher: path not found: m/t"):
         check_paths(cfg)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.lr=[1,", "--set train.lr=[1,: not valid YAML (expected the node content, but found '<stream end>')"),
+    ("train.lr=!!int x", "--set train.lr=!!int x: not valid YAML (invalid literal for int() with base 10: 'x')"),
+    ("train.lr=!!timestamp x", "--set train.lr=!!timestamp x: not valid YAML ("),
+    ("train.lr='\x00'", "--set \"train.lr='\\x00'\": not valid YAML (unacceptable character #x0000:"),
+    ("train.lr=" + "[" * 5000, "--set train.lr=[[[[[[[["),
+    ("train.nope=1", "--set train.nope=1: train.nope: unknown key (expected one of: objective, lr,"),
+    ("train..lr=1", "--set train..lr=1: train.: unknown key"),
+    ("train.lr.x=1", "--set train.lr.x=1: train.lr is not a mapping, so it has no key 'x'"),
+    ("train.lr", "--set train.lr: expected key.path=value"),
+    ("=1", "--set =1: expected key.path=value"),
+    ("a\nb=1", "--set 'a\\nb=1': 'a\\nb': unknown key"),
+])
+def test_bad_overrides_are_one_line_naming_the_override(tmp_path, item, message):
+    msg = error_of(write(tmp_path, BASE), [item])
+    assert msg.startswith(message) and "\n" not in msg, msg
+
+
+def test_overrides_below_a_free_mapping_are_accepted(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["prompt.chat_template_kwargs.enable_thinking=false"])
+    assert cfg.prompt.chat_template_kwargs == {"enable_thinking": False}
