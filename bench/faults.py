@@ -146,6 +146,26 @@ def kill_at(cmd: list[str], delay: float, sig: signal.Signals = signal.SIGKILL) 
         return True
 
 
+def kill_when(cmd: list[str], ready: Any, timeout: float = 600) -> bool:
+    """Start `cmd` and SIGKILL its process group as soon as `ready()` holds; False if it had
+    ended by then."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    proc.wait()
+    return False
+
+
+def checkpoint_step(ckpt_dir: Path) -> int:
+    ckpt = newest_checkpoint(ckpt_dir)
+    return int(ckpt.name.split("-")[1]) if ckpt else 0
+
+
 def check_artifacts(run: Path) -> list[str]:
     """Problems with the manifest: every artifact it lists exists and hashes as recorded."""
     problems = []
@@ -258,11 +278,14 @@ def corruption_trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, A
     row: dict[str, Any] = {"kind": kind, "kill_s": 0.0, "killed": False, "problems": [], "silent": 0}
     if kind == "corrupt-checkpoint":
         bench.restore("train")
-        delay = rng.uniform(0.5, 0.85) * bench.durations["train"]
-        row["kill_s"], row["killed"] = round(delay, 2), kill_at(bench.cmd("train"), delay)
+        t = SETTINGS["train"]
+        target = t["save_steps"] * rng.randrange(2, t["max_steps"] // t["save_steps"])
+        start = time.perf_counter()
+        row["killed"] = kill_when(bench.cmd("train"), lambda: checkpoint_step(paths.train(0).checkpoints) >= target)
+        row["kill_s"] = round(time.perf_counter() - start, 2)
         ckpt = newest_checkpoint(paths.train(0).checkpoints)
         if ckpt is None or not row["killed"]:
-            row["problems"].append("no checkpoint to damage (killed too early or too late)")
+            row["problems"].append("no checkpoint to damage (training ended first)")
             return row
         damaged = json.loads((ckpt / "state.json").read_text())["step"]
         row["on_disk"] = damaged
@@ -389,8 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20, help=f"kills in all, spread over {', '.join(KINDS)} (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random kill moments (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "faults.json", help="JSON results (default: %(default)s)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="trial kinds, comma-separated (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        parser.error(f"--kinds: choose from {', '.join(KINDS)}")
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="distill-faults-"))
     try:
@@ -401,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print("reference run: " + ", ".join(f"{k} {v:.1f} s" for k, v in bench.durations.items()), flush=True)
         rows = []
         for t in range(args.trials):
-            row = trial(bench, KINDS[t % len(KINDS)], rng)
+            row = trial(bench, kinds[t % len(kinds)], rng)
             rows.append(row)
             verdict = "ok" if not row["problems"] else "FAILED: " + "; ".join(row["problems"])
             print(f"trial {t:2d} {row['kind']:<20} kill at {row['kill_s']:5.2f} s  on disk {row.get('on_disk', '-')!s:>4}"
