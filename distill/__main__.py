@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.interrupts import stopped
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -206,13 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        status = args.func(args)
+        args = build_parser().parse_args(argv)
+        return args.func(args) or 0
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return status or 0
+    except KeyboardInterrupt:
+        pass
+    return stopped("stopped")
 
 
 if __name__ == "__main__":

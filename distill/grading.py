@@ -8,6 +8,7 @@ process pool (each worker runs tasks in its own main thread) and never in thread
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import re
 import threading
@@ -20,6 +21,7 @@ from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
 from distill.errors import DataError
+from distill.interrupts import sigint_deferred, sigint_ignored
 from distill.jsonl import iter_jsonl_numbered, write_jsonl
 from distill.progress import progress_bar
 
@@ -197,6 +199,12 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     # Only speeds things up, and only if the server has not started yet: workers import
     # this module anyway when they unpickle `_grade_one`.
     ctx.set_forkserver_preload([__name__])
+    # Ctrl-C reaches every process of the terminal's job. Started with SIGINT ignored, the
+    # server and each worker it forks ignore it for good (no traceback of theirs, also while
+    # the server imports); the caller stops the pool. A Ctrl-C in the few milliseconds the
+    # start takes is lost.
+    with sigint_ignored():
+        multiprocessing.forkserver.ensure_running()
     return ctx
 
 
@@ -231,9 +239,15 @@ def grade(
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-                for result in pool.map(_grade_one, pairs, chunksize=chunksize):
-                    results.append(result)
-                    bar.update(1)
+                try:
+                    with sigint_deferred():  # until every worker has started
+                        graded = pool.map(_grade_one, pairs, chunksize=chunksize)
+                    for result in graded:
+                        results.append(result)
+                        bar.update(1)
+                except KeyboardInterrupt:  # the workers ignore it (see _pool_context): stop them here
+                    pool.shutdown(cancel_futures=True)  # waits for the batches being graded, no more
+                    raise
     finally:
         bar.close()
     return results

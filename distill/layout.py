@@ -4,8 +4,13 @@ training output directory, an evaluation directory. No other module spells a fil
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from distill.integrity import is_sealed
+
+CKPT_RE = re.compile(r"^step-(\d{8})$")
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -37,6 +42,20 @@ class TrainPaths:
     def timing(self) -> Path:
         """Wall time of a run trained start to finish in one call (`distill compare`)."""
         return self.root / "timing.json"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Sealed checkpoints (`distill.integrity.seal`), oldest first; temporary directories of an
+    interrupted save are ignored."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name) and is_sealed(p))
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (not yet checked against its hashes)."""
+    complete = complete_checkpoints(ckpt_dir)
+    return complete[-1] if complete else None
 
 
 @dataclass(frozen=True)

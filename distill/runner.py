@@ -19,6 +19,7 @@ from typing import Any
 from distill.config import RunConfig
 from distill.errors import DistillError, NoSpace, is_no_space, no_space
 from distill.integrity import Damaged, Input, verify
+from distill.interrupts import ignore_sigint
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
 from distill.lease import live_holder, me
@@ -112,21 +113,24 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
     that cannot be written (a full disk) raises: nothing can record that."""
     paths, manifest = open_run(cfg)
     claim(manifest, it, stage, key, job_id)
-    unit = Unit(cfg, it, key, paths, should_stop or (lambda: False), progress, manifest.read())
     try:
+        unit = Unit(cfg, it, key, paths, should_stop or (lambda: False), progress, manifest.read())
         unit.inputs = verified_inputs(stage, unit)
         result: Result = stage.run(unit)
     except Stopped:
         result = Result(stopped=True)
     except BaseException as exc:
+        if not isinstance(exc, Exception):
+            if isinstance(exc, KeyboardInterrupt):
+                ignore_sigint()  # a second Ctrl-C must not leave the unit `running`
+            _mark(manifest, it, stage, key, "failed", error=interrupted_reason(exc))
+            raise
         if is_no_space(exc) and not isinstance(exc, NoSpace):
             exc = no_space(paths.root)  # out of space where no write named its file
         reason = short(str(exc)) if isinstance(exc, NoSpace | Damaged) else first_line(exc)
         if isinstance(exc, Damaged) and exc.producer is not None:
             reason = short(f"{exc}; {reopen(manifest, exc.producer, str(exc))}")
         _mark(manifest, it, stage, key, "failed", error=reason)
-        if not isinstance(exc, Exception):
-            raise
         if not isinstance(exc, DistillError):
             traceback.print_exc(file=sys.stderr)
         return Outcome("failed", error=reason, bad_input=isinstance(exc, DistillError))
@@ -156,6 +160,12 @@ def reopen(manifest: Manifest, producer: Input, reason: str) -> str:
         entry["error"] = short(reason)
         entry.pop("artifacts", None)
     return f"{producer.describe()} is marked pending: run again to redo it"
+
+
+def interrupted_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "stopped by Ctrl-C (SIGINT); run again to resume"
+    return first_line(exc)
 
 
 def requeued_unit(cfg: RunConfig, it: int, stage: Stage, key: str) -> None:

@@ -103,6 +103,9 @@ class Stage:
     summary: Callable[[dict[str, Any]], str] = lambda entry: ""
     # What one unit is called in messages ("shard", "evaluation task").
     unit_name: str = "shard"
+    # Where an interrupted unit picks up when run again, for the driver's Ctrl-C line
+    # ("train resumes from step 200"); "" where there is nothing worth saying.
+    resume_point: Callable[[RunPaths, int], str] = lambda paths, it: ""
 
     @property
     def resource_section(self) -> str:

@@ -17,7 +17,7 @@ from distill.config import RunConfig
 from distill.errors import DistillError
 from distill.integrity import Input, artifact
 from distill.jsonl import read_jsonl, write_jsonl
-from distill.layout import RunPaths, TrainPaths
+from distill.layout import CKPT_RE, RunPaths, TrainPaths, newest_checkpoint
 from distill.manifest import stage_entry
 from distill.prompts import training_pairs
 from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit
@@ -132,9 +132,15 @@ def _summary(entry: dict[str, Any]) -> str:
     return f"step {m.get('step')} of {m.get('total_steps')}, loss {m.get('loss')}, {entry.get('allocations', 1)} allocation(s)"
 
 
+def _resume_point(name: str, out: TrainPaths) -> str:
+    ckpt = newest_checkpoint(out.checkpoints)
+    return f"{name} resumes from step {int(CKPT_RE.match(ckpt.name).group(1))}" if ckpt else ""
+
+
 TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False,
-              summary=_summary,
-              recover=_recover(RunPaths.train, ("train_data", RunPaths.train_data)))
+              summary=_summary, recover=_recover(RunPaths.train, ("train_data", RunPaths.train_data)),
+              resume_point=lambda paths, it: _resume_point("train", paths.train(it)))
 BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,),
                        inputs=lambda cfg, it: [Input(0, "train", "train_data")], stops_anywhere=False,
-                       resources="train", summary=_summary, recover=_recover(RunPaths.baseline))
+                       resources="train", summary=_summary, recover=_recover(RunPaths.baseline),
+                       resume_point=lambda paths, it: _resume_point("baseline_train", paths.baseline(it)))

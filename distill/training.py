@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -35,13 +34,12 @@ from distill import device as devices
 from distill.config import TrainConfig
 from distill.distillation import IGNORE, Distiller, to_device
 from distill.errors import DistillError, writing
-from distill.integrity import is_sealed, seal, seal_damage
-from distill.layout import TrainPaths
+from distill.integrity import seal, seal_damage
+from distill.layout import TrainPaths, complete_checkpoints, newest_checkpoint
 from distill.modeling import load_student, save_final
 from distill.progress import progress_bar
 
 log = logging.getLogger(__name__)
-CKPT_RE = re.compile(r"^step-(\d{8})$")
 
 
 @dataclass
@@ -154,19 +152,6 @@ def total_steps(cfg: TrainConfig, n_examples: int) -> int:
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Sealed checkpoints, oldest first; temporary directories of an interrupted save are ignored."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name) and is_sealed(p))
-
-
-def newest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint (not yet checked against its hashes)."""
-    complete = complete_checkpoints(ckpt_dir)
-    return complete[-1] if complete else None
 
 
 def resumable_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -24,13 +24,14 @@ from filelock import FileLock, SoftFileLock
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
+from distill.interrupts import ignore_sigint, stopped
 from distill.lease import RunLease, holding
 from distill.manifest import format_table
 from distill.preflight import check_inputs
 from distill.runner import fail_stage, merge_stage, open_run, record_submitted, short, unit_entry
 from distill.stage import Stage
 from jobs.cluster import ClusterProfile, load_profile
-from jobs.executors import attach, local_threads, make_executor, resolve_kind
+from jobs.executors import attach, controller_stderr, local_threads, make_executor, resolve_kind
 from jobs.queue import in_flight, queue_states
 from jobs.unit_job import UnitJob
 
@@ -79,8 +80,14 @@ def wait(jobs: Sequence[submitit.Job], kind: str, *, poll_s: float = 2.0, grace_
             failed[job.job_id] = failure_line(job, str(exc))
 
     if kind != "slurm":
-        for job in jobs:
-            collect(job)
+        try:
+            for job in jobs:
+                collect(job)
+        except KeyboardInterrupt:
+            ignore_sigint()
+            if kind == "local":
+                stop_local(jobs)
+            raise
         return failed
     pending = list(jobs)
     gone_since: dict[str, float] = {}
@@ -109,6 +116,18 @@ def wait(jobs: Sequence[submitit.Job], kind: str, *, poll_s: float = 2.0, grace_
     return failed
 
 
+def stop_local(jobs: Sequence[submitit.Job], timeout_s: float = 30.0) -> None:
+    """Ctrl-C: local jobs are this driver's to stop. Each gets SIGINT (its unit records the
+    stop) and is waited for, so the manifest is final when the driver exits; a job that has not
+    ended after `timeout_s` is left to end on its own."""
+    for job in jobs:
+        if not job.done():
+            job.cancel(check=False)
+    deadline = time.monotonic() + timeout_s
+    while not all(job.done() for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _stopped_at(entry: dict[str, Any]) -> str:
     m = entry.get("metrics", {})
     return f"stopped at step {m['step']} of {m['total_steps']}" if "step" in m and "total_steps" in m else ""
@@ -125,6 +144,7 @@ class Driver:
         # one run never both submit the same unit.
         self.submit_lock = lock_cls(str(self.paths.submit_lock), timeout=600)
         self.iteration = 0
+        self.current: Stage | None = None  # the stage being run, for the Ctrl-C line
 
     def executor(self, stage: Stage) -> submitit.AutoExecutor:
         return make_executor(self.kind, self.paths.logs, name=f"distill-{self.cfg.name}-{stage.name}",
@@ -166,7 +186,7 @@ class Driver:
             if new:
                 threads = self.threads(len(new))
                 ex = self.executor(stage)
-                with ex.batch():
+                with controller_stderr(self.kind, self.paths.logs), ex.batch():
                     submitted = [ex.submit(UnitJob(), self.cfg, self.iteration, stage, k, threads) for k in new]
                 jobs = dict(zip(new, submitted, strict=True))
                 record_submitted(self.cfg, self.iteration, stage.name, {k: j.job_id for k, j in jobs.items()})
@@ -216,11 +236,25 @@ class Driver:
                 say(f"iter {iteration} {stage.name}: done, skipped")
                 continue
             say(f"iter {iteration} {stage.name}: running ({self.kind} executor)")
+            self.current = stage
             try:
                 self.run_stage(stage)
             except DistillError as exc:
                 fail_stage(self.cfg, iteration, stage.name, str(exc))
                 raise
+            except KeyboardInterrupt:
+                ignore_sigint()
+                if self.kind != "slurm":  # its jobs have ended (SLURM's keep running in the queue)
+                    fail_stage(self.cfg, iteration, stage.name, "stopped by Ctrl-C (SIGINT); run again to resume")
+                raise
+            self.current = None
+
+    def stopped_line(self) -> str:
+        """What to tell the user after Ctrl-C: how to go on, and where training picks up."""
+        if self.kind == "slurm":
+            return "stopped; rerun the same command to resume (jobs already submitted keep running and are waited for)"
+        note = self.current.resume_point(self.paths, self.iteration) if self.current else ""
+        return "stopped; rerun the same command to resume" + (f" ({note})" if note else "")
 
     def run_iteration(self, iteration: int, only: Sequence[str] | None = None) -> bool:
         """Run what iteration `iteration` lacks (of the stages in `only`, when given); return
@@ -294,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     args = parser.parse_args(argv)
+    driver: Driver | None = None
     try:
         overrides = list(args.set) + ([f"name={args.run}"] if args.run is not None else [])
         cfg = load_config(args.config, overrides)
@@ -315,8 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(driver.manifest.read(), pipeline.names()))
-    return 0
+    except KeyboardInterrupt:
+        pass
+    else:
+        print(format_table(driver.manifest.read(), pipeline.names()))
+        return 0
+    return stopped(driver.stopped_line() if driver else "stopped; rerun the same command to resume")
 
 
 if __name__ == "__main__":

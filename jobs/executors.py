@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -54,3 +57,25 @@ def attach(kind: str, folder: Path, job_id: str) -> submitit.Job:
 def local_threads(parallel_jobs: int) -> int | None:
     """Split this machine's cores between the jobs the local executor runs at once."""
     return max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
+
+
+@contextlib.contextmanager
+def controller_stderr(kind: str, folder: Path) -> Iterator[None]:
+    """Around the submission of local jobs: submitit starts one controller process per job,
+    which inherits the driver's stderr and prints a traceback there when Ctrl-C reaches it.
+    Inside this block the driver's stderr is `folder/controllers.err`, so the controllers get
+    that file and the terminal keeps the driver's one line. The jobs' own logs are unchanged."""
+    if kind != "local":
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(folder / "controllers.err", "a") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -13,7 +13,8 @@ checkpoint) and the process exits with status 3; the script then requeues its jo
     python -m jobs.stage count evaluate --config C --iter N     # -> array size, e.g. 3
 
 Exit status: 0 done, 1 failed, 2 bad input, 3 stopped by the signal: requeue me, 143 stopped
-by SIGTERM (recorded as stopped; a later run resumes).
+by SIGTERM (recorded as stopped; a later run resumes), 130 stopped by Ctrl-C (recorded failed;
+a later run resumes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
+from distill.interrupts import stopped
 from distill.runner import fail_unit, manifest_of, merge_stage, open_run, requeued_unit, run_unit, unit_done
 from distill.stage import Stage
 from jobs.allocation import job_id, set_threads
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        pass
+    return stopped("stopped; rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """The iteration driver end to end: real submitit jobs, real models, the manifest in between."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from distill.layout import newest_checkpoint
 from distill.manifest import Manifest
 from jobs.driver import main as driver_main
 from tests.conftest import ROOT, run_python
@@ -65,3 +71,68 @@ def test_iteration_zero_end_to_end_then_a_noop(tmp_path, tiny_world, capsys):
     assert out.stdout.count("done, skipped") == 4
     assert "loaded: []" in out.stdout
     assert snapshot(run) == before, "a no-op re-run changed the run directory"
+
+
+def group_alive(pgid: int) -> list[str]:
+    """The command lines of the live (not zombie) processes of a process group."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_text().replace("\0", " ")
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(cmdline)
+    return alive
+
+
+def interrupt(proc: subprocess.Popen, *, group: bool, ckpts: Path, after: int) -> tuple[int, str]:
+    """SIGINT once a checkpoint past step `after` exists: to the whole process group (a
+    terminal's Ctrl-C reaches the driver and every job it started) or to the driver alone.
+    Waits until every process of the group has ended; returns the step and the driver's stderr."""
+    deadline = time.time() + 300
+    while (ckpt := newest_checkpoint(ckpts)) is None or int(ckpt.name.split("-")[1]) <= after:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    while group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(proc.pid)
+    return int(newest_checkpoint(ckpts).name.split("-")[1]), err
+
+
+def running_units(manifest: dict) -> list[str]:
+    return [f"{it}/{name}{'/' + key if key else ''}"
+            for it, entry in manifest["iterations"].items() for name, stage in entry["stages"].items()
+            for key, unit in [("", stage), *stage.get("shards", {}).items()] if unit.get("state") == "running"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_driver_in_one_line_and_leaves_no_unit_running(tmp_path, tiny_world):
+    cfg = demo_config(tmp_path, tiny_world)
+    sets = ["data.train_limit=16", "eval.limit=8", "train.max_steps=100000", "train.save_steps=5",
+            "train.batch_size=16", "generation.batch_size=16"]
+    cmd = [sys.executable, "-m", "jobs.driver", "--config", str(cfg), "--executor", "local",
+           *[a for s in sets for a in ("--set", s)]]
+    run = tmp_path / "runs" / "e2e"
+    ckpts = run / "iter-0" / "train" / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    step = 0
+    for group in (True, False):  # Ctrl-C in a terminal; then SIGINT to the driver alone, after a rerun
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        step, err = interrupt(proc, group=group, ckpts=ckpts, after=step)
+        assert proc.returncode == 130, err
+        assert err == f"stopped; rerun the same command to resume (train resumes from step {step})\n", err
+        manifest = Manifest(run).read()
+        assert running_units(manifest) == [], manifest
+        train = manifest["iterations"]["0"]["stages"]["train"]
+        assert train["state"] == "failed" and "Ctrl-C" in train["error"], train
+        status = subprocess.run([sys.executable, "-m", "distill", "status", "--run", str(run)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and " running " not in status.stdout, status.stdout

@@ -1,6 +1,6 @@
 """Stop signals on the plain `python -m jobs.stage` path: the stop signal twice stops and asks
 for one requeue, and the run ends where an uninterrupted one does; SIGTERM stops at a safe
-point and records the unit stopped, never running."""
+point and records the unit stopped, never running; Ctrl-C records it failed, in one line."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def setup(tiny_world, tmp_path):
     from tests.test_driver import demo_config
 
     cfg = demo_config(tmp_path, tiny_world)
-    for run in ("twice", "term", "whole"):
+    for run in ("twice", "term", "whole", "ctrlc"):
         write_verified(tmp_path / "runs" / run, ROOT / "data" / "tiny" / "train.jsonl", 200)
     return cfg, tmp_path / "runs"
 
@@ -84,3 +84,13 @@ def test_sigterm_stops_at_a_safe_point_and_never_leaves_the_unit_running(setup):
     assert entry["state"] == "pending" and "requeued" not in entry, entry
     ckpt = newest_checkpoint(runs / "term" / "iter-0" / "train" / "checkpoints")
     assert int(ckpt.name.split("-")[1]) == entry["metrics"]["step"]  # saved where it stopped
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_exit_130_and_the_unit_is_recorded_failed(setup):
+    cfg, runs = setup
+    proc, err = signalled(cfg, runs, "ctrlc", signal.SIGINT, signal.SIGINT)  # pressed twice
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "stopped; rerun the same command to resume" and "Traceback" not in err, err
+    entry = Manifest(runs / "ctrlc").stage(0, "train")
+    assert entry["state"] == "failed" and entry["error"] == "stopped by Ctrl-C (SIGINT); run again to resume", entry
