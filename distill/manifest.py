@@ -20,7 +20,7 @@ from typing import Any
 
 from filelock import FileLock, SoftFileLock
 
-from distill.errors import DistillError
+from distill.errors import DistillError, NoSpace, no_space
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
 from distill.lease import holding
@@ -66,9 +66,12 @@ class Manifest:
         with holding(self._lock):
             data = self.read()
             yield data
-            if self.path.exists():
-                atomic_write_text(self.previous, self.path.read_text())
-            atomic_write_text(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+            try:
+                if self.path.exists():
+                    atomic_write_text(self.previous, self.path.read_text())
+                atomic_write_text(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+            except NoSpace:
+                raise no_space(self.path) from None  # the manifest is what could not be written
 
     def check_lock(self) -> None:
         """Take the lock and let go: a stale lock shows here, before anything is submitted."""
