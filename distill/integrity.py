@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,16 @@ def verify(manifest: dict[str, Any], run_dir: Path, item: Input) -> str | None:
     if content_hash(path) != record["sha256"]:
         raise Damaged(f"{path}: changed since {item.describe()} recorded it (sha256 differs)", item)
     return record["sha256"]
+
+
+def set_aside(path: Path) -> None:
+    """Rename a damaged file or directory to `<name>.damaged` (kept for a look, never used)."""
+    if not path.exists():
+        return
+    aside = path.with_name(path.name + ".damaged")
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
 
 
 def model_fingerprint(path: str | Path) -> str:

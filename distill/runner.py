@@ -18,7 +18,7 @@ from typing import Any
 
 from distill.config import RunConfig
 from distill.errors import DistillError, NoSpace, is_no_space, no_space
-from distill.integrity import Damaged, Input, verify
+from distill.integrity import Damaged, Input, set_aside, verify
 from distill.interrupts import ignore_sigint
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
@@ -153,12 +153,16 @@ def verified_inputs(stage: Stage, unit: Unit) -> dict[Input, str]:
 
 def reopen(manifest: Manifest, producer: Input, reason: str) -> str:
     """Send the stage that produced a damaged artifact back to pending, so the next run redoes
-    it (a sharded stage whose shards are done merges again); says so in a phrase."""
+    it (a sharded stage whose shards are done merges again), with the damaged file set aside as
+    `<name>.damaged` so the producer writes it anew; says so in a phrase."""
     with manifest.update() as data:
         entry = stage_entry(data, producer.iteration, producer.stage, create=True)
+        record = entry.get("artifacts", {}).get(producer.name)
         entry["state"] = "pending"
         entry["error"] = short(reason)
         entry.pop("artifacts", None)
+    if record is not None:
+        set_aside(manifest.run_dir / record["path"])
     return f"{producer.describe()} is marked pending: run again to redo it"
 
 

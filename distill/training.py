@@ -334,6 +334,10 @@ def train(
             bar.close()
             return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
     bar.close()
+    if resumed_from == steps and out.model.is_dir():
+        # Finished before and saved (a model is renamed into place only when complete): a rerun
+        # changes nothing on disk. A damaged model was set aside by the check that found it.
+        return TrainResult(True, steps, steps, state.get("loss", loss_value), 0.0, resumed_from, out.model)
     with writing(out.model):
         model_dir = save_final(model, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
                                quantized=cfg.quantize == "4bit")

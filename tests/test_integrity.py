@@ -107,6 +107,7 @@ def test_a_damaged_final_model_is_refused_before_evaluation_and_train_saves_it_a
     assert error.startswith(f"{paths.student(0)}: changed since train of iteration 0 recorded it")
     assert Manifest(paths.root).stage(0, "train")["state"] == "pending"
     assert not list(paths.eval(0, 1).root.glob("student*"))  # nothing evaluated
+    assert (paths.train(0).root / "model.damaged" / "model.safetensors").is_file() and not paths.student(0).exists()
 
     # The rerun of train resumes from its final checkpoint and saves the same model again.
     metrics = run_stage_unit(cfg, 0, "train")
