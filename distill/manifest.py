@@ -12,6 +12,7 @@ caller of those writes.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from filelock import FileLock, SoftFileLock
 from distill.errors import DistillError, NoSpace, no_space
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
-from distill.lease import holding
+from distill.lease import holding, pid_alive
 
 STATES = ("pending", "running", "done", "failed")
 LOCK_TIMEOUT_S = 120.0  # an update holds the lock for milliseconds: waiting longer means a stale lock
@@ -162,13 +163,27 @@ def format_table(data: dict[str, Any], order: Sequence[str] = ()) -> str:
             shard_text = f"{done}/{total}" if total else "-"
             detail = entry.get("error") or _summary(entry.get("metrics", {}))
             started = entry.get("started") or min((s["started"] for s in shards.values() if "started" in s), default="-")
-            rows.append((it, name, entry.get("state", "pending"), shard_text, started, entry.get("ended", "-"), detail))
+            rows.append((it, name, shown_state(entry), shard_text, started, entry.get("ended", "-"), detail))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for r in rows:
         cells = [str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=False)]
         lines.append("  ".join(cells + [str(r[-1])]).rstrip())
     return "\n".join(lines)
+
+
+def shown_state(entry: dict[str, Any]) -> str:
+    """The state to show: `interrupted` for a stage recorded running whose running units'
+    processes, all on this host, are gone (killed without a chance to record it); a rerun
+    resumes it. Units on other hosts cannot be seen from here and keep their recorded state."""
+    state = entry.get("state", "pending")
+    units = list(entry.get("shards", {}).values()) or [entry]
+    running = [u for u in units if u.get("state") == "running"]
+    here = socket.gethostname()
+    if state == "running" and running and all(u.get("host") == here and u.get("pid") and not pid_alive(int(u["pid"]))
+                                              for u in running):
+        return "interrupted"
+    return state
 
 
 def _summary(metrics: dict[str, Any]) -> str:

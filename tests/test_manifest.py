@@ -1,5 +1,6 @@
 import json
 import multiprocessing as mp
+import os
 
 from distill.manifest import Manifest, format_table
 
@@ -68,3 +69,21 @@ def test_stage_and_shard_marks_and_table(tmp_path):
     header, row = table.splitlines()
     assert header.split()[:4] == ["iter", "stage", "state", "shards"]
     assert row.split()[:4] == ["0", "generate", "done", "1/2"] and "records=10" in row
+
+
+def test_a_unit_whose_process_is_gone_is_shown_interrupted_not_running(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    m = Manifest(tmp_path)
+    here = socket.gethostname()
+    m.mark(0, "train", "running", host=here, pid=dead)
+    m.mark(0, "verify", "running", host=here, pid=os.getpid())  # this process: alive
+    m.mark_shard(0, "generate", "0", "running", host=here, pid=dead)
+    m.mark_shard(0, "generate", "1", "running", host="node-elsewhere", pid=dead)  # cannot be seen from here
+    rows = {line.split()[1]: line.split()[2] for line in format_table(m.read()).splitlines()[1:]}
+    assert rows == {"train": "interrupted", "verify": "running", "generate": "running"}
+    assert m.stage(0, "train")["state"] == "running"  # shown, not rewritten
