@@ -306,6 +306,30 @@ def _hashed(obj: Any) -> Any:
     return out
 
 
+# Keys a started run may change: they decide how far the run goes or how much memory its
+# engines take, never what a finished stage wrote. A change is recorded in the manifest's history.
+MUTABLE_KEYS = ("undo.max_iters", "undo.patience", "eval.batch_size", "eval.gpu_memory_utilization",
+                "generation.gpu_memory_utilization")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}` (lists stay whole values)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Key path -> (old value, new value) for every value that differs."""
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    missing = object()
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)}
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load and validate a YAML config; `overrides` are `key.path=value` strings."""
     path = Path(path)

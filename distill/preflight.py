@@ -10,17 +10,20 @@ from pathlib import Path
 
 from distill.config import RunConfig
 from distill.errors import ConfigError, DistillError
+from distill.hub import MODEL_KEYS, hub_id
 from distill.problems import problem_set, skipped_note
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Fail before submitting anything if a model or data path does not exist."""
+    """Fail before submitting anything if a model or data path does not exist (hub IDs are
+    resolved by `distill.hub`)."""
     from distill.benchmarks import find_benchmark
 
-    for key in ("teacher", "student"):
+    for key in MODEL_KEYS:
         p = getattr(cfg.models, key)
-        if not Path(p).exists():
-            raise ConfigError(f"{cfg.source}: models.{key}: path not found: {p}")
+        if not Path(p).exists() and hub_id(p) is None:
+            raise ConfigError(f"{cfg.source}: models.{key}: path not found: {p} (a model is a local directory "
+                              "or a hub ID, org/name[@revision])")
     for key in ("train", "validation", "test"):
         p = getattr(cfg.data, key)
         if p is None or find_benchmark(p):

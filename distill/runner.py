@@ -16,14 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.config import RunConfig
+from distill.config import MUTABLE_KEYS, RunConfig, config_changes, load_config
 from distill.errors import DistillError, NoSpace, is_no_space, no_space
+from distill.hub import local_models
 from distill.integrity import Damaged, Input, set_aside, verify
 from distill.interrupts import ignore_sigint
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
 from distill.lease import live_holder, me
-from distill.manifest import Manifest, set_shard_state, set_stage_state, stage_entry
+from distill.manifest import Manifest, now, set_shard_state, set_stage_state, stage_entry
 from distill.stage import RedoUnit, Result, Stage, Stopped, Unit
 
 
@@ -52,19 +53,53 @@ def manifest_of(cfg: RunConfig) -> Manifest:
     return Manifest(cfg.run_dir, soft_lock=cfg.lock == "soft")
 
 
-def open_run(cfg: RunConfig) -> tuple[RunPaths, Manifest]:
-    """Create the run directory on first use; refuse a config that differs from the run's."""
+def started_config(paths: RunPaths) -> RunConfig | None:
+    """The config the run was started with (or last changed to), None where it cannot be read."""
+    try:
+        return load_config(paths.config)
+    except DistillError:
+        return None
+
+
+def check_run(cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Before anything is written: refuse a config that differs from the run's in a key that
+    shapes what finished stages wrote, naming the keys; return the changes a started run may
+    take (`MUTABLE_KEYS`: how far it goes, how much memory its engines take), key -> (old, new)."""
+    paths, current = RunPaths(cfg.run_dir), manifest_of(cfg).read().get("config_hash")
+    if current is None or current == cfg.hash():
+        return {}
+    old = started_config(paths)
+    changes = config_changes(old, cfg) if old is not None else {}
+    fixed = [k for k in changes if k not in MUTABLE_KEYS]
+    if changes and not fixed:
+        return changes
+    if fixed:
+        shown = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed[:3])
+        more = f" (and {len(fixed) - 3} more)" if len(fixed) > 3 else ""
+        raise DistillError(f"{cfg.source}: {shown}{more}: differs from the config {paths.root} was started with "
+                           f"({paths.config}); undo the change, or start another run (RUN=<new name>)")
+    raise DistillError(
+        f"{cfg.source}: config differs from the one {paths.root} was started with "
+        f"({cfg.hash()} vs {current}, see {paths.config}); use another run name (RUN=...)"
+    )
+
+
+def open_run(cfg: RunConfig, *, record: bool = False) -> tuple[RunPaths, Manifest]:
+    """Create the run directory on first use; refuse a config that differs from the run's
+    (`check_run`). With `record` (the driver), an allowed change is saved: the run's config
+    file and hash take the new values and the manifest's `history` lists what changed."""
+    changes = check_run(cfg)
     paths, manifest = RunPaths(cfg.run_dir), manifest_of(cfg)
-    current = manifest.read().get("config_hash")
-    if current is not None and current != cfg.hash():
-        raise DistillError(
-            f"{cfg.source}: config differs from the one {paths.root} was started with "
-            f"({cfg.hash()} vs {current}, see {paths.config}); use another run name (RUN=...)"
-        )
-    if current is None:
+    if manifest.read().get("config_hash") is None:
         paths.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(paths.config, cfg.to_yaml())
         manifest.set_meta(run=cfg.name, config_hash=cfg.hash(), config=str(paths.config))
+    elif changes and record:
+        atomic_write_text(paths.config, cfg.to_yaml())
+        with manifest.update() as data:
+            data["config_hash"] = cfg.hash()
+            data.setdefault("history", []).append(
+                {"time": now(), "changed": {k: [old, new] for k, (old, new) in changes.items()}})
     return paths, manifest
 
 
@@ -114,7 +149,9 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
     paths, manifest = open_run(cfg)
     claim(manifest, it, stage, key, job_id)
     try:
-        unit = Unit(cfg, it, key, paths, should_stop or (lambda: False), progress, manifest.read())
+        data = manifest.read()
+        unit = Unit(local_models(cfg, data.get("models", {})), it, key, paths, should_stop or (lambda: False),
+                    progress, data)
         unit.inputs = verified_inputs(stage, unit)
         result: Result = stage.run(unit)
     except Stopped:

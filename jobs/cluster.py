@@ -76,6 +76,13 @@ class ClusterProfile:
         changes = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
         return dataclasses.replace(base, **changes)
 
+    def key_of(self, stage: str, name: str) -> str:
+        """The profile key that sets resource `name` of `stage`'s jobs: `stages.<section>.<name>`
+        where the section overrides it, else the top-level `<name>`."""
+        section = pipeline.stage(stage).resource_section if stage in pipeline.names() else stage
+        override = self.stages.get(section)
+        return f"stages.{section}.{name}" if override is not None and getattr(override, name) is not None else name
+
     def executor_parameters(self, stage: str) -> dict[str, Any]:
         """`AutoExecutor.update_parameters` keywords for the jobs of `stage`."""
         r = self.resources(stage)

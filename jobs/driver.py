@@ -24,14 +24,34 @@ from filelock import FileLock, SoftFileLock
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
+from distill.hub import resolve_models
 from distill.interrupts import ignore_sigint, stopped
+from distill.layout import RunPaths
 from distill.lease import RunLease, holding
 from distill.manifest import format_table
 from distill.preflight import check_inputs
-from distill.runner import fail_stage, merge_stage, open_run, record_submitted, short, unit_entry
+from distill.runner import (
+    check_run,
+    fail_stage,
+    manifest_of,
+    merge_stage,
+    open_run,
+    record_submitted,
+    short,
+    unit_entry,
+)
 from distill.stage import Stage
 from jobs.cluster import ClusterProfile, load_profile
-from jobs.executors import attach, controller_stderr, local_threads, make_executor, resolve_kind
+from jobs.executors import (
+    SubmitRefused,
+    attach,
+    check_submission,
+    controller_stderr,
+    local_threads,
+    make_executor,
+    refusal_line,
+    resolve_kind,
+)
 from jobs.queue import in_flight, queue_states
 from jobs.unit_job import UnitJob
 
@@ -134,17 +154,49 @@ def _stopped_at(entry: dict[str, Any]) -> str:
 
 
 class Driver:
-    def __init__(self, cfg: RunConfig, executor: str | None = None, cluster: ClusterProfile | None = None) -> None:
+    """Runs plans of stages for one run. Nothing is written until `prepare` has checked what
+    can be checked: a refused command leaves no run directory behind, or an unchanged one."""
+
+    def __init__(self, cfg: RunConfig, executor: str | None = None, cluster: ClusterProfile | None = None,
+                 again: str = "make iter") -> None:
         self.cfg = cfg
         self.kind = resolve_kind(executor)
         self.cluster = cluster
-        self.paths, self.manifest = open_run(cfg)
+        self.again = again  # the user's command, less ITER=, for hints: `make iter CONFIG=... RUN=...`
+        self.paths, self.manifest = RunPaths(cfg.run_dir), manifest_of(cfg)
+        self.changes: dict[str, tuple[Any, Any]] = {}
+        self.models: dict[str, dict[str, str]] = {}
         lock_cls = SoftFileLock if cfg.lock == "soft" else FileLock
         # Held from "what is missing and not in flight" to "job ids recorded", so two drivers of
         # one run never both submit the same unit.
         self.submit_lock = lock_cls(str(self.paths.submit_lock), timeout=600)
         self.iteration = 0
         self.current: Stage | None = None  # the stage being run, for the Ctrl-C line
+
+    def check(self, needs: int | None, stages: Sequence[Stage]) -> None:
+        """Everything that can refuse the command, before anything is written: the config
+        against the run's (`check_run`), that iteration `needs` is finished, that SLURM accepts
+        each stage's jobs (`sbatch --test-only`), and the hub models (resolved, downloaded into
+        the Hugging Face cache when missing)."""
+        self.changes = check_run(self.cfg)
+        if needs is not None:
+            self.require_finished(needs)
+        if self.kind == "slurm":
+            sections = list(dict.fromkeys(s.resource_section for s in stages))
+            check_submission(self.cluster, sections, f"distill-{self.cfg.name}-check")
+        self.models = resolve_models(self.cfg, self.manifest.read().get("models", {}), say)
+
+    def open(self) -> None:
+        """Create the run directory (or record the allowed config changes) and the resolved
+        hub models, once `check` has passed."""
+        open_run(self.cfg, record=True)
+        recorded = self.manifest.read().get("models", {})
+        if any(recorded.get(k) != v for k, v in self.models.items()):
+            self.manifest.set_meta(models=recorded | self.models)
+        for key, rec in self.models.items():
+            say(f"models.{key}: {rec['ref']} -> {rec['path']}")
+        for key, (old, new) in self.changes.items():
+            say(f"config: {key} {old!r} -> {new!r} (allowed on a started run; in the manifest's history)")
 
     def executor(self, stage: Stage) -> submitit.AutoExecutor:
         return make_executor(self.kind, self.paths.logs, name=f"distill-{self.cfg.name}-{stage.name}",
@@ -186,8 +238,11 @@ class Driver:
             if new:
                 threads = self.threads(len(new))
                 ex = self.executor(stage)
-                with controller_stderr(self.kind, self.paths.logs), ex.batch():
-                    submitted = [ex.submit(UnitJob(), self.cfg, self.iteration, stage, k, threads) for k in new]
+                try:
+                    with controller_stderr(self.kind, self.paths.logs), ex.batch():
+                        submitted = [ex.submit(UnitJob(), self.cfg, self.iteration, stage, k, threads) for k in new]
+                except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as exc:
+                    raise SubmitRefused(refusal_line(self.cluster, stage.name, str(exc))) from None
                 jobs = dict(zip(new, submitted, strict=True))
                 record_submitted(self.cfg, self.iteration, stage.name, {k: j.job_id for k, j in jobs.items()})
         if jobs:
@@ -223,8 +278,8 @@ class Driver:
             state = self.manifest.stage(iteration, stage.name).get("state", "pending")
             if state != "done":
                 raise DistillError(
-                    f"iteration {iteration + 1} needs iteration {iteration} finished, but its {stage.name} stage is "
-                    f"{state}: run `make iter ITER={iteration}` first"
+                    f"{self.cfg.name}: iteration {iteration + 1} needs iteration {iteration} finished, but its "
+                    f"{stage.name} stage is {state}: run `{self.again.replace('make iter', f'make iter ITER={iteration}', 1)}` first"
                 )
 
     def run_plan(self, iteration: int, stages: Sequence[Stage], only: Sequence[str] | None = None) -> None:
@@ -235,10 +290,13 @@ class Driver:
             if self.manifest.is_done(iteration, stage.name):
                 say(f"iter {iteration} {stage.name}: done, skipped")
                 continue
-            say(f"iter {iteration} {stage.name}: running ({self.kind} executor)")
+            resumes = stage.resume_point(self.paths, iteration)
+            say(f"iter {iteration} {stage.name}: running ({self.kind} executor)" + (f"; {resumes}" if resumes else ""))
             self.current = stage
             try:
                 self.run_stage(stage)
+            except SubmitRefused:
+                raise  # nothing was submitted: the stage is as it was
             except DistillError as exc:
                 fail_stage(self.cfg, iteration, stage.name, str(exc))
                 raise
@@ -336,8 +394,22 @@ def main(argv: list[str] | None = None) -> int:
         only = _parse_stages(args.stages, args.iteration) if args.stages else None
         for note in check_inputs(cfg, 1 if args.undo else args.iteration):
             say(note)
-        driver = Driver(cfg, args.executor, cluster)
+        again = " ".join(["make iter", f"CONFIG={args.config}"] + [f"{k}={v}" for k, v in
+                         (("RUN", args.run), ("CLUSTER", args.cluster), ("EXECUTOR", args.executor)) if v])
+        driver = Driver(cfg, args.executor, cluster, again)
+        if args.undo:
+            needs, stages = None, pipeline.iteration_plan(0) + pipeline.iteration_plan(1)
+            stages += pipeline.baseline_plan() if args.with_baseline else []
+        elif args.baseline:
+            needs, stages = args.iteration, pipeline.baseline_plan()
+        else:
+            needs = args.iteration - 1 if args.iteration > 0 else None
+            stages = [s for s in pipeline.iteration_plan(args.iteration) if only is None or s.name in only]
+        if not args.undo:  # what is done is not submitted again, so its jobs need no check
+            stages = [s for s in stages if not driver.manifest.is_done(args.iteration, s.name)]
+        driver.check(needs, stages)
         with RunLease(driver.paths.root, soft_lock=cfg.lock == "soft"):
+            driver.open()
             driver.manifest.check_lock()
             if args.undo:
                 last = driver.run_undo()

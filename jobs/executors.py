@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
 import submitit
 
+from distill.errors import DistillError
 from jobs.cluster import ClusterProfile
 
 Kind = Literal["auto", "slurm", "local", "debug"]
@@ -45,6 +48,53 @@ def make_executor(
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)
     executor.update_parameters(name=name, timeout_min=timeout_min)
     return executor
+
+
+class SubmitRefused(DistillError):
+    """sbatch refused a stage's jobs: a profile value to fix, said in one line."""
+
+
+# What sbatch's refusal mentions -> the profile key that causes it.
+REFUSAL_KEYS = (("generic resource", "gres"), ("gres", "gres"), ("partition", "partition"),
+                ("account", "account"), ("qos", "qos"), ("time limit", "time_min"), ("memory", "mem"))
+
+
+def refusal_line(profile: ClusterProfile | None, stage: str, sbatch_said: str) -> str:
+    """One line for a refused submission: the profile key to fix (when sbatch's words name one),
+    the stage, and sbatch's own reason."""
+    lines = [ln.strip() for ln in sbatch_said.splitlines() if ln.strip()]
+    said = [ln for ln in lines if ln.startswith(("sbatch: error:", "allocation failure:"))] or lines[-1:] or ["no reason"]
+    reason = "; ".join(dict.fromkeys(ln.split(":", 1)[1].strip() if ":" in ln else ln for ln in said))
+    profile = profile or ClusterProfile()
+    where = profile.source or "the default cluster settings (give a profile with CLUSTER=/--cluster)"
+    keys = [key for words, key in REFUSAL_KEYS if words in reason.lower()]
+    if keys:
+        key = profile.key_of(stage, keys[0])
+        value = getattr(profile.resources(stage), keys[0])
+        return f"{where}: {key}: sbatch refused the {stage} jobs ({keys[0]}={value}): {reason}"
+    if "node configuration is not available" in reason.lower():
+        r = profile.resources(stage)
+        return (f"{where}: stages.{stage}: sbatch refused the {stage} jobs: {reason} (asked for cpus={r.cpus}, "
+                f"mem={r.mem}, gres={r.gres}: more than a node of partition {r.partition or '(default)'} has?)")
+    return f"{where}: sbatch refused the {stage} jobs: {reason}"
+
+
+def check_submission(profile: ClusterProfile | None, stages: Iterable[str], name: str) -> None:
+    """`sbatch --test-only` on the very script submitit would submit for each stage's jobs: a
+    profile value the cluster refuses (account, QOS, partition, gres, limits) fails here with
+    one line, before anything is created or submitted."""
+    with tempfile.TemporaryDirectory(prefix="distill-check-") as tmp:
+        for stage in stages:
+            executor = make_executor("slurm", Path(tmp), name=name, profile=profile, stage=stage)
+            script = Path(tmp) / f"{stage}.sh"
+            script.write_text(executor._executor._make_submission_file_text("true", "check"))
+            try:
+                proc = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True,
+                                      timeout=120, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise SubmitRefused(f"sbatch --test-only did not answer ({exc}); is SLURM reachable?") from None
+            if proc.returncode != 0:
+                raise SubmitRefused(refusal_line(profile, stage, proc.stderr + proc.stdout))
 
 
 def attach(kind: str, folder: Path, job_id: str) -> submitit.Job:

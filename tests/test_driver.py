@@ -87,10 +87,11 @@ def group_alive(pgid: int) -> list[str]:
     return alive
 
 
-def interrupt(proc: subprocess.Popen, *, group: bool, ckpts: Path, after: int) -> tuple[int, str]:
+def interrupt(proc: subprocess.Popen, *, group: bool, ckpts: Path, after: int) -> tuple[int, str, str]:
     """SIGINT once a checkpoint past step `after` exists: to the whole process group (a
     terminal's Ctrl-C reaches the driver and every job it started) or to the driver alone.
-    Waits until every process of the group has ended; returns the step and the driver's stderr."""
+    Waits until every process of the group has ended; returns the step and the driver's
+    stdout and stderr."""
     deadline = time.time() + 300
     while (ckpt := newest_checkpoint(ckpts)) is None or int(ckpt.name.split("-")[1]) <= after:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -99,11 +100,11 @@ def interrupt(proc: subprocess.Popen, *, group: bool, ckpts: Path, after: int) -
         os.killpg(proc.pid, signal.SIGINT)
     else:
         proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     while group_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.1)
     assert not group_alive(proc.pid)
-    return int(newest_checkpoint(ckpts).name.split("-")[1]), err
+    return int(newest_checkpoint(ckpts).name.split("-")[1]), out, err
 
 
 def running_units(manifest: dict) -> list[str]:
@@ -126,8 +127,11 @@ def test_ctrl_c_stops_the_driver_in_one_line_and_leaves_no_unit_running(tmp_path
     for group in (True, False):  # Ctrl-C in a terminal; then SIGINT to the driver alone, after a rerun
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-        step, err = interrupt(proc, group=group, ckpts=ckpts, after=step)
+        before = step
+        step, out, err = interrupt(proc, group=group, ckpts=ckpts, after=step)
         assert proc.returncode == 130, err
+        if before:  # the rerun says where training picks up
+            assert f"iter 0 train: running (local executor); train resumes from step {before}\n" in out, out
         assert err == f"stopped; rerun the same command to resume (train resumes from step {step})\n", err
         manifest = Manifest(run).read()
         assert running_units(manifest) == [], manifest

@@ -109,7 +109,8 @@ def test_iteration_refuses_to_start_until_the_previous_one_is_done(tiny_world, t
         m.mark(0, stage, "done")
     assert driver_main(["--config", str(cfg_path), "--iter", "1"]) == 2
     err = capsys.readouterr().err
-    assert "iteration 1 needs iteration 0 finished, but its train stage is pending: run `make iter ITER=0` first" in err
+    assert (f"iteration 1 needs iteration 0 finished, but its train stage is pending: run `make iter ITER=0 "
+            f"CONFIG={cfg_path}` first") in err
     assert Manifest(tmp_path / "runs" / "t").stage(1, "mine") == {}
 
 
