@@ -34,7 +34,7 @@ status: venv  ## print the run's manifest as a table
 
 demo: venv  ## the embedded demo: iteration 0, UNDO iteration 1, the one-shot baseline, the report
 	$(PY) -m jobs.driver --config configs/tiny.yaml --undo --with-baseline $(RUN_ARGS)
-	$(PY) -m distill report --run runs/$(or $(RUN),tiny)
+	$(PY) -m distill report --config configs/tiny.yaml $(if $(RUN),--name $(RUN))
 
 undo: venv  ## iterations 0, 1, ... of CONFIG until undo.max_iters / undo.patience stop them
 	$(PY) -m jobs.driver --config $(CONFIG) --undo $(RUN_ARGS)
@@ -43,7 +43,7 @@ baseline: venv  ## one-shot student at the compute of iterations 0..ITER
 	$(PY) -m jobs.driver --config $(CONFIG) --baseline --iter $(ITER) $(RUN_ARGS)
 
 report: venv  ## report.md/.json/.png of the run (RUN=name, default: the config's name)
-	$(PY) -m distill report --run runs/$(or $(RUN),$(notdir $(basename $(CONFIG))))
+	$(PY) -m distill report --config $(CONFIG) $(if $(RUN),--name $(RUN))
 
 teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained teacher)
 	$(PY) -m distill.world --out data/tiny --train 4000 --validation 300 --test 300 --seed 0

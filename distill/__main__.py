@@ -11,18 +11,35 @@ from distill.errors import DistillError
 from distill.interrupts import stopped
 
 
+def run_dir(args: argparse.Namespace) -> Path:
+    """The run a command reads: `--run DIR`, else the run of `--config` under its `name:` (or
+    `--name`), the same directory `make iter` with that CONFIG= and RUN= writes."""
+    from distill.layout import RunPaths
+
+    if args.run is not None:
+        path, start = args.run, ""
+    else:
+        from distill.config import load_config
+
+        path = load_config(args.config, [f"name={args.name}"] if args.name else []).run_dir
+        start = f" (start it: `make iter CONFIG={args.config}{f' RUN={args.name}' if args.name else ''}`)"
+    if not RunPaths(path).manifest.exists():
+        raise DistillError(f"{RunPaths(path).manifest}: no manifest: this run has not started{start}")
+    return path
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, help="run directory, e.g. runs/tiny (default: from --config)")
+    p.add_argument("--config", default="configs/tiny.yaml", help="config whose run to read (default: %(default)s)")
+    p.add_argument("--name", help="run name, when it differs from the config's (make's RUN=)")
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from distill import pipeline
     from distill.manifest import Manifest, format_table
 
-    if args.run is None:
-        from distill.config import load_config
-
-        args.run = load_config(args.config, [f"name={args.name}"] if args.name else []).run_dir
-    manifest = Manifest(args.run)
-    if not manifest.path.exists():
-        raise DistillError(f"{manifest.path}: no manifest (has this run started?)")
-    data = manifest.read()
+    args.run = run_dir(args)
+    data = Manifest(args.run).read()
     print(json.dumps(data, indent=2) if args.json else f"run {data.get('run', args.run)}  config {data.get('config_hash')}\n"
           + format_table(data, pipeline.names()))
 
@@ -38,7 +55,7 @@ def cmd_grade(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from distill.report import write_report
 
-    path, table = write_report(args.run)
+    path, table = write_report(run_dir(args))
     print(table)
     print(f"-> {path} (+ report.json, report.png)")
 
@@ -121,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("status", help="print a run's manifest as a table")
-    p.add_argument("--run", type=Path, help="run directory, e.g. runs/tiny (default: from --config)")
-    p.add_argument("--config", default="configs/tiny.yaml", help="config whose run to show (default: %(default)s)")
-    p.add_argument("--name", help="run name, when it differs from the config's")
+    add_run_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.set_defaults(func=cmd_status)
 
@@ -137,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grade)
 
     p = sub.add_parser("report", help="write report.md/.json/.png for a run from its manifest")
-    p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
+    add_run_arguments(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

@@ -99,3 +99,10 @@ def local_models(cfg: RunConfig, recorded: dict[str, Any]) -> RunConfig:
                                f"purged, or another HF_HOME?): rerun the driver to fetch commit {rec['revision']} again")
         paths[key] = rec["path"]
     return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, **paths)) if paths else cfg
+
+
+def record_models(manifest: Any, models: dict[str, dict[str, str]]) -> None:
+    """Record resolved snapshots in the run's manifest (`models`), where they differ."""
+    recorded = manifest.read().get("models", {})
+    if any(recorded.get(k) != v for k, v in models.items()):
+        manifest.set_meta(models=recorded | models)

@@ -24,7 +24,7 @@ from filelock import FileLock, SoftFileLock
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
-from distill.hub import resolve_models
+from distill.hub import record_models, resolve_models
 from distill.interrupts import ignore_sigint, stopped
 from distill.layout import RunPaths
 from distill.lease import RunLease, holding
@@ -190,9 +190,7 @@ class Driver:
         """Create the run directory (or record the allowed config changes) and the resolved
         hub models, once `check` has passed."""
         open_run(self.cfg, record=True)
-        recorded = self.manifest.read().get("models", {})
-        if any(recorded.get(k) != v for k, v in self.models.items()):
-            self.manifest.set_meta(models=recorded | self.models)
+        record_models(self.manifest, self.models)
         for key, rec in self.models.items():
             say(f"models.{key}: {rec['ref']} -> {rec['path']}")
         for key, (old, new) in self.changes.items():

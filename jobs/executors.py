@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def refusal_line(profile: ClusterProfile | None, stage: str, sbatch_said: str) -
     the stage, and sbatch's own reason."""
     lines = [ln.strip() for ln in sbatch_said.splitlines() if ln.strip()]
     said = [ln for ln in lines if ln.startswith(("sbatch: error:", "allocation failure:"))] or lines[-1:] or ["no reason"]
-    reason = "; ".join(dict.fromkeys(ln.split(":", 1)[1].strip() if ":" in ln else ln for ln in said))
+    reason = "; ".join(dict.fromkeys(re.sub(r"^(sbatch: )?(error: )?(allocation failure: )?", "", ln) for ln in said))
     profile = profile or ClusterProfile()
     where = profile.source or "the default cluster settings (give a profile with CLUSTER=/--cluster)"
     keys = [key for words, key in REFUSAL_KEYS if words in reason.lower()]
@@ -73,9 +74,11 @@ def refusal_line(profile: ClusterProfile | None, stage: str, sbatch_said: str) -
         value = getattr(profile.resources(stage), keys[0])
         return f"{where}: {key}: sbatch refused the {stage} jobs ({keys[0]}={value}): {reason}"
     if "node configuration is not available" in reason.lower():
-        r = profile.resources(stage)
-        return (f"{where}: stages.{stage}: sbatch refused the {stage} jobs: {reason} (asked for cpus={r.cpus}, "
-                f"mem={r.mem}, gres={r.gres}: more than a node of partition {r.partition or '(default)'} has?)")
+        r, names = profile.resources(stage), ("cpus", "mem", "gres")
+        keys = ", ".join(profile.key_of(stage, n) for n in names)
+        asked = ", ".join(f"{n}={getattr(r, n)}" for n in names)
+        return (f"{where}: {keys}: sbatch refused the {stage} jobs ({asked}): {reason} (more than a node of "
+                f"partition {r.partition or '(default)'} has?)")
     return f"{where}: sbatch refused the {stage} jobs: {reason}"
 
 

@@ -11,6 +11,7 @@ checkpoint) and the process exits with status 3; the script then requeues its jo
     python -m jobs.stage generate --config C --iter N --shard $SLURM_ARRAY_TASK_ID
     python -m jobs.stage merge generate --config C --iter N
     python -m jobs.stage count evaluate --config C --iter N     # -> array size, e.g. 3
+    python -m jobs.stage prepare --config C --iter N            # on the login node, first
 
 Exit status: 0 done, 1 failed, 2 bad input, 3 stopped by the signal: requeue me, 143 stopped
 by SIGTERM (recorded as stopped; a later run resumes), 130 stopped by Ctrl-C (recorded failed;
@@ -29,8 +30,19 @@ import sys
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
+from distill.hub import record_models, resolve_models
 from distill.interrupts import stopped
-from distill.runner import fail_unit, manifest_of, merge_stage, open_run, requeued_unit, run_unit, unit_done
+from distill.preflight import check_inputs
+from distill.runner import (
+    check_run,
+    fail_unit,
+    manifest_of,
+    merge_stage,
+    open_run,
+    requeued_unit,
+    run_unit,
+    unit_done,
+)
 from distill.stage import Stage
 from jobs.allocation import job_id, set_threads
 from jobs.queue import in_flight, queue_states
@@ -82,7 +94,23 @@ def chosen_stage(args: argparse.Namespace) -> Stage:
     return pipeline.stage(f"baseline_{name}" if getattr(args, "baseline", False) else name)
 
 
+def prepare(cfg: RunConfig, it: int) -> None:
+    """What the driver does before it submits, for the plain sbatch scripts: check every input,
+    refuse a changed config, resolve hub models into the Hugging Face cache (the jobs may have
+    no internet), then create the run directory and record them."""
+    for note in check_inputs(cfg, it):
+        print(note)
+    check_run(cfg)
+    models = resolve_models(cfg, manifest_of(cfg).read().get("models", {}))
+    open_run(cfg, record=True)
+    record_models(manifest_of(cfg), models)
+    print(f"{cfg.run_dir}: ready" + "".join(f"; models.{k}: {v['path']}" for k, v in models.items()))
+
+
 def run(args: argparse.Namespace, cfg: RunConfig) -> int:
+    if args.command == "prepare":
+        prepare(cfg, args.iteration)
+        return 0
     it, stage = args.iteration, chosen_stage(args)
     if args.command == "count":
         print(len(stage.units(cfg, it)))
@@ -144,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("count", "print how many array tasks a stage has")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("what", choices=sharded)
+    sub.add_parser("prepare", parents=[common], help="check inputs, resolve hub models, create the run (login node)")
     return parser
 
 

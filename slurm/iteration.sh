@@ -30,6 +30,9 @@ submit() {
 }
 common=("$@")
 
+# Inputs checked, hub models resolved into the Hugging Face cache, the run created: here, on
+# the login node, before any job is queued.
+"$python" -m jobs.stage prepare --config "$config" --iter "$iter" >&2
 dep=""
 if (( iter > 0 )); then
     dep=$(submit mine "" slurm/mine.sbatch "$config" "$iter")
