@@ -79,8 +79,12 @@ def test_overrides_apply_and_are_validated(tmp_path):
 
 
 def test_missing_paths_are_reported_before_anything_runs(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["models.teacher=./m/t"])
+    with pytest.raises(ConfigError, match=r"models.teacher: path not found: ./m/t \(a model is a local directory"):
+        check_paths(cfg)
+    # `m/t` itself reads as a hub ID (org/name): resolved by the driver, not refused here.
     cfg = load_config(write(tmp_path, BASE))
-    with pytest.raises(ConfigError, match=r"models.teacher: path not found: m/t"):
+    with pytest.raises(ConfigError, match=r"data.train: file not found"):
         check_paths(cfg)
 
 
