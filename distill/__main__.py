@@ -24,7 +24,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         raise DistillError(f"{manifest.path}: no manifest (has this run started?)")
     data = manifest.read()
     print(json.dumps(data, indent=2) if args.json else f"run {data.get('run', args.run)}  config {data.get('config_hash')}\n"
-          + format_table(data, pipeline.names()))
+          + format_table(data, pipeline.names(), manifest.run_dir))
 
 
 def cmd_grade(args: argparse.Namespace) -> None:
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("status", help="print a run's manifest as a table")
+    p = sub.add_parser("status", help="print a run's manifest as a table, with the progress of running units")
     p.add_argument("--run", type=Path, help="run directory, e.g. runs/tiny (default: from --config)")
     p.add_argument("--config", default="configs/tiny.yaml", help="config whose run to show (default: %(default)s)")
     p.add_argument("--name", help="run name, when it differs from the config's")

@@ -25,6 +25,7 @@ from distill.errors import DistillError, NoSpace, no_space
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
 from distill.lease import holding, pid_alive
+from distill.progress import describe, read_figure
 
 STATES = ("pending", "running", "done", "failed")
 LOCK_TIMEOUT_S = 120.0  # an update holds the lock for milliseconds: waiting longer means a stale lock
@@ -149,9 +150,10 @@ def stage_entry(data: dict[str, Any], iteration: int, stage: str, create: bool =
     return stages.setdefault(stage, {}) if create else stages.get(stage, {})
 
 
-def format_table(data: dict[str, Any], order: Sequence[str] = ()) -> str:
+def format_table(data: dict[str, Any], order: Sequence[str] = (), run_dir: Path | None = None) -> str:
     """The manifest as a table: one row per iteration and stage, stages in `order` (pipeline
-    order), any other stage after them by name."""
+    order), any other stage after them by name. Given the run directory, a running stage's
+    detail is its running units' progress (`step 120/500 (8 s ago)`)."""
     rows = [("iter", "stage", "state", "shards", "started", "ended", "detail")]
     for it in sorted(data.get("iterations", {}), key=int):
         stages = data["iterations"][it].get("stages", {})
@@ -161,9 +163,11 @@ def format_table(data: dict[str, Any], order: Sequence[str] = ()) -> str:
             total = entry.get("num_shards", len(shards))
             done = sum(1 for s in shards.values() if s.get("state") == "done")
             shard_text = f"{done}/{total}" if total else "-"
-            detail = entry.get("error") or _summary(entry.get("metrics", {}))
+            state = shown_state(entry)
+            progress = describe(running_figures(run_dir, int(it), name, entry)) if run_dir and state == "running" else ""
+            detail = progress or entry.get("error") or _summary(entry.get("metrics", {}))
             started = entry.get("started") or min((s["started"] for s in shards.values() if "started" in s), default="-")
-            rows.append((it, name, shown_state(entry), shard_text, started, entry.get("ended", "-"), detail))
+            rows.append((it, name, state, shard_text, started, entry.get("ended", "-"), detail))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for r in rows:
@@ -184,6 +188,15 @@ def shown_state(entry: dict[str, Any]) -> str:
                                               for u in running):
         return "interrupted"
     return state
+
+
+def running_figures(run_dir: Path, iteration: int, stage: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The last progress figures of a stage's running units, in unit order; a unit that has
+    written none yet (still loading its model) has none."""
+    paths = RunPaths(run_dir)
+    units = entry["shards"].items() if "shards" in entry else [("0", entry)]
+    figures = [read_figure(paths.progress(iteration, stage, key)) for key, unit in units if unit.get("state") == "running"]
+    return [f for f in figures if f is not None]
 
 
 def _summary(metrics: dict[str, Any]) -> str:
