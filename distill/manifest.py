@@ -164,7 +164,7 @@ def format_table(data: dict[str, Any], order: Sequence[str] = (), run_dir: Path 
             done = sum(1 for s in shards.values() if s.get("state") == "done")
             shard_text = f"{done}/{total}" if total else "-"
             state = shown_state(entry)
-            progress = describe(running_figures(run_dir, int(it), name, entry)) if run_dir and state == "running" else ""
+            progress = describe(running_figures(run_dir, int(it), name, entry)) if run_dir else ""
             detail = progress or entry.get("error") or _summary(entry.get("metrics", {}))
             started = entry.get("started") or min((s["started"] for s in shards.values() if "started" in s), default="-")
             rows.append((it, name, state, shard_text, started, entry.get("ended", "-"), detail))
@@ -177,25 +177,35 @@ def format_table(data: dict[str, Any], order: Sequence[str] = (), run_dir: Path 
 
 
 def shown_state(entry: dict[str, Any]) -> str:
-    """The state to show: `interrupted` for a stage recorded running whose running units'
-    processes, all on this host, are gone (killed without a chance to record it); a rerun
-    resumes it. Units on other hosts cannot be seen from here and keep their recorded state."""
+    """The state to show. A stage with units recorded running is `running` whatever its own
+    state (a sharded stage's stays `pending` from the submission of its jobs until their
+    merge), and `interrupted` when those units' processes, all on this host, are gone (killed
+    without a chance to record it); a rerun resumes it. Units on other hosts cannot be seen
+    from here and keep their recorded state."""
     state = entry.get("state", "pending")
-    units = list(entry.get("shards", {}).values()) or [entry]
-    running = [u for u in units if u.get("state") == "running"]
-    here = socket.gethostname()
-    if state == "running" and running and all(u.get("host") == here and u.get("pid") and not pid_alive(int(u["pid"]))
-                                              for u in running):
-        return "interrupted"
-    return state
+    running = [unit for _, unit in running_units(entry)]
+    if state == "done" or not running:
+        return state
+    return "interrupted" if all(gone(unit) for unit in running) else "running"
+
+
+def running_units(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(key, entry) of a stage's units recorded running; a single-unit stage's unit is "0"."""
+    units = entry["shards"].items() if "shards" in entry else [("0", entry)]
+    return [(key, unit) for key, unit in units if unit.get("state") == "running"]
+
+
+def gone(unit: dict[str, Any]) -> bool:
+    """A unit recorded running by a process of this host that no longer runs."""
+    return unit.get("host") == socket.gethostname() and bool(unit.get("pid")) and not pid_alive(int(unit["pid"]))
 
 
 def running_figures(run_dir: Path, iteration: int, stage: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
     """The last progress figures of a stage's running units, in unit order; a unit that has
-    written none yet (still loading its model) has none."""
+    written none yet (still loading its model), or whose process is gone, has none."""
     paths = RunPaths(run_dir)
-    units = entry["shards"].items() if "shards" in entry else [("0", entry)]
-    figures = [read_figure(paths.progress(iteration, stage, key)) for key, unit in units if unit.get("state") == "running"]
+    figures = [read_figure(paths.progress(iteration, stage, key)) for key, unit in running_units(entry)
+               if not gone(unit)]
     return [f for f in figures if f is not None]
 
 

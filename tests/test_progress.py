@@ -124,6 +124,7 @@ def test_status_shows_the_progress_of_running_units_only(tmp_path, capsys):
     alive = {"host": socket.gethostname(), "pid": os.getpid()}
     m.mark(0, "verify", "done", metrics={"kept": 40})
     m.mark(0, "train", "running", **alive)
+    m.add_job_ids(0, "generate", {"0": "11_0", "1": "11_1", "2": "11_2"})  # the stage: pending until merged
     m.mark_shard(0, "generate", "0", "running", **alive)
     m.mark_shard(0, "generate", "1", "running", **alive)
     m.mark_shard(0, "generate", "2", "done")
@@ -135,7 +136,7 @@ def test_status_shows_the_progress_of_running_units_only(tmp_path, capsys):
     write_figure(tmp_path, "generate", "2", 100, 100, "problem", age_s=60)  # done: not counted
     table = rows(format_table(m.read(), run_dir=tmp_path))
     assert table["train"].split()[2] == "running" and table["train"].endswith("step 120/500 (8 s ago)")
-    assert table["generate"].endswith("problem 96/200 in 2 units (5 s ago)")
+    assert table["generate"].split()[2] == "running" and table["generate"].endswith("problem 96/200 in 2 units (5 s ago)")
     assert "answer" not in table["verify"] and table["verify"].endswith("kept=40")
     assert table["mine"].split()[2] == "running" and "ago" not in table["mine"]
     assert "ago" not in format_table(m.read())  # without the run directory: the manifest alone
@@ -148,14 +149,20 @@ def test_status_shows_the_progress_of_running_units_only(tmp_path, capsys):
     assert "ago" not in rows(format_table(m.read(), run_dir=tmp_path))["train"]
 
 
-def test_status_shows_no_progress_for_an_interrupted_unit(tmp_path):
+def test_status_shows_no_progress_for_a_unit_whose_process_is_gone(tmp_path):
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
+    here = socket.gethostname()
     m = Manifest(tmp_path)
-    m.mark(0, "train", "running", host=socket.gethostname(), pid=dead)
+    m.mark(0, "train", "running", host=here, pid=dead)
+    m.mark_shard(0, "generate", "0", "running", host=here, pid=dead)
+    m.mark_shard(0, "generate", "1", "running", host=here, pid=os.getpid())
     write_figure(tmp_path, "train", "0", 120, 500, "step", age_s=8)
-    row = rows(format_table(m.read(), run_dir=tmp_path))["train"]
-    assert row.split()[2] == "interrupted" and "step" not in row
+    write_figure(tmp_path, "generate", "0", 10, 100, "problem", age_s=600)
+    write_figure(tmp_path, "generate", "1", 20, 100, "problem", age_s=1)
+    table = rows(format_table(m.read(), run_dir=tmp_path))
+    assert table["train"].split()[2] == "interrupted" and "step" not in table["train"]
+    assert table["generate"].split()[2] == "running" and table["generate"].endswith("problem 20/100 (1 s ago)")
 
 
 def test_the_driver_logs_training_progress_while_it_waits(tmp_path, tiny_world):
