@@ -287,6 +287,7 @@ def test_status_shows_the_current_step_of_a_training_job_while_it_runs(slurm, cl
     log = tmp_path / "driver.log"
     start = time.monotonic()
     start_driver(driver_args(cfg, LOCAL_PROFILE, sets, "--stages", "train", "--progress-every", "2"), log, procs)
+    wait_for(lambda: Manifest(run).stage(0, "train").get("job_ids"), timeout=60)
     shown = re.compile(r" running .* step (\d+)/100000 \((\d+) s ago\)$")
 
     def step_in_status() -> re.Match | None:
