@@ -110,7 +110,7 @@ def ago(seconds: float) -> str:
 
 
 def _count(value: float) -> str:
-    return f"{value:g}"
+    return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
 
 
 def describe(figures: list[dict[str, Any]], now: float | None = None) -> str:

@@ -128,9 +128,11 @@ def test_status_shows_the_progress_of_running_units_only(tmp_path, capsys):
     m.mark_shard(0, "generate", "0", "running", **alive)
     m.mark_shard(0, "generate", "1", "running", **alive)
     m.mark_shard(0, "generate", "2", "done")
-    m.mark(0, "mine", "running", **alive)  # running, no figure yet (loading its model)
+    m.mark(0, "mine", "running", **alive)
+    m.mark(0, "evaluate", "running", **alive)  # no figure yet (loading its model)
     write_figure(tmp_path, "verify", "0", 40, 40, "answer", age_s=100)
     write_figure(tmp_path, "train", "0", 120, 500, "step", age_s=8.2)
+    write_figure(tmp_path, "mine", "0", 1_250_000, 2_000_000, "record", age_s=300)
     write_figure(tmp_path, "generate", "0", 50, 100, "problem", age_s=5.2)
     write_figure(tmp_path, "generate", "1", 46, 100, "problem", age_s=3.2)
     write_figure(tmp_path, "generate", "2", 100, 100, "problem", age_s=60)  # done: not counted
@@ -138,7 +140,8 @@ def test_status_shows_the_progress_of_running_units_only(tmp_path, capsys):
     assert table["train"].split()[2] == "running" and table["train"].endswith("step 120/500 (8 s ago)")
     assert table["generate"].split()[2] == "running" and table["generate"].endswith("problem 96/200 in 2 units (5 s ago)")
     assert "answer" not in table["verify"] and table["verify"].endswith("kept=40")
-    assert table["mine"].split()[2] == "running" and "ago" not in table["mine"]
+    assert table["mine"].split()[2] == "running" and table["mine"].endswith("record 1250000/2000000 (5 min ago)")
+    assert table["evaluate"].split()[2] == "running" and "ago" not in table["evaluate"]
     assert "ago" not in format_table(m.read())  # without the run directory: the manifest alone
 
     assert distill_main(["status", "--run", str(tmp_path)]) == 0
