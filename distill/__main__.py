@@ -41,7 +41,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     args.run = run_dir(args)
     data = Manifest(args.run).read()
     print(json.dumps(data, indent=2) if args.json else f"run {data.get('run', args.run)}  config {data.get('config_hash')}\n"
-          + format_table(data, pipeline.names()))
+          + format_table(data, pipeline.names(), Path(args.run)))
 
 
 def cmd_grade(args: argparse.Namespace) -> None:
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("status", help="print a run's manifest as a table")
+    p = sub.add_parser("status", help="print a run's manifest as a table, with the progress of running units")
     add_run_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.set_defaults(func=cmd_status)

@@ -252,7 +252,7 @@ def generate_shard(
     new_tokens = 0
     start = time.perf_counter()
     step = max(batch_size, getattr(backend, "prompts_per_call", 0))
-    bar = progress_bar(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="prob", disable=not progress)
+    bar = progress_bar(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="problem", disable=not progress)
     for i in range(0, len(todo), step):
         batch = todo[i : i + step]
         outputs = backend.generate([t["prompt"] for t in batch], spec, batch_seed(spec.seed, batch[0]["id"]))

@@ -230,7 +230,7 @@ def grade(
         raise ValueError(f"chunksize must be >= 1, got {chunksize}")
     workers = min(workers, max(1, -(-n // chunksize)))
     in_main_thread = threading.current_thread() is threading.main_thread()
-    bar = progress_bar(total=n, desc="grading", unit="ans", disable=not progress)
+    bar = progress_bar(total=n, desc="grading", unit="answer", disable=not progress)
     results: list[tuple[str | None, bool]] = []
     try:
         if in_main_thread and (workers == 1 or n < _MIN_ITEMS_FOR_POOL):

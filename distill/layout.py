@@ -118,6 +118,10 @@ class RunPaths:
     def iteration(self, it: int) -> Path:
         return self.root / f"iter-{it}"
 
+    def progress(self, it: int, stage: str, key: str) -> Path:
+        """A running unit's last progress figure (`distill.progress`), e.g. `progress/train-0.json`."""
+        return self.iteration(it) / "progress" / f"{stage}-{key}.json"
+
     def gen_shard(self, it: int, shard: int, num_shards: int) -> Path:
         return self.iteration(it) / "generate" / shard_name(shard, num_shards)
 

@@ -25,6 +25,7 @@ from distill.errors import DistillError, NoSpace, no_space
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
 from distill.lease import holding, pid_alive
+from distill.progress import describe, read_figure
 
 STATES = ("pending", "running", "done", "failed")
 LOCK_TIMEOUT_S = 120.0  # an update holds the lock for milliseconds: waiting longer means a stale lock
@@ -149,9 +150,10 @@ def stage_entry(data: dict[str, Any], iteration: int, stage: str, create: bool =
     return stages.setdefault(stage, {}) if create else stages.get(stage, {})
 
 
-def format_table(data: dict[str, Any], order: Sequence[str] = ()) -> str:
+def format_table(data: dict[str, Any], order: Sequence[str] = (), run_dir: Path | None = None) -> str:
     """The manifest as a table: one row per iteration and stage, stages in `order` (pipeline
-    order), any other stage after them by name."""
+    order), any other stage after them by name. Given the run directory, a running stage's
+    detail is its running units' progress (`step 120/500 (8 s ago)`)."""
     rows = [("iter", "stage", "state", "shards", "started", "ended", "detail")]
     for it in sorted(data.get("iterations", {}), key=int):
         stages = data["iterations"][it].get("stages", {})
@@ -161,9 +163,11 @@ def format_table(data: dict[str, Any], order: Sequence[str] = ()) -> str:
             total = entry.get("num_shards", len(shards))
             done = sum(1 for s in shards.values() if s.get("state") == "done")
             shard_text = f"{done}/{total}" if total else "-"
-            detail = entry.get("error") or _summary(entry.get("metrics", {}))
+            state = shown_state(entry)
+            progress = describe(running_figures(run_dir, int(it), name, entry)) if run_dir else ""
+            detail = progress or entry.get("error") or _summary(entry.get("metrics", {}))
             started = entry.get("started") or min((s["started"] for s in shards.values() if "started" in s), default="-")
-            rows.append((it, name, shown_state(entry), shard_text, started, entry.get("ended", "-"), detail))
+            rows.append((it, name, state, shard_text, started, entry.get("ended", "-"), detail))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for r in rows:
@@ -173,17 +177,36 @@ def format_table(data: dict[str, Any], order: Sequence[str] = ()) -> str:
 
 
 def shown_state(entry: dict[str, Any]) -> str:
-    """The state to show: `interrupted` for a stage recorded running whose running units'
-    processes, all on this host, are gone (killed without a chance to record it); a rerun
-    resumes it. Units on other hosts cannot be seen from here and keep their recorded state."""
+    """The state to show. A stage with units recorded running is `running` whatever its own
+    state (a sharded stage's stays `pending` from the submission of its jobs until their
+    merge), and `interrupted` when those units' processes, all on this host, are gone (killed
+    without a chance to record it); a rerun resumes it. Units on other hosts cannot be seen
+    from here and keep their recorded state."""
     state = entry.get("state", "pending")
-    units = list(entry.get("shards", {}).values()) or [entry]
-    running = [u for u in units if u.get("state") == "running"]
-    here = socket.gethostname()
-    if state == "running" and running and all(u.get("host") == here and u.get("pid") and not pid_alive(int(u["pid"]))
-                                              for u in running):
-        return "interrupted"
-    return state
+    running = [unit for _, unit in running_units(entry)]
+    if state == "done" or not running:
+        return state
+    return "interrupted" if all(gone(unit) for unit in running) else "running"
+
+
+def running_units(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(key, entry) of a stage's units recorded running; a single-unit stage's unit is "0"."""
+    units = entry["shards"].items() if "shards" in entry else [("0", entry)]
+    return [(key, unit) for key, unit in units if unit.get("state") == "running"]
+
+
+def gone(unit: dict[str, Any]) -> bool:
+    """A unit recorded running by a process of this host that no longer runs."""
+    return unit.get("host") == socket.gethostname() and bool(unit.get("pid")) and not pid_alive(int(unit["pid"]))
+
+
+def running_figures(run_dir: Path, iteration: int, stage: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The last progress figures of a stage's running units, in unit order; a unit that has
+    written none yet (still loading its model), or whose process is gone, has none."""
+    paths = RunPaths(run_dir)
+    figures = [read_figure(paths.progress(iteration, stage, key)) for key, unit in running_units(entry)
+               if not gone(unit)]
+    return [f for f in figures if f is not None]
 
 
 def _summary(metrics: dict[str, Any]) -> str:

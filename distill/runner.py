@@ -10,6 +10,7 @@ below: every state in the manifest is written here, the same way for every launc
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
 from distill.lease import live_holder, me
 from distill.manifest import Manifest, now, set_shard_state, set_stage_state, stage_entry
+from distill.progress import reporting
 from distill.stage import RedoUnit, Result, Stage, Stopped, Unit
 
 
@@ -145,15 +147,20 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
     """Run one unit and record its outcome. A crash is recorded as failed and re-raised only
     when it is an interruption (KeyboardInterrupt, SystemExit); otherwise its traceback goes to
     stderr (the job's log) and the outcome says `failed` with the one-line reason. A manifest
-    that cannot be written (a full disk) raises: nothing can record that."""
+    that cannot be written (a full disk) raises: nothing can record that. While it runs, its
+    progress bars also write its progress file (`RunPaths.progress`, see `distill.progress`)."""
     paths, manifest = open_run(cfg)
     claim(manifest, it, stage, key, job_id)
+    figure = paths.progress(it, stage.name, key)
+    with contextlib.suppress(OSError):
+        figure.unlink(missing_ok=True)  # an earlier attempt's figure is not this one's
     try:
         data = manifest.read()
         unit = Unit(local_models(cfg, data.get("models", {})), it, key, paths, should_stop or (lambda: False),
                     progress, data)
         unit.inputs = verified_inputs(stage, unit)
-        result: Result = stage.run(unit)
+        with reporting(figure):
+            result: Result = stage.run(unit)
     except Stopped:
         result = Result(stopped=True)
     except BaseException as exc:

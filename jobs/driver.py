@@ -2,11 +2,12 @@
 
 Run it on a login node (or a laptop): each stage of the plan (`distill.pipeline`) is submitted
 through submitit, one job per unit the manifest lacks (a sharded stage as one SLURM array); the
-driver waits for the stage's jobs, merges their outputs in-process, and moves on. Stages
-already `done` are skipped without importing torch, so re-running a finished iteration takes
-about a second. It can be re-run at any time: a unit whose recorded job is still in squeue is
-waited for, not submitted again. One driver works on a run at a time (`distill.lease`): a second
-one refuses, naming the first.
+driver waits for the stage's jobs (showing how far their units are, from the units' progress
+files), merges their outputs in-process, and moves on. Stages already `done` are skipped
+without importing torch, so re-running a finished iteration takes about a second. It can be
+re-run at any time: a unit whose recorded job is still in squeue is waited for, not submitted
+again. One driver works on a run at a time (`distill.lease`): a second one refuses, naming the
+first.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import submitit
 from filelock import FileLock, SoftFileLock
+from tqdm import tqdm
 
 from distill import pipeline
 from distill.config import RunConfig, load_config
@@ -28,8 +30,9 @@ from distill.hub import record_models, resolve_models
 from distill.interrupts import ignore_sigint, stopped
 from distill.layout import RunPaths
 from distill.lease import RunLease, holding
-from distill.manifest import format_table
+from distill.manifest import format_table, running_figures
 from distill.preflight import check_inputs
+from distill.progress import describe, fraction
 from distill.runner import (
     check_run,
     fail_stage,
@@ -83,15 +86,19 @@ def failure_line(job: submitit.Job, why: str) -> str:
     return f"job {job.job_id} failed: {short(detail)} (log: {job.paths.stderr})"
 
 
-def wait(jobs: Sequence[submitit.Job], kind: str, *, poll_s: float = 2.0, grace_s: float = 30.0) -> dict[str, str]:
-    """Block until every job has ended; returns job id -> one line for each job that failed.
+def wait(jobs: Sequence[submitit.Job], kind: str, *, poll_s: float | None = None, grace_s: float = 30.0,
+         watch: Callable[[], None] = lambda: None) -> dict[str, str]:
+    """Block until every job has ended, calling `watch` at each poll (every `poll_s` seconds:
+    2 for SLURM, 0.5 for local jobs); returns job id -> one line for each job that failed.
 
     A SLURM job has ended when its result pickle exists, or when it has left squeue (a requeued
     job is PENDING again, so it stays) without leaving one for `grace_s` seconds: cancelled or
     killed. Polling squeue is needed because without accounting `sacct` fails and `job.result()`
-    would wait forever for such a job. Local jobs are the driver's children: it knows when they end.
+    would wait forever for such a job. Local jobs are the driver's children: it knows when they
+    end. Debug jobs run in this process when their result is asked for, so nothing is polled.
     """
     failed: dict[str, str] = {}
+    poll_s = poll_s if poll_s is not None else 2.0 if kind == "slurm" else 0.5
 
     def collect(job: submitit.Job) -> None:
         try:
@@ -101,6 +108,9 @@ def wait(jobs: Sequence[submitit.Job], kind: str, *, poll_s: float = 2.0, grace_
 
     if kind != "slurm":
         try:
+            while kind == "local" and not all(job.done() for job in jobs):
+                watch()
+                time.sleep(poll_s)
             for job in jobs:
                 collect(job)
         except KeyboardInterrupt:
@@ -132,8 +142,40 @@ def wait(jobs: Sequence[submitit.Job], kind: str, *, poll_s: float = 2.0, grace_
                 failed[job.job_id] = failure_line(
                     job, f"ended without a result ({state}: cancelled, killed, out of memory?)")
         if pending:
+            watch()
             time.sleep(poll_s)
     return failed
+
+
+class ProgressView:
+    """How far a stage's running units are, while the driver waits for them (`distill.progress`
+    has their figures): on a terminal a bar redrawn at each poll; in a log (stderr not a
+    terminal) a line every `every_s` seconds among the driver's other lines, since each redraw
+    of a bar there would be a line of its own."""
+
+    def __init__(self, stage: str, figures: Callable[[], list[dict[str, Any]]], every_s: float = 60.0) -> None:
+        self.stage = stage
+        self.figures = figures
+        self.every_s = every_s
+        self.last_line = time.monotonic()
+        self.bar: tqdm | None = None  # drawn from the first poll on
+
+    def __call__(self) -> None:
+        figures = self.figures()
+        text = describe(figures) or "no progress reported yet"
+        if sys.stderr.isatty():
+            if self.bar is None:
+                self.bar = tqdm(total=1000, bar_format="  {percentage:3.0f}%|{bar:24}| {desc}", file=sys.stderr,
+                                leave=False)
+            self.bar.n = round(1000 * fraction(figures))
+            self.bar.set_description_str(f"{self.stage}: {text}")  # redraws
+        elif time.monotonic() - self.last_line >= self.every_s:
+            self.last_line = time.monotonic()
+            say(f"  {self.stage}: {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def stop_local(jobs: Sequence[submitit.Job], timeout_s: float = 30.0) -> None:
@@ -154,12 +196,13 @@ def _stopped_at(entry: dict[str, Any]) -> str:
 
 
 class Driver:
-    """Runs plans of stages for one run. Nothing is written until `prepare` has checked what
-    can be checked: a refused command leaves no run directory behind, or an unchanged one."""
+    """Runs plans of stages for one run. Nothing is written until `check` has passed, so a
+    refused command leaves no run directory behind, or an unchanged one."""
 
     def __init__(self, cfg: RunConfig, executor: str | None = None, cluster: ClusterProfile | None = None,
-                 again: str = "make iter") -> None:
+                 again: str = "make iter", progress_every_s: float = 60.0) -> None:
         self.cfg = cfg
+        self.progress_every_s = progress_every_s  # in a log: a progress line this often while jobs run
         self.kind = resolve_kind(executor)
         self.cluster = cluster
         self.again = again  # the user's command, less ITER=, for hints: `make iter CONFIG=... RUN=...`
@@ -220,6 +263,10 @@ class Driver:
         return {k: recorded[k] for k in keys if k in recorded and in_flight(states, recorded[k])
                 and self.unit_state(stage, k).get("state") != "failed"}
 
+    def running_figures(self, stage: Stage) -> list[dict[str, Any]]:
+        entry = self.manifest.stage(self.iteration, stage.name)
+        return running_figures(self.paths.root, self.iteration, stage.name, entry)
+
     def run_units(self, stage: Stage) -> None:
         """One job per unit the manifest lacks (an array, for a sharded stage), and wait for all.
 
@@ -248,7 +295,11 @@ class Driver:
         if attached:
             say(f"  waiting for {len(attached)} job(s) already in flight: {', '.join(attached.values())}")
         jobs |= {k: attach(self.kind, self.paths.logs, j) for k, j in attached.items()}
-        failed = wait(list(jobs.values()), self.kind)
+        view = ProgressView(stage.name, lambda: self.running_figures(stage), self.progress_every_s)
+        try:
+            failed = wait(list(jobs.values()), self.kind, watch=view)
+        finally:
+            view.close()
         for key in keys:
             entry = self.unit_state(stage, key)
             if entry.get("state") == "done":
@@ -383,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", help="only these stages of the iteration, comma-separated (e.g. generate,verify)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                        help="when stderr is not a terminal (a log): a progress line this often while jobs run "
+                             "(default: %(default)s; on a terminal a bar shows it)")
     args = parser.parse_args(argv)
     driver: Driver | None = None
     try:
@@ -394,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             say(note)
         again = " ".join(["make iter", f"CONFIG={args.config}"] + [f"{k}={v}" for k, v in
                          (("RUN", args.run), ("CLUSTER", args.cluster), ("EXECUTOR", args.executor)) if v])
-        driver = Driver(cfg, args.executor, cluster, again)
+        driver = Driver(cfg, args.executor, cluster, again, args.progress_every)
         if args.undo:
             needs, stages = None, pipeline.iteration_plan(0) + pipeline.iteration_plan(1)
             stages += pipeline.baseline_plan() if args.with_baseline else []

@@ -8,6 +8,7 @@ cluster is not up. `pytest -m slurm -rP` shows the measured figures.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -271,6 +272,42 @@ def test_training_spans_allocations_and_matches_an_uninterrupted_run(slurm, clea
           f"final step {got['metrics']['step']} loss {got['metrics']['loss']:.6f} "
           f"(uninterrupted: {ref['metrics']['loss']:.6f}); {len(released)} early release(s)")
     assert "requeued" in out
+
+
+@pytest.mark.slow
+def test_status_shows_the_current_step_of_a_training_job_while_it_runs(slurm, cleanup, tmp_path, tiny_world):
+    """`make status` while SLURM trains: the train row gives the job's step from its progress
+    file, not only `running`; the driver's log gets the same figure every --progress-every s."""
+    runs, procs = cleanup
+    cfg = demo_config(tmp_path, tiny_world)
+    run = tmp_path / "runs" / "e2e"
+    runs.append(run)
+    write_verified(run, ROOT / "data" / "tiny" / "train.jsonl", 64)
+    sets = ["train.max_steps=100000", "train.save_steps=100000", "train.batch_size=8"]
+    log = tmp_path / "driver.log"
+    start = time.monotonic()
+    start_driver(driver_args(cfg, LOCAL_PROFILE, sets, "--stages", "train", "--progress-every", "2"), log, procs)
+    wait_for(lambda: Manifest(run).stage(0, "train").get("job_ids"), timeout=60)
+    shown = re.compile(r" running .* step (\d+)/100000 \((\d+) s ago\)$")
+
+    def step_in_status() -> re.Match | None:
+        out = subprocess.run([sys.executable, "-m", "distill", "status", "--run", str(run)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        row = next((line for line in out.stdout.splitlines() if line.split()[1:2] == ["train"]), "")
+        match = shown.search(row)
+        return match if match and int(match.group(1)) > 0 else None
+
+    match = wait_for(step_in_status, timeout=120, interval=1)
+    seen_after = time.monotonic() - start
+    job = Manifest(run).stage(0, "train")["job_ids"]["0"]
+    assert job_state(job)[0] == "RUNNING"
+    assert int(match.group(2)) < 15  # the job writes it every 5 s
+    said = re.compile(r"\]   train: step (\d+)/100000 \(\d+ s ago\)")
+    logged = wait_for(lambda: [int(k) for k in said.findall(log.read_text()) if int(k) > 0], timeout=30)
+    assert (run / "logs" / job / f"{job}_0_log.err").is_file()  # where the README says a job's log is
+    print(f"status during a SLURM training job, {seen_after:.0f} s after the driver started: "
+          f"{match.group(0).split('  ')[-1]}; the driver's log: step {logged[-1]}")
 
 
 # ----------------------------------------------------------------------------- plain sbatch
