@@ -127,6 +127,39 @@ def cmd_repair(args: argparse.Namespace) -> None:
     print(f"-> {args.run / 'manifest.json'} rebuilt; `make iter` redoes only what is not done")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from distill.config import load_config
+    from distill.plan import DEFAULT_GPU_GB, Gpu, format_plan, gpu_from_profile, gpu_type, plan
+
+    cfg = load_config(args.config, args.set)
+    sections = ("train", "generate", "evaluate")
+    gpus = {s: Gpu("GPU", DEFAULT_GPU_GB, source="no --cluster: assumed") for s in sections}
+    world, notes = None, []
+    if args.cluster:
+        from distill.typed_yaml import read_yaml_mapping
+
+        path = Path(args.cluster)
+        if not path.exists() and path.suffix == "" and len(path.parts) == 1:
+            path = Path("configs/cluster") / f"{args.cluster}.yaml"
+        raw = read_yaml_mapping(path, "cluster profile")
+        for section in sections:
+            gpus[section], found, more = gpu_from_profile(raw, str(path), section)
+            world = world or (found if section == "train" else None)
+            notes += [n for n in more if n not in notes]
+    if args.gpu:
+        gb, note = gpu_type(args.gpu)
+        gpus = {s: Gpu(args.gpu, gb, g.count, "--gpu") for s, g in gpus.items()}
+        notes = [note] if note else []
+    result = plan(cfg, gpus, world_size=args.world_size or world or 1, strategy=args.strategy)
+    result["notes"] = notes
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(format_plan(result))
+    for note in notes:
+        print(f"note: {note}")
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     from distill.gpucheck import main
 
@@ -211,6 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
                        "run. The old manifest is kept as manifest.json.before-repair.")
     p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
     p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("plan", help="per-GPU memory of each stage of a run, from the models' config.json alone",
+                       description="Weights, gradients, optimizer state, activations (gradient checkpointing off and "
+                       "on), the loss chunk and the teacher of the training stage, and the weights and KV cache of "
+                       "generation and evaluation, from the models' config.json (no weights are loaded; a hub ID "
+                       "must be in the Hugging Face cache); a verdict against the GPU the cluster profile's gres "
+                       "names (default: 80 GB).")
+    p.add_argument("--config", default="configs/tiny.yaml", help="run config (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--cluster", help="cluster profile (name or path) whose stages' gres name the GPUs")
+    p.add_argument("--gpu", help="GPU type for every stage instead (H100, H200, A100, a100-40, V100, L40S, ...)")
+    p.add_argument("--world-size", type=int, help="GPUs training runs on (default: the profile's gpus_per_node × "
+                   "nodes if it has them, else 1)")
+    p.add_argument("--strategy", default="none", choices=["none", "ddp", "fsdp"],
+                   help="none: one GPU; ddp: replicated; fsdp: parameters, gradients and optimizer sharded "
+                   "(default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("gpu-check", help="exercise every GPU path on tiny models built here; a table of what passed",
                        description="Training in the job's precision with a kill and resume, every objective, LoRA and "
