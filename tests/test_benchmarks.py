@@ -53,7 +53,7 @@ def test_config_names_a_benchmark_or_per_split_names(tmp_path):
     assert (cfg.data.train, cfg.data.validation, cfg.data.test) == ("gsm8k:train", None, "gsm8k:test")
     assert load_problems(cfg.data, "test", limit=2)[0]["id"] == "gsm8k-test-00000"
     path.write_text(BASE + "data: {train: gsm8k:train, test: math500}\n")
-    cfg = load_config(path)
+    cfg = load_config(path, ["models.teacher=./m/t"])
     assert load_problems(cfg.data, "test", limit=1)[0]["meta"]["subject"] == "Precalculus"
     with pytest.raises(ConfigError, match="models.teacher: path not found"):  # data splits are not paths
         check_paths(cfg)
