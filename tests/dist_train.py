@@ -5,8 +5,8 @@ SPEC is JSON: `student`, `teacher`, `out`, `n_pairs` (the first n of tests.test_
 pairs), `train` (TrainConfig fields; `kd` and `lora` as mappings), and optionally `stop_rank`
 with `stop_after` (that rank alone asks to stop after so many steps of this call), `step_sleep`
 (seconds each step waits, to give a test time to act). USR2 asks the receiving rank to stop, as
-SLURM's signal does. Each rank writes `pid-<rank>` into `out` when it starts and prints
-`RESULT <json>` when `train` returns: the result, and the newest checkpoint's history.
+SLURM's signal does. Each rank writes `pid-<rank>` into `out` when it starts and `result-<rank>.json`
+when `train` returns: the result, and the newest checkpoint's history.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def main(spec: dict) -> None:
                    progress=False, teacher_path=spec.get("teacher"), device="cpu")
     ckpt = newest_checkpoint(out / "checkpoints")
     history = json.loads((ckpt / "state.json").read_text())["history"] if ckpt else []
-    print("RESULT " + json.dumps({"rank": rank, "step": result.step, "loss": result.loss, "finished": result.finished,
-                                  "resumed_from": result.resumed_from, "checkpoint": ckpt.name if ckpt else None,
-                                  "history": history}), flush=True)
+    (out / f"result-{rank}.json").write_text(json.dumps(
+        {"rank": rank, "step": result.step, "loss": result.loss, "finished": result.finished,
+         "resumed_from": result.resumed_from, "checkpoint": ckpt.name if ckpt else None, "history": history}))
 
 
 if __name__ == "__main__":

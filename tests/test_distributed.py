@@ -49,21 +49,29 @@ def spec(world, out: Path, distributed: str, objective: str = "sft", settings: d
             "train": train, **extra}
 
 
-def results(proc: subprocess.CompletedProcess | subprocess.Popen, stdout: str, stderr: str) -> list[dict]:
-    """The RESULT of every rank, by rank."""
+def results(proc: subprocess.CompletedProcess | subprocess.Popen, out: Path, stderr: str) -> list[dict]:
+    """The result of every rank, by rank (each writes its own file: the ranks share stdout)."""
     assert proc.returncode == 0, stderr[-4000:]
-    found = [json.loads(line[len("RESULT "):]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+    found = [json.loads(p.read_text()) for p in out.glob("result-*.json")]
+    for p in out.glob("result-*.json"):
+        p.unlink()  # a later run in the same directory reports afresh
     return sorted(found, key=lambda r: r["rank"])
 
 
 def run(spec: dict, nproc: int, timeout: float = 240) -> list[dict]:
     proc = subprocess.run(command(spec, nproc), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    return results(proc, proc.stdout, proc.stderr)
+    return results(proc, Path(spec["out"]), proc.stderr)
 
 
 def start(spec: dict, nproc: int) -> subprocess.Popen:
-    return subprocess.Popen(command(spec, nproc), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """A run left going; its stderr goes to `<out>.stderr` (a pipe nobody reads could fill up)."""
+    with open(Path(spec["out"]).with_suffix(".stderr"), "w") as err:
+        return subprocess.Popen(command(spec, nproc), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=err)
+
+
+def stderr_of(proc: subprocess.Popen, out: Path) -> str:
+    proc.wait()
+    return out.with_suffix(".stderr").read_text()
 
 
 def kill_all(proc: subprocess.Popen, out: Path, nproc: int) -> None:
@@ -72,13 +80,14 @@ def kill_all(proc: subprocess.Popen, out: Path, nproc: int) -> None:
     for rank in range(nproc):
         os.kill(int((out / f"pid-{rank}").read_text()), signal.SIGKILL)
     proc.kill()
-    proc.communicate()
+    proc.wait()
 
 
-def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+def wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    path = out / "checkpoints" / f"step-{step:08d}" / "hashes.json"
     deadline = time.time() + seconds
     while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
+        assert proc.poll() is None, stderr_of(proc, out)[-4000:]
         assert time.time() < deadline, f"{path} did not appear"
         time.sleep(0.02)
 
@@ -106,6 +115,19 @@ def one_process(tiny_world, tmp_path_factory):
             (result,) = run(spec(tiny_world, out, "none", objective, train=train), 0)
             done[key] = result, out
         return done[key]
+    return get
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_world, tmp_path_factory):
+    """The uninterrupted two-rank run of LONG, per mode, run once per module."""
+    done: dict[str, dict] = {}
+
+    def get(distributed: str) -> dict:
+        if distributed not in done:
+            out = tmp_path_factory.mktemp(f"two-{distributed}")
+            done[distributed] = same_on_every_rank(run(spec(tiny_world, out, distributed, settings=LONG), 2))
+        return done[distributed]
     return get
 
 
@@ -140,14 +162,15 @@ def test_two_ranks_take_the_steps_of_one_process_at_the_same_global_batch(tiny_w
 
 @pytest.mark.slow
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_a_killed_two_rank_run_resumes_from_its_newest_complete_checkpoint(tiny_world, tmp_path, distributed):
+def test_a_killed_two_rank_run_resumes_from_its_newest_complete_checkpoint(tiny_world, tmp_path, two_ranks,
+                                                                            distributed):
     """torchrun and both ranks SIGKILLed mid-run: the rerun resumes from the newest sealed
     checkpoint (a save cut short is ignored) and ends at the uninterrupted run's step and loss."""
-    reference = same_on_every_rank(run(spec(tiny_world, tmp_path / "ref", distributed, settings=LONG), 2))
+    reference = two_ranks(distributed)
 
     out = tmp_path / "killed"
     proc = start(spec(tiny_world, out, distributed, settings=LONG, step_sleep=0.1), 2)
-    wait_for(out / "checkpoints" / "step-00000004" / "hashes.json", proc)
+    wait_for_checkpoint(out, 4, proc)
     kill_all(proc, out, 2)
     newest = newest_checkpoint(out / "checkpoints")
     assert newest is not None and not (out / "model").exists(), "the kill did not land mid-run"
@@ -157,6 +180,8 @@ def test_a_killed_two_rank_run_resumes_from_its_newest_complete_checkpoint(tiny_
     result = same_on_every_rank(run(spec(tiny_world, out, distributed, settings=LONG), 2))
     assert result["resumed_from"] == int(newest.name.split("-")[1]) >= 4
     assert result["finished"] and result["step"] == reference["step"] == 12
+    print(f"{distributed}: killed, newest checkpoint {newest.name}, resumed to step 12; final loss {result['loss']:.6f} vs "
+          f"{reference['loss']:.6f} uninterrupted (diff {abs(result['loss'] - reference['loss']):.1e})")
     assert abs(result["loss"] - reference["loss"]) <= 1e-6
     assert result["history"] == reference["history"]
     assert not (out / "checkpoints" / ".tmp-step-00000099-1").exists()
@@ -164,19 +189,19 @@ def test_a_killed_two_rank_run_resumes_from_its_newest_complete_checkpoint(tiny_
 
 
 @pytest.mark.slow
-def test_usr2_to_one_rank_stops_both_at_the_same_step_and_fsdp_resumes_on_one_rank(tiny_world, tmp_path):
+def test_usr2_to_one_rank_stops_both_at_the_same_step_and_fsdp_resumes_on_one_rank(tiny_world, tmp_path, two_ranks):
     """SLURM's stop signal reaching rank 1 alone: both ranks checkpoint and return at the same
     step. The sharded checkpoint then resumes on one rank (resharded by
     torch.distributed.checkpoint) and ends where two uninterrupted ranks end; resuming it
     without fsdp is refused in one line."""
-    reference = same_on_every_rank(run(spec(tiny_world, tmp_path / "ref", "fsdp", settings=LONG), 2))
+    reference = two_ranks("fsdp")
 
     out = tmp_path / "stopped"
     proc = start(spec(tiny_world, out, "fsdp", settings=LONG, step_sleep=0.2), 2)
-    wait_for(out / "checkpoints" / "step-00000004" / "hashes.json", proc)
+    wait_for_checkpoint(out, 4, proc)
     os.kill(int((out / "pid-1").read_text()), signal.SIGUSR2)
-    stdout, stderr = proc.communicate(timeout=120)
-    stopped = same_on_every_rank(results(proc, stdout, stderr))
+    proc.wait(timeout=120)
+    stopped = same_on_every_rank(results(proc, out, stderr_of(proc, out)))
     assert not stopped["finished"] and 4 <= stopped["step"] < 12
     assert stopped["checkpoint"] == f"step-{stopped['step']:08d}" == newest_checkpoint(out / "checkpoints").name
 
@@ -185,7 +210,50 @@ def test_usr2_to_one_rank_stops_both_at_the_same_step_and_fsdp_resumes_on_one_ra
     result = same_on_every_rank(run(spec(tiny_world, out, "fsdp", settings=LONG), 1))
     assert result["resumed_from"] == stopped["step"]
     assert result["finished"] and result["step"] == 12
+    print(f"fsdp: stopped at step {stopped['step']} on 2 ranks, resumed on 1 to step 12; final loss relative "
+          f"difference from 2 uninterrupted ranks {relative(result['loss'], reference['loss']):.1e}")
     assert relative(result["loss"], reference["loss"]) <= 1e-4
+
+
+@pytest.fixture
+def slurm() -> None:
+    """The local test cluster (slurm/local/), skipped when it is not up."""
+    from slurm_cluster import require_slurm
+
+    require_slurm()
+    out = subprocess.run(["sinfo", "--noheader", "--format=%R"], capture_output=True, text=True, check=False)
+    if "debug" not in out.stdout.split():
+        pytest.skip("not the local test cluster: no partition debug (see slurm/local/)")
+
+
+@pytest.mark.slurm
+def test_two_slurm_tasks_rendezvous_and_shard_the_student_as_two_nodes_would(slurm, tiny_world, tmp_path, one_process):
+    """`srun -n2`, each task a torchrun of one rank meeting the other at a c10d rendezvous (as
+    on two nodes of one rank each): fsdp takes the steps of one process and both tasks write
+    their shards into the one checkpoint."""
+    import socket
+    import uuid
+
+    reference, _ = one_process("sft")
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    launch = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+              "--rdzv_endpoint", f"{host}:{port}", "--rdzv_id", uuid.uuid4().hex,
+              "-m", "tests.dist_train", json.dumps(spec(tiny_world, tmp_path, "fsdp"))]
+    # --overcommit: two tasks even where one of the node's two cores is taken.
+    proc = subprocess.run(["srun", "--partition", "debug", "-N1", "-n2", "--overcommit", "--time", "5",
+                           "--job-name", "distill-test-ranks", *launch],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    ranks = results(proc, tmp_path, proc.stderr)
+    assert len(ranks) == 2
+    result = same_on_every_rank(ranks)
+    assert result["finished"] and result["step"] == 6
+    for h, r in zip(result["history"], reference["history"], strict=True):
+        assert relative(h["loss"], r["loss"]) <= 1e-4, (h, r)
+    shards = sorted(p.name for p in (tmp_path / "checkpoints" / "step-00000006").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
 
 
 # -- without processes ----------------------------------------------------------------------------
