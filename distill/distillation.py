@@ -180,11 +180,7 @@ class Distiller:
         check_vocabularies(tokenizer, teacher_path, self.objective)
         if self.objective in ("kd", "ekd") and self.kd.teacher == "offline":
             # Rank 0 captures the store (or finds it), the others then load what it wrote.
-            if self.ranks.main:
-                self.store = self._offline_store(teacher_path, out, examples, attn_implementation)
-            self.ranks.barrier()
-            if not self.ranks.main:
-                self.store = self._offline_store(teacher_path, out, examples, attn_implementation)
+            self.store = self.ranks.first(lambda: self._offline_store(teacher_path, out, examples, attn_implementation))
         else:
             # One teacher per rank, on the rank's own GPU (never spread over the node's GPUs, which
             # the other ranks use).

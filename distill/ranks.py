@@ -28,7 +28,8 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from distill.errors import DistillError
 from distill.modeling import decoder
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,14 @@ class Ranks:
             raise
         if self.any(False):
             raise DistillError(f"rank {self.rank}: another training process failed (its own error is in its log)")
+
+
+    def first(self, work: Callable[[], T]) -> T:
+        """`work` on rank 0, then on the others (they read what rank 0 wrote); a failure on rank 0
+        raises on every rank."""
+        done: list[T] = []
+        self.together(lambda: done.append(work()) if self.main else None)
+        return done[0] if self.main else work()
 
 
 @contextlib.contextmanager
@@ -195,7 +205,7 @@ def _options(**kw: Any) -> Any:
     return StateDictOptions(ignore_frozen_params=True, **kw)
 
 
-def save_sharded(path: Any, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def save_sharded(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the student and the optimizer into `path` (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -204,7 +214,7 @@ def save_sharded(path: Any, student: torch.nn.Module, optimizer: torch.optim.Opt
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
 
 
-def load_sharded(path: Any, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_sharded(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Read what `save_sharded` wrote, resharded to this world size (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -219,8 +229,9 @@ def load_sharded(path: Any, student: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def gathered(student: torch.nn.Module, ranks: Ranks, plain: Callable[[], torch.nn.Module]) -> torch.nn.Module | None:
-    """The sharded student as one plain model on rank 0's host (`plain()` builds the empty one;
-    collective, None on the other ranks); the student itself when nothing is sharded."""
+    """The sharded student gathered into one plain model on rank 0's host (`plain()` loads the
+    student there to receive the weights; collective, None on the other ranks); the student
+    itself when nothing is sharded."""
     if not (ranks.group and ranks.sharded):
         return student
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -408,11 +408,9 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     # fsdp: the shards gathered into a plain copy of the student on rank 0's host.
     final = gathered(model, ranks, lambda: load_student(model_path, cfg, devices.Placement(torch.device("cpu"),
                                                                                           place.precision))[0])
-    if ranks.main:
-        with writing(out.model):
-            save_final(final, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
-                       quantized=cfg.quantize == "4bit")
-    ranks.barrier()
+    with writing(out.model):
+        ranks.together(lambda: save_final(final, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
+                                          quantized=cfg.quantize == "4bit") if ranks.main else None)
     return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from,
                        out.model)
 
