@@ -203,6 +203,10 @@ class TrainConfig:
     gradient_checkpointing: bool = compat(False)
     # Positions per chunk of the LM head and the loss: bounds the vocabulary-sized tensors.
     loss_chunk: int = compat(256)
+    # Under torchrun, one process per GPU: ddp replicates the student, fsdp shards it (FSDP2, one
+    # unit per decoder layer). Either way a step consumes the same batch as one process would
+    # (distill.ranks); without torchrun the job runs as one process.
+    distributed: Literal["none", "ddp", "fsdp"] = compat("none")
 
 
 @dataclass
@@ -430,6 +434,11 @@ def check_train(t: TrainConfig, where: str) -> None:
     # (distill.device): the login node that loads this config usually has no GPU.
     if t.quantize == "4bit" and not t.lora.enabled:
         raise ConfigError(f"{where}: train.quantize: 4bit trains LoRA adapters; set train.lora.enabled: true")
+    if t.distributed == "fsdp" and t.quantize == "4bit":
+        raise ConfigError(f"{where}: train.distributed: fsdp cannot shard 4-bit (QLoRA) weights; use ddp, or quantize: none")
+    if t.distributed == "fsdp" and t.precision == "fp16":
+        raise ConfigError(f"{where}: train.distributed: fsdp with fp16 loss scaling is not supported (the scaler sees "
+                          "only this rank's shard of the gradients); use bf16 (or auto on bf16 GPUs), or ddp")
     if t.lora.enabled and "lm_head" in t.lora.target_modules:
         raise ConfigError(f"{where}: train.lora.target_modules: lm_head cannot carry an adapter (the head runs "
                           "chunked with the loss)")

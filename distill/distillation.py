@@ -38,6 +38,7 @@ from distill.errors import DistillError, writing
 from distill.jsonl import sha256_file
 from distill.layout import TrainPaths
 from distill.modeling import PROJECTIONS, decoder, load_teacher, output_head
+from distill.ranks import Ranks
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -165,8 +166,10 @@ class Distiller:
     """The loss of one training run, given its objective."""
 
     def __init__(self, cfg: TrainConfig, tokenizer: Any, teacher_path: str | Path | None, out: TrainPaths,
-                 examples: list[dict[str, list[int]]], place: Placement, attn_implementation: str = "sdpa") -> None:
+                 examples: list[dict[str, list[int]]], place: Placement, attn_implementation: str = "sdpa",
+                 ranks: Ranks | None = None) -> None:
         self.cfg, self.kd, self.objective, self.place = cfg, cfg.kd, cfg.objective, place
+        self.ranks = ranks or Ranks()
         self.vocab = len(tokenizer)
         self.teacher: Any = None
         self.store: TopKStore | None = None
@@ -176,9 +179,12 @@ class Distiller:
             raise DistillError(f"train.objective {self.objective} needs a teacher (models.teacher)")
         check_vocabularies(tokenizer, teacher_path, self.objective)
         if self.objective in ("kd", "ekd") and self.kd.teacher == "offline":
-            self.store = self._offline_store(teacher_path, out, examples, attn_implementation)
+            # Rank 0 captures the store (or finds it), the others then load what it wrote.
+            self.store = self.ranks.first(lambda: self._offline_store(teacher_path, out, examples, attn_implementation))
         else:
-            self.teacher = load_teacher(teacher_path, place, attn_implementation)
+            # One teacher per rank, on the rank's own GPU (never spread over the node's GPUs, which
+            # the other ranks use).
+            self.teacher = load_teacher(teacher_path, place, attn_implementation, spread=self.ranks.world == 1)
             # The teacher's head on the student's device, cut to the student's vocabulary: a
             # teacher with extra tokens (an id-preserving superset) has them ignored.
             self.t_weight = output_head(self.teacher).weight[: self.vocab].to(place.device)
@@ -194,7 +200,7 @@ class Distiller:
                 return store
             log.warning("%s: written for other settings, or damaged (sha256 differs from %s): captured again",
                         path, out.topk_info.name)
-        teacher = load_teacher(teacher_path, self.place, attn)
+        teacher = load_teacher(teacher_path, self.place, attn, spread=self.ranks.world == 1)
         store = capture_topk(teacher, examples, self.kd.top_k, self.vocab, batch_size=self.cfg.batch_size,
                              chunk=self.cfg.loss_chunk)
         del teacher
@@ -232,9 +238,15 @@ class Distiller:
 
     # -- device side -------------------------------------------------------------------------
 
-    def loss(self, model: Any, batch: dict[str, Any], n_target: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, model: Any, batch: dict[str, Any], n_target: int, grad_accum: int,
+             counted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to backpropagate, summed cross-entropy for the log) of one prepared micro-batch
-        already on the model's device; `n_target` counts the targets of the whole step."""
+        already on the model's device; `n_target` counts the targets of the whole step.
+
+        On several ranks the batch is this rank's part of the micro-batch: the averages over the
+        micro-batch (the divergence's, the features') divide by counts summed over the ranks, so
+        the parts' losses add up to the whole one's. A part that is not `counted` (a rank left
+        without examples runs one, see distill.ranks) adds 0 to the loss and to the counts."""
         features = self.objective == "feature"
         out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch.get("position_ids"), output_hidden_states=features, use_cache=False)
@@ -245,13 +257,16 @@ class Distiller:
         if self.objective not in ("sft", "feature"):
             rows |= self._teacher_rows(batch)
             selected = self._selected(batch, rows, hidden.detach(), weight.detach())
-            rows["kd_weight"] = alpha * self.kd.temperature**2 * selected / selected.sum().clamp(min=1.0) / grad_accum
+            n_selected = self.ranks.sum(selected.sum() if counted else selected.new_zeros(()))
+            rows["kd_weight"] = alpha * self.kd.temperature**2 * selected / n_selected.clamp(min=1.0) / grad_accum
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce = CrossEntropy((1 - alpha) / max(n_target, 1), ce_sum)
         chunk_loss = functools.partial(self._chunk_loss, ce=ce) if "kd_weight" in rows else ce
         loss = head_loss(hidden, weight, chunk_loss, rows, chunk=self.cfg.loss_chunk, dtype=self.place.dtype)
         if features:
-            loss = loss + alpha * self._feature_loss(model, out.hidden_states, batch) / grad_accum
+            loss = loss + alpha * self._feature_loss(model, out.hidden_states, batch, counted) / grad_accum
+        if not counted:
+            return loss * 0.0, ce_sum * 0.0
         return loss, ce_sum
 
     def _chunk_loss(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], *, ce: CrossEntropy) -> torch.Tensor:
@@ -315,11 +330,13 @@ class Distiller:
         w = weight.to(dtype)
         return torch.cat([fn((hidden[s : s + chunk].to(dtype) @ w.T).float()) for s in range(0, hidden.size(0), chunk)])
 
-    def _feature_loss(self, model: torch.nn.Module, hidden: tuple[torch.Tensor, ...], batch: dict[str, Any]) -> torch.Tensor:
+    def _feature_loss(self, model: torch.nn.Module, hidden: tuple[torch.Tensor, ...], batch: dict[str, Any],
+                      counted: bool = True) -> torch.Tensor:
         with torch.no_grad():
             t_hidden = decoder(self.teacher)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                              output_hidden_states=True, use_cache=False).hidden_states
         mask = (batch["labels"] != IGNORE).unsqueeze(-1).float()
+        n_positions = self.ranks.sum(mask.sum() if counted else mask.new_zeros(())).clamp(min=1.0)
         projections = getattr(model, PROJECTIONS)
         total = torch.zeros((), dtype=torch.float32, device=mask.device)
         for proj, (si, ti) in zip(projections, self.cfg.feature.layers, strict=True):
@@ -328,7 +345,7 @@ class Distiller:
                 per_pos = ((mapped - target) ** 2).mean(-1, keepdim=True)
             else:
                 per_pos = 1 - F.cosine_similarity(mapped, target, dim=-1).unsqueeze(-1)
-            total = total + (per_pos * mask).sum() / mask.sum().clamp(min=1.0)
+            total = total + (per_pos * mask).sum() / n_positions
         return total / len(projections)
 
 

@@ -107,10 +107,11 @@ def decoder(model: Any) -> Any:
     return model.get_decoder()
 
 
-def device_map_for(path: str | Path, place: Placement, share: float = TEACHER_SHARE) -> Any:
+def device_map_for(path: str | Path, place: Placement, share: float = TEACHER_SHARE, spread: bool = True) -> Any:
     """The model on the job's GPU when its weights fit in `share` of the GPU's free memory,
-    else spread over every visible GPU (and the CPU, if it must) by accelerate."""
-    if place.device.type != "cuda":
+    else spread over every visible GPU (and the CPU, if it must) by accelerate; always on the
+    job's GPU without `spread` (one of several training processes, each with its GPU)."""
+    if place.device.type != "cuda" or not spread:
         return {"": place.device}
     need = weight_bytes(path, place.dtype)
     free, _ = torch.cuda.mem_get_info(place.device)
@@ -134,9 +135,9 @@ def weight_bytes(path: str | Path, dtype: torch.dtype) -> int:
     return numel * torch.empty((), dtype=dtype).element_size()
 
 
-def load_teacher(path: str | Path, place: Placement, attn_implementation: str = "sdpa") -> Any:
+def load_teacher(path: str | Path, place: Placement, attn_implementation: str = "sdpa", spread: bool = True) -> Any:
     """The teacher in the compute dtype, frozen, in eval mode, placed by `device_map_for`."""
-    teacher = load_causal_lm(path, dtype=place.dtype, device_map=device_map_for(path, place),
+    teacher = load_causal_lm(path, dtype=place.dtype, device_map=device_map_for(path, place, spread=spread),
                              attn_implementation=attn_implementation)
     return freeze(teacher)
 

@@ -11,6 +11,12 @@ Batches are built on the host and moved to the job's device (`distill.device`); 
 under the configured precision's autocast, with loss scaling for fp16. A step whose loss is not
 finite stops the job before the optimizer touches the weights, so the newest checkpoint is the
 last good state.
+
+Under torchrun (`train.distributed: ddp | fsdp`) each process is one rank and runs this same
+loop on its part of every micro-batch (`distill.ranks`): a step's batch, its loss and its
+gradient are those of one process. Checkpoints are written by every rank into one temporary
+directory, sealed and renamed by rank 0 once all parts are in; a stop asked of any rank stops
+all of them after the same step.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from distill.integrity import seal, seal_damage
 from distill.layout import TrainPaths, complete_checkpoints, newest_checkpoint
 from distill.modeling import load_student, save_final
 from distill.progress import progress_bar
+from distill.ranks import Ranks, accumulating, gathered, join, load_sharded, save_sharded, wrap
 
 log = logging.getLogger(__name__)
+DCP_METADATA = ".metadata"  # what torch.distributed.checkpoint writes beside the shards (fsdp)
 
 
 @dataclass
@@ -174,50 +182,83 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int,
-                    scaler: torch.amp.GradScaler | None = None) -> Path:
+                    scaler: torch.amp.GradScaler | None = None, ranks: Ranks | None = None) -> Path:
+    """Every rank writes its part into one temporary directory (named by rank 0's process), then
+    rank 0 seals it and renames it into place; every rank returns once it is there. On several
+    hosts the directory must be on a filesystem they share."""
+    ranks = ranks or Ranks()
     final = ckpt_dir / f"step-{step:08d}"
-    tmp = ckpt_dir / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = ckpt_dir / f".tmp-step-{step:08d}-{ranks.pid}"
     try:
         with writing(final):
-            _write_checkpoint(tmp, model, optimizer, scheduler, state, scaler)
+            ranks.together(lambda: _write_checkpoint(tmp, model, optimizer, scheduler, state, scaler, ranks))
+            ranks.together(lambda: _seal(tmp) if ranks.main else None)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
-    for old in complete_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if ranks.main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        for old in complete_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    ranks.barrier()
     return final
 
 
 def _write_checkpoint(tmp: Path, model, optimizer, scheduler, state: dict[str, Any],
-                      scaler: torch.amp.GradScaler | None) -> None:
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                      scaler: torch.amp.GradScaler | None, ranks: Ranks) -> None:
+    """This rank's part: its random state; the sharded model and optimizer state (fsdp: every
+    rank's shards); the replicated rest from rank 0 alone."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    if ranks.sharded:
+        save_sharded(tmp, model, optimizer)
+    torch.save(devices.rng_state(_device_of(model)), tmp / _rng_file(ranks.rank))
+    if not ranks.main:
+        return
+    if not ranks.sharded:
+        save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None and scaler.is_enabled():
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(devices.rng_state(_device_of(model)), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def _seal(tmp: Path) -> None:
     seal(tmp)
     _fsync_dir(tmp)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
-    weights = load_file(str(path / "weights.safetensors"))
-    params = dict(model.named_parameters())
-    for name, tensor in weights.items():
-        params[name].data.copy_(tensor)
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None,
+                    ranks: Ranks | None = None) -> dict[str, Any]:
+    """A checkpoint read back on every rank; sharded state is resharded to this world size. A
+    rank with no random state of its own in it (the world grew) takes rank 0's."""
+    ranks = ranks or Ranks()
+    if (path / DCP_METADATA).is_file() != ranks.sharded:
+        written = "fsdp" if (path / DCP_METADATA).is_file() else "none or ddp"
+        raise DistillError(f"{path}: written with train.distributed {written}; this run has {ranks.mode}: "
+                           "resume with the setting the run started with")
     device = _device_of(model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False, map_location=device))
+    if ranks.sharded:
+        load_sharded(path, model, optimizer)
+    else:
+        weights = load_file(str(path / "weights.safetensors"))
+        params = dict(model.named_parameters())
+        for name, tensor in weights.items():
+            params[name].data.copy_(tensor)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False, map_location=device))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if scaler is not None and scaler.is_enabled() and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-    devices.set_rng_state(torch.load(path / "rng.pt", weights_only=False), device)
+    rng = path / _rng_file(ranks.rank)
+    devices.set_rng_state(torch.load(rng if rng.exists() else path / _rng_file(0), weights_only=False), device)
     return json.loads((path / "state.json").read_text())
 
 
@@ -250,17 +291,33 @@ def train(
 ) -> TrainResult:
     """Train on (prompt, completion) pairs with `cfg.objective` (the teacher at `teacher_path`
     for every objective but sft); resume from `out_dir/checkpoints` if any. `device` overrides
-    the job's own choice (its GPU, else the CPU)."""
-    from transformers import get_scheduler
+    the job's own choice (its GPU, else the CPU).
 
+    Started by torchrun with `train.distributed` ddp or fsdp, this process is one rank of the
+    run (`distill.ranks`): every rank calls `train` with the same arguments and gets the same
+    result, and the steps, losses and checkpoints are those of one process at the same batch."""
     place = devices.placement(cfg.precision, device)
     devices.check_training_hardware(cfg.quantize, attn_implementation, place.device)
-    out = TrainPaths(Path(out_dir))
+    if cfg.distributed == "fsdp" and place.precision == "fp16":
+        raise DistillError(f"train.distributed: fsdp with fp16 loss scaling is not supported ({place.describe()} has "
+                           "no bf16); use ddp on this GPU")
+    with join(cfg.distributed, place.device) as ranks:
+        return _train(model_path, pairs, cfg, TrainPaths(Path(out_dir)), place, ranks, should_stop, progress,
+                      teacher_path, attn_implementation)
+
+
+def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainConfig, out: TrainPaths,
+           place: devices.Placement, ranks: Ranks, should_stop: Callable[[], bool] | None, progress: bool,
+           teacher_path: str | Path | None, attn_implementation: str) -> TrainResult:
+    from transformers import get_scheduler
+
     ckpt_dir = out.checkpoints
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # Left by a killed save (this unit is the only writer of its directory).
-    for stale in [*ckpt_dir.glob(".tmp-*"), *out.root.glob(".tmp-*")]:
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    if ranks.main:
+        # Left by a killed save (this unit is the only writer of its directory).
+        for stale in [*ckpt_dir.glob(".tmp-*"), *out.root.glob(".tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    ranks.barrier()
 
     model, tokenizer = load_student(model_path, cfg, place, attn_implementation)
     context = cfg.kd.context_template.format if cfg.objective == "context" else None
@@ -268,10 +325,11 @@ def train(
                               teacher_prompt=(lambda p: context(prompt=p)) if context else None)
     if not examples:
         raise ValueError("no training examples (all prompts longer than train.max_length?)")
-    distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation)
+    distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation, ranks)
     distiller.attach_projections(model)
+    net = wrap(model, distiller, ranks)  # the loss as a module: inside DDP, or sharded by FSDP, on several ranks
     steps = total_steps(cfg, len(examples))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in net.parameters() if p.requires_grad]
     # fused: one kernel per step instead of a Python loop over the parameters, where the device has it
     fused = place.device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
@@ -281,32 +339,39 @@ def train(
     scaler = place.grad_scaler()
     state: dict[str, Any] = {"step": 0, "total_steps": steps, "n_examples": len(examples), "history": []}
     resumed_from = None
-    ckpt = resumable_checkpoint(ckpt_dir)
+    ckpt = ranks.broadcast(resumable_checkpoint(ckpt_dir) if ranks.main else None)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, ranks)
         resumed_from = state["step"]
         log.info("resumed from %s (step %d of %d)", ckpt, state["step"], steps)
 
     model.train()
     tokens, start, loss_value = 0, time.perf_counter(), None
-    bar = progress_bar(total=steps, initial=state["step"], desc="train", unit="step", disable=not progress)
+    bar = progress_bar(total=steps, initial=state["step"], desc="train", unit="step",
+                       disable=not progress or not ranks.main)
     while state["step"] < steps:
         step = state["step"]
         indices = [micro_batch_indices(len(examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + j)
                    for j in range(cfg.grad_accum)]
+        # This rank's part of each micro-batch (all of it on one rank), and whether it counts.
+        parts = [ranks.part(idx) for idx in indices]
         micro_batches = [pack([examples[i] for i in idx], tokenizer.pad_token_id, cfg.max_length, idx) if cfg.packing
-                         else collate([examples[i] for i in idx], tokenizer.pad_token_id, idx) for idx in indices]
-        n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+                         else collate([examples[i] for i in idx], tokenizer.pad_token_id, idx) for idx, _ in parts]
+        n_target = ranks.total(sum(int((b["labels"][:, 1:] != IGNORE).sum())
+                                   for b, (_, counted) in zip(micro_batches, parts, strict=True) if counted))
         total = torch.zeros((), device=place.device)
         ce_total = torch.zeros((), device=place.device)
-        for batch in micro_batches:
+        for j, (batch, (_, counted)) in enumerate(zip(micro_batches, parts, strict=True)):
             batch = to_device(distiller.prepare(batch), place.device)
-            with place.autocast():
-                loss, ce_sum = distiller.loss(model, batch, n_target, cfg.grad_accum)
-            scaler.scale(loss).backward()
+            with accumulating(net, last=j == cfg.grad_accum - 1):
+                with place.autocast():
+                    loss, ce_sum = net(batch, n_target, cfg.grad_accum, counted)
+                # DDP and FSDP average gradients over the ranks; this rank's share of the loss,
+                # times the world size, averages to the whole step's (distill.ranks).
+                scaler.scale(loss * ranks.world).backward()
             total += loss.detach()
             ce_total += ce_sum
-        loss_value = total.item()  # the step's one wait for the device
+        loss_value, ce_value = ranks.sum(torch.stack([total, ce_total])).tolist()  # the step's one wait for the device
         if not math.isfinite(loss_value):
             bar.close()
             kept = newest_checkpoint(ckpt_dir)
@@ -323,13 +388,15 @@ def train(
         state["step"] = step + 1
         if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
             state["history"].append({"step": state["step"], "loss": round(loss_value, 6),
-                                     "ce": round(ce_total.item() / max(n_target, 1), 6), "lr": scheduler.get_last_lr()[0]})
+                                     "ce": round(ce_value / max(n_target, 1), 6), "lr": scheduler.get_last_lr()[0]})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        stop = should_stop is not None and should_stop()
+        # A stop asked of any rank (USR2 reaches one process first) stops every rank at this step.
+        stop = ranks.any(should_stop is not None and should_stop())
         if state["step"] % cfg.save_steps == 0 or state["step"] == steps or stop:
             state["loss"] = loss_value
-            save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints, scaler)
+            save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints, scaler,
+                            ranks)
         if stop and state["step"] < steps:
             bar.close()
             return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
@@ -338,10 +405,14 @@ def train(
         # Finished before and saved (a model is renamed into place only when complete): a rerun
         # changes nothing on disk. A damaged model was set aside by the check that found it.
         return TrainResult(True, steps, steps, state.get("loss", loss_value), 0.0, resumed_from, out.model)
+    # fsdp: the shards gathered into a plain copy of the student on rank 0's host.
+    final = gathered(model, ranks, lambda: load_student(model_path, cfg, devices.Placement(torch.device("cpu"),
+                                                                                          place.precision))[0])
     with writing(out.model):
-        model_dir = save_final(model, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
-                               quantized=cfg.quantize == "4bit")
-    return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from, model_dir)
+        ranks.together(lambda: save_final(final, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
+                                          quantized=cfg.quantize == "4bit") if ranks.main else None)
+    return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from,
+                       out.model)
 
 
 def _rate(tokens: int, start: float) -> float:
