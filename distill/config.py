@@ -203,6 +203,9 @@ class TrainConfig:
     gradient_checkpointing: bool = compat(False)
     # Positions per chunk of the LM head and the loss: bounds the vocabulary-sized tensors.
     loss_chunk: int = compat(256)
+    # Several processes (torchrun ranks, laid out by the cluster profile's nodes, tasks_per_node
+    # and gpus_per_node): ddp replicates the student, fsdp shards it.
+    distributed: Literal["none", "ddp", "fsdp"] = compat("none")
 
 
 @dataclass
