@@ -16,6 +16,7 @@ agree on the step to stop at (`distill.training`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import signal
@@ -91,13 +92,34 @@ def _agent_ignores_stop() -> None:
     signal.signal(STOP_SIGNAL, signal.SIG_IGN)  # the ranks set their own handler
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun's ranks: each in a session of its own, so
+    no process-group signal reaches them)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def signal_ranks(agent: int, signum: int) -> None:
+    for pid in children(agent):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def run_ranks(command: list[str], stop: StopOnSignal) -> int:
-    """Run torchrun in a session of its own and wait; a stop signal this task receives goes to
-    the whole session (the agent ignores it, each rank stops at the agreed step)."""
-    proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_agent_ignores_stop)
-    stop.forward = lambda signum: os.killpg(proc.pid, signum)
+    """Run torchrun and wait. A stop signal this task receives goes on to every rank (the agent
+    ignores it, and the ranks agree on the step to stop at); SLURM may also signal the ranks
+    itself, and a rank stops once however many signals come."""
+    proc = subprocess.Popen(command, preexec_fn=_agent_ignores_stop)
+    stop.forward = lambda signum: signal_ranks(proc.pid, signum)
     if stop.received is not None:  # came before the ranks existed
-        os.killpg(proc.pid, stop.received)
+        signal_ranks(proc.pid, stop.received)
     return proc.wait()
 
 
