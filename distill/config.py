@@ -205,7 +205,8 @@ class TrainConfig:
     loss_chunk: int = compat(256)
     # Under torchrun, one process per GPU: ddp replicates the student, fsdp shards it (FSDP2, one
     # unit per decoder layer). Either way a step consumes the same batch as one process would
-    # (distill.ranks); without torchrun the job runs as one process.
+    # (distill.ranks); without torchrun the job runs as one process. The cluster profile's
+    # nodes, tasks_per_node and gpus_per_node lay the ranks out (jobs.launch).
     distributed: Literal["none", "ddp", "fsdp"] = compat("none")
 
 

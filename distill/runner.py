@@ -11,6 +11,7 @@ below: every state in the manifest is written here, the same way for every launc
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -148,12 +149,19 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
     when it is an interruption (KeyboardInterrupt, SystemExit); otherwise its traceback goes to
     stderr (the job's log) and the outcome says `failed` with the one-line reason. A manifest
     that cannot be written (a full disk) raises: nothing can record that. While it runs, its
-    progress bars also write its progress file (`RunPaths.progress`, see `distill.progress`)."""
+    progress bars also write its progress file (`RunPaths.progress`, see `distill.progress`).
+
+    In a unit run by several processes (torchrun ranks), rank 0 alone claims and records it
+    and reports progress; the other ranks only do their share of the work."""
     paths, manifest = open_run(cfg)
-    claim(manifest, it, stage, key, job_id)
-    figure = paths.progress(it, stage.name, key)
-    with contextlib.suppress(OSError):
-        figure.unlink(missing_ok=True)  # an earlier attempt's figure is not this one's
+    leader = os.environ.get("RANK", "0") == "0"
+    mark = _mark if leader else lambda *args, **fields: None
+    if leader:
+        claim(manifest, it, stage, key, job_id)
+    figure = paths.progress(it, stage.name, key) if leader else None
+    if figure is not None:
+        with contextlib.suppress(OSError):
+            figure.unlink(missing_ok=True)  # an earlier attempt's figure is not this one's
     try:
         data = manifest.read()
         unit = Unit(local_models(cfg, data.get("models", {})), it, key, paths, should_stop or (lambda: False),
@@ -167,21 +175,21 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
         if not isinstance(exc, Exception):
             if isinstance(exc, KeyboardInterrupt):
                 ignore_sigint()  # a second Ctrl-C must not leave the unit `running`
-            _mark(manifest, it, stage, key, "failed", error=interrupted_reason(exc))
+            mark(manifest, it, stage, key, "failed", error=interrupted_reason(exc))
             raise
         if is_no_space(exc) and not isinstance(exc, NoSpace):
             exc = no_space(paths.root)  # out of space where no write named its file
         reason = short(str(exc)) if isinstance(exc, NoSpace | Damaged) else first_line(exc)
-        if isinstance(exc, Damaged) and exc.producer is not None:
+        if isinstance(exc, Damaged) and exc.producer is not None and leader:
             reason = short(f"{exc}; {reopen(manifest, exc.producer, str(exc))}")
-        _mark(manifest, it, stage, key, "failed", error=reason)
+        mark(manifest, it, stage, key, "failed", error=reason)
         if not isinstance(exc, DistillError):
             traceback.print_exc(file=sys.stderr)
         return Outcome("failed", error=reason, bad_input=isinstance(exc, DistillError))
     if result.stopped:
-        _mark(manifest, it, stage, key, "pending", **result.fields)
+        mark(manifest, it, stage, key, "pending", **result.fields)
         return Outcome("stopped", result.fields)
-    _mark(manifest, it, stage, key, "done", **result.fields)
+    mark(manifest, it, stage, key, "done", **result.fields)
     return Outcome("done", result.fields)
 
 

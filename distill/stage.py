@@ -106,6 +106,8 @@ class Stage:
     # Where an interrupted unit picks up when run again, for the driver's Ctrl-C line
     # ("train resumes from step 200"); "" where there is nothing worth saying.
     resume_point: Callable[[RunPaths, int], str] = lambda paths, it: ""
+    # Whether a unit runs as several processes (torchrun ranks) when its job has several.
+    distributed: Callable[[RunConfig], bool] = lambda cfg: False
 
     @property
     def resource_section(self) -> str:

@@ -132,6 +132,10 @@ def _summary(entry: dict[str, Any]) -> str:
     return f"step {m.get('step')} of {m.get('total_steps')}, loss {m.get('loss')}, {entry.get('allocations', 1)} allocation(s)"
 
 
+def _distributed(cfg: RunConfig) -> bool:
+    return cfg.train.distributed != "none"
+
+
 def _resume_point(name: str, out: TrainPaths) -> str:
     ckpt = newest_checkpoint(out.checkpoints)
     return f"{name} resumes from step {int(CKPT_RE.match(ckpt.name).group(1))}" if ckpt else ""
@@ -139,8 +143,9 @@ def _resume_point(name: str, out: TrainPaths) -> str:
 
 TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False,
               summary=_summary, recover=_recover(RunPaths.train, ("train_data", RunPaths.train_data)),
-              resume_point=lambda paths, it: _resume_point("train", paths.train(it)))
+              resume_point=lambda paths, it: _resume_point("train", paths.train(it)), distributed=_distributed)
 BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,),
                        inputs=lambda cfg, it: [Input(0, "train", "train_data")], stops_anywhere=False,
                        resources="train", summary=_summary, recover=_recover(RunPaths.baseline),
-                       resume_point=lambda paths, it: _resume_point("baseline_train", paths.baseline(it)))
+                       resume_point=lambda paths, it: _resume_point("baseline_train", paths.baseline(it)),
+                       distributed=_distributed)

@@ -21,6 +21,7 @@ from distill.typed_yaml import check_one_line, check_sbatch_token, from_mapping,
 PROFILE_DIR = Path("configs/cluster")
 PLACEHOLDER = re.compile(r"<[^<>]+>")
 MEM = re.compile(r"^\d+[KMGT]?B?$")
+GRES_GPUS = re.compile(r"^gpu(?::[^:,]+)?:(\d+)$")  # gpu:4, gpu:H100:4
 
 
 @dataclass
@@ -34,6 +35,12 @@ class StageResources:
     cpus: int | None = None
     mem: str | None = None
     time_min: int | None = None
+    # A distributed stage (train with `train.distributed: ddp|fsdp`): one SLURM job of `nodes`
+    # nodes with `tasks_per_node` srun tasks each (1 on a real cluster), every task running
+    # torchrun with `gpus_per_node` processes (one per GPU; 1 without GPUs).
+    nodes: int | None = None
+    tasks_per_node: int | None = None
+    gpus_per_node: int | None = None
 
 
 @dataclass
@@ -48,6 +55,11 @@ class ClusterProfile:
     cpus: int = 1
     # sbatch --mem, e.g. 32G; unset: the partition's default.
     mem: str | None = None
+    nodes: int = 1
+    tasks_per_node: int = 1
+    # Processes per srun task of a distributed stage, one per GPU; unset: 1, and no GPU request
+    # beyond `gres`.
+    gpus_per_node: int | None = None
     # Wall-clock limit per allocation (sbatch --time, minutes). A stage that needs longer is
     # checkpointed and requeued, at most `max_num_timeout` times.
     time_min: int = 24 * 60
@@ -97,6 +109,10 @@ class ClusterProfile:
             "slurm_setup": list(self.setup) or None,
             "slurm_signal_delay_s": self.signal_delay_s,
             "slurm_array_parallelism": self.array_parallelism,
+            "nodes": r.nodes if r.nodes != 1 else None,
+            "tasks_per_node": r.tasks_per_node if r.tasks_per_node != 1 else None,
+            # The GPU count rides on gres when it names one (gpu:H100:4), else --gpus-per-node.
+            "gpus_per_node": r.gpus_per_node if r.gpus_per_node and not r.gres else None,
         }
         return {k: v for k, v in params.items() if v is not None}
 
@@ -139,7 +155,8 @@ def _check_values(p: ClusterProfile) -> None:
                 raise ConfigError(f"{where}: {key}: fill in {PLACEHOLDER.search(value).group(0)} in {value!r}")
             if isinstance(value, str):
                 check_sbatch_token(value, f"{where}: {key}")
-            if f.name in ("cpus", "time_min") and value is not None and value < 1:
+            if f.name in ("cpus", "time_min", "nodes", "tasks_per_node", "gpus_per_node") and value is not None \
+                    and value < 1:
                 raise ConfigError(f"{where}: {key}: must be >= 1, got {value}")
             if f.name == "mem" and value is not None and not MEM.match(value):
                 raise ConfigError(f"{where}: {key}: expected a size like 32G or 4000M, got {value!r}")
@@ -147,6 +164,17 @@ def _check_values(p: ClusterProfile) -> None:
         check_one_line(line, f"{where}: setup[{i}]")
         if PLACEHOLDER.search(line):
             raise ConfigError(f"{where}: setup[{i}]: fill in {PLACEHOLDER.search(line).group(0)} in {line!r}")
+    for prefix, section in sections:
+        if section is not None and prefix not in ("", "stages.train.") and (section.nodes or 1) * (section.tasks_per_node or 1) > 1:
+            key = "nodes" if (section.nodes or 1) > 1 else "tasks_per_node"
+            raise ConfigError(f"{where}: {prefix}{key}: only the train stage runs on several nodes or tasks (torchrun "
+                              "ranks); other stages scale by shards")
+    for name in known:
+        r = p.resources(name)
+        count = GRES_GPUS.match(r.gres or "")
+        if count and r.gpus_per_node is not None and int(count.group(1)) != r.gpus_per_node:
+            raise ConfigError(f"{where}: {p.key_of(name, 'gpus_per_node')}: {r.gpus_per_node} processes per node, but "
+                              f"{p.key_of(name, 'gres')} asks for {count.group(1)} GPUs ({r.gres}); make them agree")
     if p.array_parallelism < 1:
         raise ConfigError(f"{where}: array_parallelism: must be >= 1, got {p.array_parallelism}")
     if p.max_num_timeout < 0:

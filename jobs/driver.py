@@ -55,6 +55,7 @@ from jobs.executors import (
     refusal_line,
     resolve_kind,
 )
+from jobs.launch import Ranks, ranks_for
 from jobs.queue import in_flight, queue_states
 from jobs.unit_job import UnitJob
 
@@ -243,6 +244,14 @@ class Driver:
         return make_executor(self.kind, self.paths.logs, name=f"distill-{self.cfg.name}-{stage.name}",
                              profile=self.cluster, stage=stage.resource_section)
 
+    def ranks(self, stage: Stage) -> Ranks | None:
+        """The torchrun layout of a distributed stage's SLURM job (None: one process). Local
+        executors run every unit as one process."""
+        if self.kind != "slurm":
+            return None
+        r = (self.cluster or ClusterProfile()).resources(stage.name)
+        return ranks_for(self.cfg, stage, r.nodes or 1, r.tasks_per_node or 1, r.gpus_per_node)
+
     def threads(self, parallel_jobs: int) -> int | None:
         return local_threads(parallel_jobs) if self.kind in ("local", "debug") else None
 
@@ -285,7 +294,8 @@ class Driver:
                 ex = self.executor(stage)
                 try:
                     with controller_stderr(self.kind, self.paths.logs), ex.batch():
-                        submitted = [ex.submit(UnitJob(), self.cfg, self.iteration, stage, k, threads) for k in new]
+                        submitted = [ex.submit(UnitJob(), self.cfg, self.iteration, stage, k, threads, self.ranks(stage))
+                                     for k in new]
                 except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as exc:
                     raise SubmitRefused(refusal_line(self.cluster, stage.name, str(exc))) from None
                 jobs = dict(zip(new, submitted, strict=True))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -36,6 +37,8 @@ class StopOnSignal:
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
         self.active = False
+        # Where a unit runs in other processes (`jobs.launch`): passes the signal on to them.
+        self.forward: Callable[[int], None] | None = None
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -56,6 +59,8 @@ class StopOnSignal:
         for s in self.signums:
             signal.signal(s, signal.SIG_IGN)
         self.received = signum
+        if self.forward is not None:
+            self.forward(signum)
         when = "now" if self.anywhere else "at the next safe point"
         print(f"caught {signal.Signals(signum).name}: stopping {when}; further stop signals are ignored",
               file=sys.stderr, flush=True)

@@ -15,9 +15,10 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from distill.config import RunConfig
-from distill.runner import fail_unit, requeued_unit, run_unit, unit_done
+from distill.runner import Outcome, fail_unit, requeued_unit, run_unit, unit_done
 from distill.stage import Stage
 from jobs.allocation import job_id, set_threads
+from jobs.launch import Ranks, run_distributed
 from jobs.signals import StopOnSignal
 
 TOO_MANY_TIMEOUTS = ("timed out more often than the cluster profile's max_num_timeout allows; raise "
@@ -29,12 +30,21 @@ class UnitFailed(RuntimeError):
 
 
 class UnitJob(submitit.helpers.Checkpointable):
-    def __call__(self, cfg: RunConfig, it: int, stage: Stage, key: str, threads: int | None = None) -> dict[str, Any]:
+    def __call__(self, cfg: RunConfig, it: int, stage: Stage, key: str, threads: int | None = None,
+                 ranks: Ranks | None = None) -> dict[str, Any]:
         if unit_done(cfg, it, stage, key):  # e.g. requeued by a signal that came as it finished
             return {}
         set_threads(threads)
-        with StopOnSignal(stage.stops_anywhere) as stop:
-            outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)
+        if ranks is not None:  # every srun task of the job runs torchrun (jobs.launch)
+            with StopOnSignal(False) as stop:
+                state, entry = run_distributed(cfg, it, stage, key, ranks, stop)
+            if not state:  # not the task of global rank 0: rank 0's task reports
+                return {}
+            outcome = Outcome({"done": "done", "pending": "stopped"}.get(state, "failed"), entry,
+                              entry.get("error") or f"its ranks ended with the unit {state}")
+        else:
+            with StopOnSignal(stage.stops_anywhere) as stop:
+                outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)
         if outcome.state == "stopped":
             try:
                 stop.hand_over()  # submitit's handler: checkpoint, requeue, exit
