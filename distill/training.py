@@ -210,21 +210,21 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
 
 def _write_checkpoint(tmp: Path, model, optimizer, scheduler, state: dict[str, Any],
                       scaler: torch.amp.GradScaler | None, ranks: Ranks) -> None:
-    """This rank's part: its random state; the sharded model and optimizer state (fsdp: every
-    rank's shards); the replicated rest from rank 0 alone."""
+    """This rank's part: the model and optimizer state (fsdp: every rank its shards; else rank 0),
+    its random state, and from rank 0 the rest, which every rank has alike."""
     tmp.mkdir(parents=True, exist_ok=True)
     if ranks.sharded:
         save_sharded(tmp, model, optimizer)
-    torch.save(devices.rng_state(_device_of(model)), tmp / _rng_file(ranks.rank))
-    if not ranks.main:
-        return
-    if not ranks.sharded:
+    elif ranks.main:
         save_file(_trainable_state(model), str(tmp / "weights.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    if scaler is not None and scaler.is_enabled():
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if ranks.main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None and scaler.is_enabled():
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    torch.save(devices.rng_state(_device_of(model)), tmp / _rng_file(ranks.rank))
+    if ranks.main:
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
 def _seal(tmp: Path) -> None:
