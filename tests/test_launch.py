@@ -4,16 +4,24 @@ host (c10d rendezvous), and rank 0 alone records the unit."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 import yaml
+from slurm_cluster import wait_for
 
 from distill import pipeline
+from distill.config import load_config
 from distill.manifest import Manifest
+from distill.training import newest_checkpoint
 from jobs.cluster import load_profile
 from jobs.driver import main as driver_main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_stage_unit
 from tests.ranks_stage import RANKS
-from tests.test_slurm_pipeline import slurm  # noqa: F401 (fixture)
+from tests.test_driver import demo_config
+from tests.test_slurm_pipeline import cleanup, driver_args, finish, slurm, start_driver, write_verified  # noqa: F401
 
 
 @pytest.fixture
@@ -21,6 +29,12 @@ def ranks_stage():
     pipeline.register(RANKS, after="verify")
     yield RANKS
     pipeline.STAGES.remove(RANKS)
+
+
+def history(run: Path) -> dict[int, float]:
+    """step -> logged loss, from the newest checkpoint of iteration 0's training."""
+    state = newest_checkpoint(run / "iter-0" / "train" / "checkpoints") / "state.json"
+    return {h["step"]: h["loss"] for h in json.loads(state.read_text())["history"]}
 
 
 def two_task_profile(tmp_path, **train) -> str:
@@ -56,3 +70,51 @@ def test_only_the_train_stage_runs_on_several_tasks(tmp_path):
     with pytest.raises(Exception, match=r"stages.train.gpus_per_node: 8 processes per node, but stages.train.gres asks "
                                         r"for 4 GPUs"):
         load_profile(path)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_two_rank_training_job_stopped_by_usr2_requeues_and_ends_as_one_process_does(
+        slurm, cleanup, tmp_path, tiny_world):  # noqa: F811
+    """DDP training as one SLURM job of two srun tasks (one torchrun rank each). USR2 to the job,
+    as SLURM sends it before a time limit or at a preemption: both ranks stop at the same step,
+    save, and submitit requeues the job; the next allocation resumes from that checkpoint and
+    ends at the last step. Its losses follow one process training alone: to 1e-4 over the first
+    200 steps; later the two drift apart by rounding (a sum over two ranks is not added in the
+    one process's order) as the loss nears zero, so the end is compared to 1e-3."""
+    runs, procs = cleanup
+    cfg = demo_config(tmp_path, tiny_world)
+    sets = ["train.max_steps=600", "train.save_steps=50", "train.log_steps=50", "train.batch_size=16"]
+    run = tmp_path / "runs" / "ranks"
+    runs.append(run)
+    data = ROOT / "data" / "tiny" / "train.jsonl"
+    write_verified(run, data, 200)
+    log = tmp_path / "ranks.log"
+    args = driver_args(cfg, Path(two_task_profile(tmp_path)), [*sets, "train.distributed=ddp"], "--stages", "train",
+                       "--run", "ranks")
+    driver = start_driver(args, log, procs)
+    checkpoints = run / "iter-0" / "train" / "checkpoints"
+    wait_for(lambda: newest_checkpoint(checkpoints) is not None or driver.poll() is not None, timeout=300)
+    assert driver.poll() is None, log.read_text()
+    job = Manifest(run).stage(0, "train")["job_ids"]["0"]
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    out = finish(driver, log, timeout=600)
+
+    entry = Manifest(run).stage(0, "train")
+    assert entry["state"] == "done", out
+    assert entry["allocations"] >= 2 and entry["requeued"] == entry["allocations"] - 1, entry
+    stopped_at = entry["resumed_from"]
+    assert 0 < stopped_at < 600
+    err = "".join(p.read_text() for p in (run / "logs" / job).glob("*_log.err"))
+    assert err.count("caught SIGUSR2: stopping at the next safe point") >= 2, err[-2000:]  # each rank, once
+
+    one = load_config(cfg, [*sets, "name=one", f"run_root={tmp_path / 'runs'}"])
+    write_verified(one.run_dir, data, 200)
+    reference = run_stage_unit(one, 0, "train")
+    assert entry["metrics"]["step"] == reference["step"] == 600
+    two, alone = history(run), history(one.run_dir)
+    early = [s for s in alone if s <= 200]
+    assert early and all(abs(two[s] - alone[s]) <= 1e-4 * alone[s] for s in early), (two, alone)
+    assert abs(entry["metrics"]["loss"] - reference["loss"]) <= 1e-3, (entry["metrics"], reference)
+    print(f"two ranks: stopped at step {stopped_at}, {entry['allocations']} allocations, final loss "
+          f"{entry['metrics']['loss']:.6f} (one process: {reference['loss']:.6f})")
