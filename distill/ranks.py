@@ -138,11 +138,17 @@ def join(mode: str, device: torch.device) -> Iterator[Ranks]:
     if joined:
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    finished = False
     try:
         ranks = Ranks(dist.get_rank(), dist.get_world_size(), mode, group=True, device=device)
         yield dataclasses.replace(ranks, pid=ranks.broadcast(os.getpid()))
+        finished = True
     finally:
         if joined:
+            if finished:
+                # No rank leaves while another still communicates (rank 0 saving the final
+                # model): gloo aborts a process whose group goes away under it.
+                dist.barrier()
             dist.destroy_process_group()
 
 
