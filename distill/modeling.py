@@ -88,7 +88,11 @@ def prepare_student(model: Any, cfg: TrainConfig) -> Any:
 
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)  # adapters in float32 whatever the base's dtype
+        # The adapters start from the run's seed: a rerun, or a resume that rebuilds them before
+        # loading the checkpoint, starts where the first run did (the caller's RNG is left as it was).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = get_peft_model(model, lora)  # adapters in float32 whatever the base's dtype
     model.train()
     return model
 

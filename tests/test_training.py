@@ -217,3 +217,28 @@ def test_checkpoints_carry_the_accelerators_random_state(monkeypatch):
     set_rng_state(state, gpu)
     assert restored == [([7, 1], gpu)]
     assert "cuda" not in rng_state(torch.device("cpu"))
+
+
+def test_lora_adapters_start_from_the_seed_and_leave_the_callers_random_state_alone(tiny_world):
+    """Two runs of one LoRA config start from the same adapters (a rerun is a rerun); another
+    seed starts elsewhere; and building them does not move the global random stream."""
+    import torch
+
+    from distill.config import LoraConfig
+    from distill.device import placement
+    from distill.modeling import load_student
+
+    def adapters(seed: int) -> dict:
+        cfg = TrainConfig(seed=seed, lora=LoraConfig(enabled=True, r=4, alpha=8))
+        model, _ = load_student(tiny_world.student, cfg, placement("fp32", "cpu"))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = adapters(0)
+    assert torch.equal(torch.rand(3), expected)
+    again, other = adapters(0), adapters(1)
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)
