@@ -16,12 +16,12 @@ from typing import Any
 
 from distill import pipeline
 from distill.errors import ConfigError
+from distill.plan import parse_gres
 from distill.typed_yaml import check_one_line, check_sbatch_token, from_mapping, read_yaml_mapping
 
 PROFILE_DIR = Path("configs/cluster")
 PLACEHOLDER = re.compile(r"<[^<>]+>")
 MEM = re.compile(r"^\d+[KMGT]?B?$")
-GRES_GPUS = re.compile(r"^gpu(?::[^:,]+)?:(\d+)$")  # gpu:4, gpu:H100:4
 
 
 @dataclass
@@ -171,10 +171,10 @@ def _check_values(p: ClusterProfile) -> None:
                               "ranks); other stages scale by shards")
     for name in known:
         r = p.resources(name)
-        count = GRES_GPUS.match(r.gres or "")
-        if count and r.gpus_per_node is not None and int(count.group(1)) != r.gpus_per_node:
+        count = parse_gres(r.gres)[1]  # gpu:a100 is one GPU, as sbatch reads it
+        if count and r.gpus_per_node is not None and count != r.gpus_per_node:
             raise ConfigError(f"{where}: {p.key_of(name, 'gpus_per_node')}: {r.gpus_per_node} processes per node, but "
-                              f"{p.key_of(name, 'gres')} asks for {count.group(1)} GPUs ({r.gres}); make them agree")
+                              f"{p.key_of(name, 'gres')} asks for {count} GPU(s) ({r.gres}); make them agree")
     if p.array_parallelism < 1:
         raise ConfigError(f"{where}: array_parallelism: must be >= 1, got {p.array_parallelism}")
     if p.max_num_timeout < 0:

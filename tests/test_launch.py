@@ -68,8 +68,15 @@ def test_only_the_train_stage_runs_on_several_tasks(tmp_path):
     profile["stages"] = {"train": {"gres": "gpu:H100:4", "gpus_per_node": 8}}
     path.write_text(yaml.safe_dump(profile))
     with pytest.raises(Exception, match=r"stages.train.gpus_per_node: 8 processes per node, but stages.train.gres asks "
-                                        r"for 4 GPUs"):
+                                        r"for 4 GPU\(s\)"):
         load_profile(path)
+    profile["stages"] = {"train": {"gres": "gpu:a100", "gpus_per_node": 4}}  # no count: one GPU, as sbatch reads it
+    path.write_text(yaml.safe_dump(profile))
+    with pytest.raises(Exception, match=r"asks for 1 GPU\(s\) \(gpu:a100\)"):
+        load_profile(path)
+    profile["stages"] = {"train": {"gres": "gpu:a100:4", "gpus_per_node": 4}}
+    path.write_text(yaml.safe_dump(profile))
+    assert load_profile(path).resources("train").gpus_per_node == 4
 
 
 @pytest.mark.slurm
