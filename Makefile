@@ -11,7 +11,8 @@ EXECUTOR ?=
 CLUSTER  =
 TEACHER_STEPS ?= 1500
 
-RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER))
+RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER)) \
+            $(if $(NO_PLAN_CHECK),--no-plan-check)
 
 .PHONY: help venv iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults gpu-check
 
@@ -26,7 +27,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed  ## create/refresh the CPU virtualenv (.venv)
 
-iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local, CLUSTER=profile)
+iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local, CLUSTER=profile, NO_PLAN_CHECK=1)
 	$(PY) -m jobs.driver --config $(CONFIG) --iter $(ITER) $(RUN_ARGS)
 
 status: venv  ## print the run's manifest as a table

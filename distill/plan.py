@@ -188,6 +188,18 @@ def parse_gres(gres: str | None) -> tuple[str | None, int]:
     return None, 0
 
 
+def gpu_of(gres: str | None, source: str, key: str = "gres") -> tuple[Gpu | None, list[str]]:
+    """The GPU an sbatch --gres value asks for (None: no GPU), and notes on what was assumed."""
+    kind, count = parse_gres(gres)
+    if not count:
+        return None, []
+    if kind is None:
+        return Gpu("GPU", DEFAULT_GPU_GB, count, f"{source} {key} {gres}"), [
+            f"{source}: {key}: no GPU type in {gres!r}; assumed {DEFAULT_GPU_GB} GB"]
+    gb, note = gpu_type(kind)
+    return Gpu(kind, gb, count, f"{source} {key} {gres}"), [note] if note else []
+
+
 def gpu_from_profile(raw: dict[str, Any], source: str, section: str = "train") -> tuple[Gpu, int | None, list[str]]:
     """The GPU a stage's jobs get under a cluster profile (its `stages.<section>.gres`, else the
     top-level `gres`), the profile's world size if it has `gpus_per_node` (times `nodes`), and
@@ -195,20 +207,14 @@ def gpu_from_profile(raw: dict[str, Any], source: str, section: str = "train") -
     stage = (raw.get("stages") or {}).get(section) or {}
     key = f"stages.{section}.gres" if stage.get("gres") else "gres"
     gres = stage.get("gres") or raw.get("gres")
-    kind, count = parse_gres(gres)
-    notes = []
-    if kind is None:
-        gb, name = DEFAULT_GPU_GB, "GPU"
-        notes.append(f"{source}: {key}: {'no GPU type in ' + repr(gres) if gres else 'not set'}; "
-                     f"assumed {DEFAULT_GPU_GB} GB")
-    else:
-        gb, note = gpu_type(kind)
-        name = kind
-        notes += [note] if note else []
+    gpu, notes = gpu_of(gres, source, key)
+    if gpu is None:
+        gpu = Gpu("GPU", DEFAULT_GPU_GB, 1, source)
+        notes = [f"{source}: {key}: {'no GPU in ' + repr(gres) if gres else 'not set'}; assumed {DEFAULT_GPU_GB} GB"]
     per_node = stage.get("gpus_per_node", raw.get("gpus_per_node"))
     nodes = stage.get("nodes", raw.get("nodes", 1))
     world = int(per_node) * int(nodes) if per_node else None
-    return Gpu(name, gb, max(count, 1), f"{source} {key} {gres}" if gres else source), world, notes
+    return gpu, world, notes
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -505,6 +511,38 @@ def plan(cfg: RunConfig, gpus: dict[str, Gpu], *, world_size: int = 1, strategy:
                   "checkpointing": "on" if setup.checkpointing else "off", **training, "notes": notes},
         "stages": lines,
     }
+
+
+def misfits(p: dict[str, Any], sections: list[str], *, checkpointing: bool,
+            teacher_eval: bool) -> list[tuple[str, str]]:
+    """(resource section, one line of numbers) for each job of `sections` that plan `p` says
+    does not fit its GPU: training at the config's own checkpointing setting, generation, and
+    evaluation (the teacher's too where iteration 0 is evaluated)."""
+    out = []
+    if "train" in sections:
+        est, other = (p["train"]["on"], p["train"]["off"]) if checkpointing else (p["train"]["off"], p["train"]["on"])
+        if not est["fits"]:
+            line = f"training {_needs(est, p['gpus']['train'])}"
+            if not checkpointing and other["fits"]:
+                line += f"; with train.gradient_checkpointing: true it needs {_gb(other['need'])} GB"
+            out.append(("train", line))
+    lines = {"generate": ["generate"], "evaluate": ["evaluate, mine", *(["evaluate (iteration 0)"] if teacher_eval
+                                                                       else [])]}
+    for section in sections:
+        for name in lines.get(section, []):
+            est = p["stages"][name]
+            if not est["fits"]:
+                out.append((section, f"{name} ({est['model']}) {_needs(est, p['gpus'][section])}"
+                                     + "".join(f"; {n}" for n in est["notes"])))
+    return out
+
+
+def _needs(est: dict[str, Any], gpu: dict[str, Any]) -> str:
+    """'needs 82.10 GB a GPU (...the largest parts...) on H100, 80 GB: 3.2 over'"""
+    parts = sorted(((v, k) for k, v in est["parts"].items() if v), reverse=True)[:3]
+    spare = est["spare"] / GB
+    return (f"needs {_gb(est['need'])} GB a GPU ({', '.join(f'{k} {_gb(v)}' for v, k in parts)}, CUDA context "
+            f"{_gb(CUDA_CONTEXT)}) on {_gpu(gpu)}: " + (f"{-spare:.1f} GB over" if spare < 0 else "no room left"))
 
 
 # -- printing ------------------------------------------------------------------------------------

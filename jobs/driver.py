@@ -26,11 +26,12 @@ from tqdm import tqdm
 from distill import pipeline
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
-from distill.hub import record_models, resolve_models
+from distill.hub import local_models, record_models, resolve_models
 from distill.interrupts import ignore_sigint, stopped
 from distill.layout import RunPaths
 from distill.lease import RunLease, holding
 from distill.manifest import format_table, running_figures
+from distill.plan import DEFAULT_GPU_GB, Gpu, gpu_of, misfits, plan
 from distill.preflight import check_inputs
 from distill.progress import describe, fraction
 from distill.runner import (
@@ -201,8 +202,9 @@ class Driver:
     refused command leaves no run directory behind, or an unchanged one."""
 
     def __init__(self, cfg: RunConfig, executor: str | None = None, cluster: ClusterProfile | None = None,
-                 again: str = "make iter", progress_every_s: float = 60.0) -> None:
+                 again: str = "make iter", progress_every_s: float = 60.0, plan_check: bool = True) -> None:
         self.cfg = cfg
+        self.plan_check = plan_check  # refuse stages that `distill plan` says cannot fit (check_memory)
         self.progress_every_s = progress_every_s  # in a log: a progress line this often while jobs run
         self.kind = resolve_kind(executor)
         self.cluster = cluster
@@ -229,6 +231,30 @@ class Driver:
             sections = list(dict.fromkeys(s.resource_section for s in stages))
             check_submission(self.cluster, sections, f"distill-{self.cfg.name}-check")
         self.models = resolve_models(self.cfg, self.manifest.read().get("models", {}), say)
+        self.check_memory(stages, teacher_eval=needs is None and any(s.name == "evaluate" for s in stages))
+
+    def check_memory(self, stages: Sequence[Stage], teacher_eval: bool) -> None:
+        """Refuse a stage whose jobs `distill plan` says cannot fit the GPUs the profile gives
+        them, naming the numbers: such a job would fail with out-of-memory after its queue wait.
+        Only stages given GPUs are planned; `--no-plan-check` (plan_check False) skips it, for an
+        estimate that is wrong about a model."""
+        if self.kind != "slurm" or not self.plan_check:
+            return
+        profile = self.cluster or ClusterProfile()
+        gpus = {s: gpu_of(profile.resources(s).gres, profile.source)[0] for s in ("train", "generate", "evaluate")}
+        sections = [s for s in dict.fromkeys(st.resource_section for st in stages) if gpus.get(s)]
+        if not sections:
+            return
+        ranks = self.ranks(pipeline.stage("train"))
+        world = ranks.world if ranks else 1
+        p = plan(local_models(self.cfg, self.models), {s: g or Gpu("GPU", DEFAULT_GPU_GB) for s, g in gpus.items()},
+                 world_size=world, strategy=self.cfg.train.distributed if world > 1 else "none")
+        for section, line in misfits(p, sections, checkpointing=self.cfg.train.gradient_checkpointing,
+                                     teacher_eval=teacher_eval):
+            where = f"{profile.source}: " if profile.source else ""
+            raise DistillError(f"{where}{profile.key_of(section, 'gres')}: {line} (`python -m distill plan "
+                               f"--config {self.cfg.source}{' --cluster ' + profile.source if profile.source else ''}`"
+                               " shows the whole estimate; --no-plan-check submits anyway)")
 
     def open(self) -> None:
         """Create the run directory (or record the allowed config changes) and the resolved
@@ -447,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
                         help="when stderr is not a terminal (a log): a progress line this often while jobs run "
                              "(default: %(default)s; on a terminal a bar shows it)")
+    parser.add_argument("--no-plan-check", action="store_true",
+                        help="submit stages even where `python -m distill plan` says they do not fit the profile's "
+                             "GPUs (make: NO_PLAN_CHECK=1)")
     args = parser.parse_args(argv)
     driver: Driver | None = None
     try:
@@ -458,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             say(note)
         again = " ".join(["make iter", f"CONFIG={args.config}"] + [f"{k}={v}" for k, v in
                          (("RUN", args.run), ("CLUSTER", args.cluster), ("EXECUTOR", args.executor)) if v])
-        driver = Driver(cfg, args.executor, cluster, again, args.progress_every)
+        driver = Driver(cfg, args.executor, cluster, again, args.progress_every, plan_check=not args.no_plan_check)
         if args.undo:
             needs, stages = None, pipeline.iteration_plan(0) + pipeline.iteration_plan(1)
             stages += pipeline.baseline_plan() if args.with_baseline else []

@@ -248,3 +248,45 @@ def test_the_training_estimate_is_within_25_percent_of_a_measured_run(tmp_path):
     plan = estimate(model, "20M", checkpointing=False)
     measured = measure(model, "20M", False, tmp_path / "run")
     assert abs(plan["peak"] / measured - 1) <= 0.25, (plan["peak"], measured)
+
+
+def test_the_driver_refuses_a_stage_that_cannot_fit_and_names_the_numbers(tmp_path, monkeypatch):
+    """What `distill plan` says does not fit is not submitted: one line with the numbers and the
+    profile key, before anything queues; --no-plan-check (plan_check=False) submits anyway."""
+    from distill import pipeline
+    from distill.config import load_config
+    from distill.errors import DistillError
+    from jobs.cluster import load_profile
+    from jobs.driver import Driver
+
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "gpus.yaml"
+    path.write_text("stages:\n  train: {gres: 'gpu:H100:1'}\n  generate: {gres: 'gpu:V100:1'}\n"
+                    "  evaluate: {gres: 'gpu:H100:1'}\n")
+    profile = load_profile(path)
+
+    def check(*stages: str, sets: tuple[str, ...] = (), plan_check: bool = True, teacher_eval: bool = False) -> None:
+        driver = Driver(load_config(RUN, [f"run_root={tmp_path / 'runs'}", *sets]), "local", profile,
+                        plan_check=plan_check)
+        driver.kind = "slurm"  # what the profile says is checked, not whether this machine has sbatch
+        driver.check_memory([pipeline.stage(s) for s in stages], teacher_eval)
+
+    # Qwen2.5-1.5B, full fine-tune, 8 x 2048 tokens without checkpointing: over an H100's 80 GB.
+    with pytest.raises(DistillError) as refused:
+        check("train")
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith(f"{path}: stages.train.gres: training needs ")
+    need = float(line.split("training needs ")[1].split()[0])
+    assert 80 < need < 90 and "activations" in line and "on H100, 80 GB:" in line
+    assert "with train.gradient_checkpointing: true it needs " in line and "--no-plan-check" in line
+    assert not (tmp_path / "runs").exists()
+    check("train", sets=("train.gradient_checkpointing=true",))  # 27 GB: fits
+    check("train", plan_check=False)
+    check("evaluate", "verify")  # the 1.5B student's evaluation fits; verify has no GPU
+    # The 7B teacher generates with transformers on a V100 (taken as the 32 GB one; fp16): 15 GB
+    # of weights, and the KV cache and prefill of 16 x 4 sequences (undo.n) do not fit beside them.
+    with pytest.raises(DistillError, match=rf"^{path}: stages.generate.gres: generate \(teacher\) needs [\d.]+ GB a "
+                                           r"GPU \(prefill [\d.]+, weights 15.23, kv cache [\d.]+, CUDA context "
+                                           r"1.07\) on V100, 32 GB: [\d.]+ GB over"):
+        check("generate")
+    check("evaluate", teacher_eval=True)  # the teacher evaluated on an H100 in iteration 0 fits
