@@ -1,15 +1,24 @@
 """Data-parallel training throughput: 2 ranks x 1 CPU against 1 rank x 1 CPU, on the same
 model, examples, global batch and number of steps, side by side (alternating) in one run.
 
-Each measurement is `torchrun --standalone --nproc_per_node N` of this script's worker, which
-calls `distill.training.train` with `train.distributed: ddp` (gloo on the CPU) and one OpenMP
-thread per rank; with `taskset` on PATH each rank's process group is pinned to its own cores.
-The figure is the training loop's own: the non-padding tokens of the global batches over the
-loop's wall time (the final checkpoint and model save included), as rank 0 reports it. Goal:
-2 ranks >= 1.6x one rank. Beside it: train()'s wall time per step on one and on two ranks, to
-see what two ranks pay beyond half the work.
+Each measurement is `torchrun --standalone` of this script's worker, which calls
+`distill.training.train` (gloo on the CPU, one OpenMP thread per process, each process pinned to
+a core of its own with `taskset` where it exists). The figure is the training loop's own: the
+non-padding tokens of the global batches over the loop's wall time (the final checkpoint and
+model save included), as rank 0 reports it. Goal: 2 ranks >= 1.6x one rank.
 
-    .venv/bin/python bench/distributed_throughput.py --steps 60 --repeats 2
+Where the rest goes comes from two more measurements in the same rounds, so the ratio splits
+into three factors that multiply to it:
+- half batches: one process on half the global batch, alone, over one rank's tokens/s: whether
+  a rank's smaller batch runs less efficiently;
+- sharing the machine: two such processes at once on the two cores, with no communication at
+  all (their tokens/s added, over twice the alone figure): memory bandwidth and caches the two
+  cores share;
+- communication: two DDP ranks over those two independent processes: the gradient all-reduce
+  over gloo, the stop flag's and loss's small all-reduces, and each step waiting for the slower
+  rank.
+
+    .venv/bin/python bench/distributed_throughput.py --steps 60 --repeats 3
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ def worker(spec: dict) -> None:
     from distill.training import train
 
     torch.set_num_threads(1)
+    if spec["ranks"] > 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= spec["ranks"]:
+        local = int(os.environ["LOCAL_RANK"])  # each rank on a core of its own, as each lone process is
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[local]})
     tokenizer = load_tokenizer(spec["model"])
     records = read_jsonl(ROOT / "data" / "tiny" / "train.jsonl")
     pairs = [(build_prompt(tokenizer, PromptConfig(), r["question"]), r["solution"]) for r in records]
@@ -53,21 +65,38 @@ def worker(spec: dict) -> None:
                                                      "loss": result.loss, "train_s": time.perf_counter() - started}))
 
 
-def measure(spec: dict, ranks: int, tmp: Path, tag: str) -> dict:
-    out = tmp / tag
-    report = tmp / f"{tag}.json"
-    spec = {**spec, "ranks": ranks, "out": str(out), "report": str(report)}
+def command(spec: dict, ranks: int, cores: str) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    if shutil.which("taskset") and (os.cpu_count() or 1) >= ranks:
-        cmd = ["taskset", "-c", f"0-{ranks - 1}", *cmd]
+    return ["taskset", "-c", cores, *cmd] if shutil.which("taskset") and (os.cpu_count() or 1) >= 2 else cmd
+
+
+def measure(spec: dict, tmp: Path, tag: str, runs: list[tuple[int, int, str]]) -> list[dict]:
+    """Start the (ranks, batch, cores) runs at once, wait for all; rank 0's figures of each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"{tag}: torchrun failed:\n{proc.stderr[-3000:]}")
-    return {**json.loads(report.read_text()), "wall_s": wall}
+    procs = []
+    for i, (ranks, batch, cores) in enumerate(runs):
+        one = {**spec, "ranks": ranks, "batch_size": batch, "out": str(tmp / f"{tag}-{i}"),
+               "report": str(tmp / f"{tag}-{i}.json")}
+        procs.append((one, subprocess.Popen(command(one, ranks, cores), cwd=ROOT, env=env, text=True,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+    reports = []
+    for one, proc in procs:
+        _, err = proc.communicate(timeout=3600)
+        if proc.returncode != 0:
+            raise SystemExit(f"{tag}: torchrun failed:\n{err[-3000:]}")
+        reports.append(json.loads(Path(one["report"]).read_text()))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return reports
+
+
+KINDS = {  # name -> the runs started at once: (ranks, share of the global batch, cores)
+    "1 rank": [(1, 1, "0")],
+    "1 rank, half batch": [(1, 2, "0")],
+    "2 processes, half batch each, no communication": [(1, 2, "0"), (1, 2, "1")],
+    "2 ranks (ddp)": [(2, 1, "0-1")],
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="model to train (default: the demo teacher, 128 wide, 4 layers)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="global batch (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds, each running both (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, each running all four (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "distributed_throughput.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -88,31 +117,35 @@ def main(argv: list[str] | None = None) -> int:
 
     with safe_open(str(Path(args.model) / "model.safetensors"), "pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (a safetensors handle)
-    spec = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "params": params}
-    runs: dict[int, list[dict]] = {1: [], 2: []}
+    spec = {"model": args.model, "steps": args.steps, "params": params}
+    rates: dict[str, list[float]] = {k: [] for k in KINDS}
+    step_ms: dict[str, list[float]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for ranks in ((1, 2) if r % 2 == 0 else (2, 1)):
-                m = measure(spec, ranks, Path(tmp), f"{r}-{ranks}")
-                runs[ranks].append(m)
-                print(f"round {r}: {ranks} rank(s): {m['tokens_per_s']:.0f} tokens/s, loss {m['loss']:.4f}, "
-                      f"wall {m['wall_s']:.1f} s", flush=True)
-    one = statistics.median(m["tokens_per_s"] for m in runs[1])
-    two = statistics.median(m["tokens_per_s"] for m in runs[2])
-    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs[1], runs[2], strict=True)]
+            order = list(KINDS) if r % 2 == 0 else list(reversed(KINDS))
+            for kind in order:
+                runs = [(n, args.batch_size // share, cores) for n, share, cores in KINDS[kind]]
+                reports = measure(spec, Path(tmp) / "m", f"{r}", runs)
+                rates[kind].append(sum(m["tokens_per_s"] for m in reports))
+                step_ms[kind].append(max(m["train_s"] for m in reports) / args.steps * 1000)
+                losses = ", ".join(f"{m['loss']:.4f}" for m in reports)
+                print(f"round {r}: {kind}: {rates[kind][-1]:.0f} tokens/s, loss {losses}", flush=True)
+    one = {k: statistics.median(v) for k, v in rates.items()}
+    ratio = {k: statistics.median(v / base for v, base in zip(rates[k], rates["1 rank"], strict=True)) for k in KINDS}
+    half = one["1 rank, half batch"] / one["1 rank"]
+    shared = one["2 processes, half batch each, no communication"] / (2 * one["1 rank, half batch"])
+    comm = one["2 ranks (ddp)"] / one["2 processes, half batch each, no communication"]
     print(f"\n{params / 1e6:.1f}M parameters, global batch {args.batch_size}, {args.steps} steps, "
           f"median of {args.repeats} rounds")
-    print("| ranks x CPUs | tokens/s | vs 1 rank |\n|---|---|---|")
-    print(f"| 1 x 1 | {one:.0f} | 1.00x |")
-    print(f"| 2 x 1 | {two:.0f} | {statistics.median(ratios):.2f}x |")
-    step_ms = {n: statistics.median(m["train_s"] for m in runs[n]) / args.steps * 1000 for n in runs}
-    print(f"train() per step, loading and saving included: {step_ms[1]:.1f} ms on one rank, {step_ms[2]:.1f} ms "
-          f"on two (ideal {step_ms[1] / 2:.1f}); the difference is what two ranks pay beyond half the work: the "
-          f"gradient all-reduce of {params / 1e6:.1f}M values over gloo, the work both ranks repeat (optimizer, "
-          "clipping, loading, saving) and half-size batches. Goal: 1.6x.")
+    print("| run | tokens/s | vs 1 rank | train() per step, ms |\n|---|---|---|---|")
+    for kind in KINDS:
+        print(f"| {kind} | {one[kind]:.0f} | {ratio[kind]:.2f}x | {statistics.median(step_ms[kind]):.1f} |")
+    print(f"\n2 ranks vs 1: {ratio['2 ranks (ddp)']:.2f}x (goal 1.6x) = 2 x half batches {half:.2f} x sharing the "
+          f"machine {shared:.2f} x communication {comm:.2f} (medians; the product is {2 * half * shared * comm:.2f}x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": {str(k): v for k, v in runs.items()}, "ratio": statistics.median(ratios),
-                                    "step_ms": step_ms, "goal": 1.6}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"tokens_per_s": rates, "step_ms": step_ms, "ratio": ratio,
+                                    "factors": {"half_batches": half, "sharing": shared, "communication": comm},
+                                    "goal": 1.6}, indent=2) + "\n")
     return 0
 
 
