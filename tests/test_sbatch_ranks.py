@@ -12,16 +12,18 @@ from pathlib import Path
 import pytest
 from slurm_cluster import job_info, release_pending, wait_for
 
+from distill import pipeline
 from distill.config import load_config
+from distill.errors import DistillError
 from distill.manifest import Manifest
 from distill.training import complete_checkpoints, newest_checkpoint
+from jobs.launch import Ranks
+from jobs.stage import ranks_of
 from tests.conftest import ROOT, run_stage_unit
 from tests.test_driver import demo_config
 from tests.test_launch import history
 from tests.test_slurm_pipeline import slurm, write_verified  # noqa: F401 (the fixture)
 from tests.test_slurm_stages import sbatch_wait
-
-pytestmark = pytest.mark.slurm
 
 DATA = ROOT / "data" / "tiny" / "train.jsonl"
 
@@ -44,6 +46,7 @@ def sets_for(steps: int) -> list[str]:
     return [f"train.max_steps={steps}", "train.save_steps=50", "train.log_steps=1", "train.batch_size=16"]
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_a_ddp_config_trains_as_two_ranks_in_a_job_of_two_tasks(slurm, tmp_path, tiny_world):  # noqa: F811
     cfg = demo_config(tmp_path, tiny_world)
@@ -72,6 +75,7 @@ def test_a_ddp_config_trains_as_two_ranks_in_a_job_of_two_tasks(slurm, tmp_path,
     print(f"two ranks through sbatch: final loss {entry['metrics']['loss']:.6f} (one process: {reference['loss']:.6f})")
 
 
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_usr2_to_the_batch_shell_stops_both_ranks_at_one_step_and_the_job_requeues_and_finishes(
         slurm, jobs, tmp_path, tiny_world):  # noqa: F811
@@ -117,6 +121,7 @@ def test_usr2_to_the_batch_shell_stops_both_ranks_at_one_step_and_the_job_requeu
           f"final loss {entry['metrics']['loss']:.6f}")
 
 
+@pytest.mark.slurm
 def test_a_job_of_two_tasks_is_refused_in_one_line_when_training_is_not_distributed(slurm, tmp_path, tiny_world):  # noqa: F811
     cfg = demo_config(tmp_path, tiny_world)
     out = tmp_path / "none.out"
@@ -127,3 +132,26 @@ def test_a_job_of_two_tasks_is_refused_in_one_line_when_training_is_not_distribu
         "error: train: this job has 2 tasks, but train runs as one process (only training runs on several, with "
         "train.distributed: ddp or fsdp): each task would run it again; submit it with one task"], text
     assert not (tmp_path / "runs" / "none").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(("mode", "env", "expected"), [
+    ("ddp", {"SLURM_STEP_NUM_TASKS": "2"}, Ranks(2, 1)),  # two nodes, no GPU
+    ("fsdp", {"SLURM_STEP_NUM_TASKS": "2", "SLURM_GPUS_ON_NODE": "4"}, Ranks(2, 4)),
+    ("ddp", {"SLURM_GPUS_ON_NODE": "4"}, Ranks(1, 4)),  # one task (the batch script), one node's GPUs
+    ("ddp", {"SLURM_GPUS_ON_NODE": "1"}, None),  # one process, as without ranks
+    ("none", {"SLURM_GPUS_ON_NODE": "4"}, None),
+])
+def test_the_job_layout_decides_how_many_ranks_train(tmp_path, tiny_world, monkeypatch, mode, env, expected):
+    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"), [f"train.distributed={mode}"])
+    assert ranks_of(cfg, pipeline.stage("train")) == expected
+
+
+def test_a_stage_that_runs_as_one_process_refuses_several_tasks(tmp_path, tiny_world, monkeypatch):
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"), ["train.distributed=ddp"])
+    with pytest.raises(DistillError, match=r"^generate: this job has 2 tasks, but generate runs as one process"):
+        ranks_of(cfg, pipeline.stage("generate"))
