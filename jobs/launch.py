@@ -2,13 +2,14 @@
 on the job's first host (c10d rendezvous), as open-r1's `slurm/train.slurm` and TRL's
 multi-node recipe launch them.
 
-The job has `nodes` x `tasks_per_node` srun tasks (submitit starts this callable in each);
-each task starts `torchrun --nnodes <tasks> --nproc_per_node <gpus_per_node> --rdzv_backend
-c10d --rdzv_endpoint <first host>:<port>`, whose ranks run the unit (`python -m jobs.launch
-<unit file>`: the config and stage the driver handed over).
+The job has `nodes` x `tasks_per_node` srun tasks (submitit starts this callable in each; on
+the plain sbatch path, slurm/common.sh starts `python -m jobs.stage` in each); each task starts
+`torchrun --nnodes <tasks> --nproc_per_node <gpus_per_node> --rdzv_backend c10d
+--rdzv_endpoint <first host>:<port>`, whose ranks run the unit (`python -m jobs.launch <unit
+file>`: the config and stage the task handed over).
 Rank 0 keeps the manifest (`distill.runner`); the task of global rank 0 reads the outcome when
 its ranks have ended and, for a unit stopped by the time limit or a preemption, hands over to
-submitit's requeue like any other unit. The stop signal SLURM sends a task is forwarded to its
+submitit's requeue like any other unit (or exits 3 for the sbatch script's requeue). The stop signal SLURM sends a task is forwarded to its
 ranks (torchrun runs in a session of its own, its agent ignoring the signal), and the ranks
 agree on the step to stop at (`distill.training`).
 """
