@@ -18,6 +18,23 @@ def job_id() -> str | None:
         return os.environ.get("SLURM_JOB_ID")
 
 
+def step_tasks() -> int:
+    """The srun tasks of this job step (--ntasks, or --nodes x --ntasks-per-node, when the batch
+    script starts the stage with srun); 1 in the batch script itself and outside SLURM."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+
+
+def first_task() -> bool:
+    """Whether this is task 0 of its srun step (the batch script, and any process outside
+    SLURM, count as task 0): the one that speaks for a job of several tasks."""
+    return os.environ.get("SLURM_PROCID", "0") == "0"
+
+
+def gpus_on_node() -> int | None:
+    """The GPUs this job has on this node (--gres=gpu:N, --gpus-per-node), None without any."""
+    return int(os.environ.get("SLURM_GPUS_ON_NODE") or 0) or None
+
+
 def set_threads(threads: int | None) -> None:
     """One torch thread per CPU the job was given, not per CPU on the node: with SLURM's
     default of no CPU binding, two array tasks on one node would each start a thread per core,

@@ -2,13 +2,14 @@
 on the job's first host (c10d rendezvous), as open-r1's `slurm/train.slurm` and TRL's
 multi-node recipe launch them.
 
-The job has `nodes` x `tasks_per_node` srun tasks (submitit starts this callable in each);
-each task starts `torchrun --nnodes <tasks> --nproc_per_node <gpus_per_node> --rdzv_backend
-c10d --rdzv_endpoint <first host>:<port>`, whose ranks run the unit (`python -m jobs.launch
-<unit file>`: the config and stage the driver handed over).
+The job has `nodes` x `tasks_per_node` srun tasks (submitit starts this callable in each; on
+the plain sbatch path, slurm/common.sh starts `python -m jobs.stage` in each); each task starts
+`torchrun --nnodes <tasks> --nproc_per_node <gpus_per_node> --rdzv_backend c10d
+--rdzv_endpoint <first host>:<port>`, whose ranks run the unit (`python -m jobs.launch <unit
+file>`: the config and stage the task handed over).
 Rank 0 keeps the manifest (`distill.runner`); the task of global rank 0 reads the outcome when
 its ranks have ended and, for a unit stopped by the time limit or a preemption, hands over to
-submitit's requeue like any other unit. The stop signal SLURM sends a task is forwarded to its
+submitit's requeue like any other unit (or exits 3 for the sbatch script's requeue). The stop signal SLURM sends a task is forwarded to its
 ranks (torchrun runs in a session of its own, its agent ignoring the signal), and the ranks
 agree on the step to stop at (`distill.training`).
 """
@@ -27,9 +28,9 @@ from pathlib import Path
 
 from distill.config import RunConfig
 from distill.layout import RunPaths
-from distill.runner import manifest_of, run_unit, unit_entry
+from distill.runner import Outcome, manifest_of, run_unit, unit_entry
 from distill.stage import Stage
-from jobs.allocation import job_id, set_threads
+from jobs.allocation import first_task, gpus_on_node, job_id, set_threads, step_tasks
 from jobs.signals import STOP_SIGNAL, StopOnSignal
 
 STOPPED = 3  # a rank's exit status after a stop at a safe point
@@ -54,6 +55,12 @@ def ranks_for(cfg: RunConfig, stage: Stage, nodes: int, tasks_per_node: int, gpu
         return None
     ranks = Ranks(nodes * tasks_per_node, gpus_per_node or 1)
     return ranks if ranks.world > 1 else None
+
+
+def ranks_in_step(cfg: RunConfig, stage: Stage) -> Ranks | None:
+    """The layout of `stage` in the srun step this process is a task of (slurm/common.sh starts
+    one task a node): torchrun on every task, a process a GPU of its node; None: one process."""
+    return ranks_for(cfg, stage, step_tasks(), 1, gpus_on_node())
 
 
 def first_host() -> str:
@@ -124,18 +131,18 @@ def run_ranks(command: list[str], stop: StopOnSignal) -> int:
 
 
 def run_distributed(cfg: RunConfig, it: int, stage: Stage, key: str, ranks: Ranks,
-                    stop: StopOnSignal) -> tuple[str, dict]:
-    """Run the unit's ranks from this srun task; (state, manifest entry) as rank 0 recorded it,
-    read by the task of global rank 0 ("" elsewhere)."""
-    import submitit
-
-    env = submitit.JobEnvironment()
-    job = job_id() or env.job_id
+                    stop: StopOnSignal) -> Outcome | None:
+    """Run the unit's ranks from this srun task. The task of global rank 0 returns the unit's
+    outcome as rank 0 recorded it in the manifest (a rank's own exit status does not come
+    through torchrun); the others return None: rank 0's task reports for the job."""
+    job = job_id() or "0"
     run_ranks(torchrun_command(ranks, write_unit(cfg, it, stage, key, job), job), stop)
-    if env.global_rank != 0:
-        return "", {}
+    if not first_task():
+        return None
     entry = unit_entry(manifest_of(cfg).read(), it, stage, key)
-    return entry.get("state", "pending"), entry
+    state = entry.get("state", "pending")
+    return Outcome({"done": "done", "pending": "stopped"}.get(state, "failed"), entry,
+                   entry.get("error") or f"its ranks ended with the unit {state}")
 
 
 def main(argv: list[str] | None = None) -> int:

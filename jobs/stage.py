@@ -8,6 +8,16 @@ the script forwards here) the unit stops (training after its current optimizer s
 checkpoint) and the process exits with status 3; the script then requeues its job, at most
 `--max-requeues` times.
 
+Distributed training (`train.distributed: ddp|fsdp`) in a job of several tasks (`sbatch
+--nodes=2 --ntasks-per-node=1 --gres=gpu:H100:4 slurm/train.sbatch ...`): the script starts this
+command in every task with srun (which forwards USR2 to each). Every task makes the same checks
+(done, submitted elsewhere: reads of the manifest and squeue; the run's creation, which only a
+first use writes, atomically) and then runs torchrun, a process a GPU of its node, the ranks
+meeting on the first host (`jobs.launch`). Rank 0 records the unit; once the ranks have ended,
+task 0 reads what it recorded and exits as one process would (3: requeue me) while the other
+tasks exit 0. Only task 0 prints the checks' findings. A stage that is not distributed refuses
+a job of several tasks (status 2), and one task with one GPU (or none) trains as one process.
+
     python -m jobs.stage generate --config C --iter N --shard $SLURM_ARRAY_TASK_ID
     python -m jobs.stage merge generate --config C --iter N
     python -m jobs.stage count evaluate --config C --iter N     # -> array size, e.g. 3
@@ -44,7 +54,8 @@ from distill.runner import (
     unit_done,
 )
 from distill.stage import Stage
-from jobs.allocation import job_id, set_threads
+from jobs.allocation import first_task, job_id, set_threads, step_tasks
+from jobs.launch import Ranks, ranks_in_step, run_distributed
 from jobs.queue import in_flight, queue_states
 from jobs.signals import STOP_SIGNAL, StopOnSignal
 
@@ -89,6 +100,17 @@ def refuse_if_submitted(cfg: RunConfig, it: int, stage: Stage, key: str) -> None
                            f"not started twice: wait for it, or `scancel {recorded}` first")
 
 
+def ranks_of(cfg: RunConfig, stage: Stage) -> Ranks | None:
+    """The unit's torchrun layout in this job (None: one process). A stage that runs as one
+    process refuses a job of several tasks: each would run the whole unit again."""
+    tasks = step_tasks()
+    if tasks > 1 and not stage.distributed(cfg):
+        raise DistillError(f"{stage.name}: this job has {tasks} tasks, but {stage.name} runs as one process (only "
+                           "training runs on several, with train.distributed: ddp or fsdp): each task would run it "
+                           "again; submit it with one task")
+    return ranks_in_step(cfg, stage)
+
+
 def chosen_stage(args: argparse.Namespace) -> Stage:
     name = args.command if args.command not in ("merge", "count") else args.what
     return pipeline.stage(f"baseline_{name}" if getattr(args, "baseline", False) else name)
@@ -115,6 +137,7 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.command == "count":
         print(len(stage.units(cfg, it)))
         return 0
+    ranks = ranks_of(cfg, stage)
     if args.command == "merge":
         if manifest_of(cfg).is_done(it, stage.name):
             print(f"{stage.name}: already merged")
@@ -125,12 +148,19 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     open_run(cfg)  # refuses a config that differs from the run's
     key = unit_key(cfg, it, stage, getattr(args, "shard", None))
     if unit_done(cfg, it, stage, key):
-        print(f"{stage.describe(key)}: already done")
+        if first_task():
+            print(f"{stage.describe(key)}: already done")
         return 0
     refuse_if_submitted(cfg, it, stage, key)
-    set_threads(None)
-    with StopOnSignal(stage.stops_anywhere, (STOP_SIGNAL, signal.SIGTERM)) as stop:
-        outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)
+    if ranks is not None:  # this task's torchrun ranks, with every other task's (jobs.launch)
+        with StopOnSignal(False, (STOP_SIGNAL, signal.SIGTERM)) as stop:
+            outcome = run_distributed(cfg, it, stage, key, ranks, stop)
+        if outcome is None:
+            return 0  # not task 0: task 0 reports for the job
+    else:
+        set_threads(None)
+        with StopOnSignal(stage.stops_anywhere, (STOP_SIGNAL, signal.SIGTERM)) as stop:
+            outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)
     if outcome.state == "stopped" and stop.received == signal.SIGTERM:
         # Cancelled (or preempted, which SLURM requeues itself): stopped, not requeued by us.
         print(f"{stage.describe(key)}: stopped by SIGTERM at a safe point; run again to resume", file=sys.stderr)
@@ -182,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, list(args.set) + ([f"name={args.run}"] if args.run is not None else []))
         return run(args, cfg)
     except DistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if first_task():  # in a job of several tasks, each found the same
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

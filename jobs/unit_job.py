@@ -15,7 +15,7 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from distill.config import RunConfig
-from distill.runner import Outcome, fail_unit, requeued_unit, run_unit, unit_done
+from distill.runner import fail_unit, requeued_unit, run_unit, unit_done
 from distill.stage import Stage
 from jobs.allocation import job_id, set_threads
 from jobs.launch import Ranks, run_distributed
@@ -37,11 +37,9 @@ class UnitJob(submitit.helpers.Checkpointable):
         set_threads(threads)
         if ranks is not None:  # every srun task of the job runs torchrun (jobs.launch)
             with StopOnSignal(False) as stop:
-                state, entry = run_distributed(cfg, it, stage, key, ranks, stop)
-            if not state:  # not the task of global rank 0: rank 0's task reports
+                outcome = run_distributed(cfg, it, stage, key, ranks, stop)
+            if outcome is None:  # not the task of global rank 0: rank 0's task reports
                 return {}
-            outcome = Outcome({"done": "done", "pending": "stopped"}.get(state, "failed"), entry,
-                              entry.get("error") or f"its ranks ended with the unit {state}")
         else:
             with StopOnSignal(stage.stops_anywhere) as stop:
                 outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)

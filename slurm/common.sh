@@ -5,6 +5,12 @@
 # point, saves, records the requeue in the manifest and exits 3; then this job requeues itself.
 # The stage decides whether requeues are left (--max-requeues, $DISTILL_MAX_REQUEUES).
 #
+# A job of several tasks (--ntasks=2, or --nodes=2 --ntasks-per-node=1) runs the stage in each with
+# srun, which passes the forwarded USR2 on to every task. A distributed unit (train.distributed:
+# ddp|fsdp) then runs torchrun in each task, its ranks meeting on the first host (jobs.launch);
+# task 0 reads rank 0's outcome and exits 3 for a requeue, the others exit 0 once their ranks
+# have ended. Any other stage refuses a job of several tasks.
+#
 # Environment: $DISTILL_ENV, when set, is sourced first (e.g. env/pace.sh: module load + conda
 # activate); else the python on PATH at submission time is used (sbatch exports the environment).
 
@@ -26,11 +32,19 @@ own_job_id() {
     fi
 }
 
-# run_stage ARGS...: python -m jobs.stage ARGS, with USR2 forwarded and requeue on status 3.
+# run_stage ARGS...: python -m jobs.stage ARGS (in every task of the job), with USR2 forwarded and
+# requeue on status 3.
 run_stage() {
-    local child status
-    echo "distill: $(date '+%F %T') job $(own_job_id) on $(hostname -s), restart ${SLURM_RESTART_COUNT:-0}: jobs.stage $*"
-    "$PYTHON" -u -m jobs.stage "$@" &
+    local child status tasks=${SLURM_NTASKS:-${SLURM_JOB_NUM_NODES:-1}} launch=()
+    if (( tasks > 1 )); then
+        # srun's status is the highest of the tasks'. Not --kill-on-bad-exit: task 0's 3 would
+        # kill the tasks still ending and srun would report 143, so no requeue. --wait ends the
+        # step a minute after its first task ended (a peer that died before the rendezvous).
+        # srun does not inherit sbatch's --cpus-per-task (slurm 22.05 on): it is passed on.
+        launch=(srun --kill-on-bad-exit=0 --wait=60 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"})
+    fi
+    echo "distill: $(date '+%F %T') job $(own_job_id) on $(hostname -s), restart ${SLURM_RESTART_COUNT:-0}, $tasks task(s): jobs.stage $*"
+    "${launch[@]}" "$PYTHON" -u -m jobs.stage "$@" &
     child=$!
     trap 'echo "distill: USR2 received, asking the stage to stop at a safe point"; kill -USR2 "$child" 2>/dev/null' USR2
     # `wait` returns early when a trapped signal arrives; wait again until the stage has exited,

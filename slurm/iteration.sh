@@ -10,6 +10,8 @@
 #
 # Per-stage flags: $DISTILL_SBATCH_<STAGE> (MINE, GENERATE, VERIFY, TRAIN, EVALUATE, MERGE), e.g.
 #   DISTILL_SBATCH_GENERATE="--gres=gpu:H100:1 --cpus-per-task=8"
+#   DISTILL_SBATCH_TRAIN="--nodes=2 --ntasks-per-node=1 --gres=gpu:H100:4 --cpus-per-task=16"
+#     (train.distributed: ddp or fsdp: torchrun on each node, see slurm/train.sbatch)
 # Array parallelism: $DISTILL_ARRAY_PARALLELISM (default 4). Prints the job ids.
 set -euo pipefail
 config="$(realpath "${1:?usage: slurm/iteration.sh CONFIG ITER [sbatch flags...]}")"
