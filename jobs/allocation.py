@@ -36,12 +36,14 @@ def gpus_on_node() -> int | None:
 
 
 def set_threads(threads: int | None) -> None:
-    """One torch thread per CPU the job was given, not per CPU on the node: with SLURM's
-    default of no CPU binding, two array tasks on one node would each start a thread per core,
-    and oversubscribed OpenMP threads slow generation down many times over."""
+    """One torch thread per CPU the job was given, not per CPU on the node: with SLURM's default
+    of no CPU binding, two array tasks on one node would each start a thread per core, and
+    oversubscribed OpenMP threads slow generation down many times over. torchrun's ranks share
+    their srun task's CPUs (LOCAL_WORLD_SIZE: its ranks on this node)."""
     import torch
 
-    n = threads or allocated_cpus()
+    cpus = allocated_cpus()
+    n = threads or (max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE") or 1)) if cpus else 0)
     if n > 0:
         torch.set_num_threads(n)
 

@@ -33,8 +33,6 @@ from distill.stage import Stage
 from jobs.allocation import first_task, gpus_on_node, job_id, set_threads, step_tasks
 from jobs.signals import STOP_SIGNAL, StopOnSignal
 
-STOPPED = 3  # a rank's exit status after a stop at a safe point
-
 
 @dataclass(frozen=True)
 class Ranks:
@@ -158,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested, progress=leader)
     if outcome.state == "failed":
         print(f"error: {stage.describe(key)}: {outcome.error}", file=sys.stderr)
-    return {"done": 0, "stopped": STOPPED}.get(outcome.state, 1)
+    # A stop at a safe point is not a failure: torchrun would report it as one, with a traceback,
+    # on every requeue. The task reads the outcome from the manifest, not from this status.
+    return 1 if outcome.state == "failed" else 0
 
 
 if __name__ == "__main__":

@@ -126,3 +126,24 @@ def test_a_two_rank_training_job_stopped_by_usr2_requeues_and_ends_as_one_proces
     assert sorted(two) == sorted(alone) == list(range(1, 601))  # every step logged once, across allocations
     print(f"two ranks: stopped at step {stopped_at}, {entry['allocations']} allocations, final loss "
           f"{entry['metrics']['loss']:.6f} (one process: {reference['loss']:.6f})")
+
+
+def test_torchruns_ranks_share_their_tasks_cpus(monkeypatch):
+    """Each rank takes its share of the srun task's CPUs, never fewer than one, so four ranks of
+    a 16-CPU task do not start 64 threads."""
+    import torch
+
+    from jobs.allocation import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        for cpus, ranks, threads in [("16", "4", 4), ("2", "4", 1), ("3", None, 3)]:
+            monkeypatch.setenv("SLURM_CPUS_PER_TASK", cpus)
+            if ranks is None:
+                monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+            else:
+                monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+            set_threads(None)
+            assert torch.get_num_threads() == threads, (cpus, ranks)
+    finally:
+        torch.set_num_threads(before)
