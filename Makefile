@@ -58,12 +58,14 @@ test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-
 
 TRIALS ?= 20
 
-bench: venv  ## speed side by side: generation, training, grading, stored KD logprobs, SLURM arrays (JSON in runs/bench)
+bench: venv  ## side by side: generation, training, grading, stored KD logprobs, loss memory, 2-rank training, plan accuracy, SLURM arrays (JSON in runs/bench)
 	$(PY) bench/generation_overhead.py
 	$(PY) bench/training_throughput.py
 	$(PY) bench/grading_throughput.py
 	$(PY) bench/topk_storage.py
 	$(PY) bench/loss_memory.py
+	$(PY) bench/distributed_throughput.py
+	$(PY) bench/plan_accuracy.py
 	@if command -v sbatch >/dev/null; then $(PY) bench/array_throughput.py; \
 	else echo "bench: no sbatch on PATH (make slurm-up): array scaling not measured"; fi
 

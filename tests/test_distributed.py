@@ -227,21 +227,24 @@ def slurm() -> None:
 
 
 @pytest.mark.slurm
-def test_two_slurm_tasks_rendezvous_and_shard_the_student_as_two_nodes_would(slurm, tiny_world, tmp_path, one_process):
+@pytest.mark.parametrize("distributed, objective", [("ddp", "sft"), ("ddp", "kd"), ("fsdp", "sft"), ("fsdp", "kd")])
+def test_two_slurm_tasks_rendezvous_and_train_as_one_process_as_two_nodes_would(slurm, tiny_world, tmp_path,
+                                                                                 one_process, distributed, objective):
     """`srun -n2`, each task a torchrun of one rank meeting the other at a c10d rendezvous (as
-    on two nodes of one rank each): fsdp takes the steps of one process and both tasks write
-    their shards into the one checkpoint."""
+    on two nodes of one rank each): ddp and fsdp, sft and kd, take the steps of one process;
+    under fsdp both tasks write their shards into the one checkpoint, under ddp rank 0 writes
+    the replicated weights."""
     import socket
     import uuid
 
-    reference, _ = one_process("sft")
+    reference, _ = one_process(objective)
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
     launch = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
               "--rdzv_endpoint", f"{host}:{port}", "--rdzv_id", uuid.uuid4().hex,
-              "-m", "tests.dist_train", json.dumps(spec(tiny_world, tmp_path, "fsdp"))]
+              "-m", "tests.dist_train", json.dumps(spec(tiny_world, tmp_path, distributed, objective))]
     # --overcommit: two tasks even where one of the node's two cores is taken.
     proc = subprocess.run(["srun", "--partition", "debug", "-N1", "-n2", "--overcommit", "--time", "5",
                            "--job-name", "distill-test-ranks", *launch],
@@ -252,8 +255,12 @@ def test_two_slurm_tasks_rendezvous_and_shard_the_student_as_two_nodes_would(slu
     assert result["finished"] and result["step"] == 6
     for h, r in zip(result["history"], reference["history"], strict=True):
         assert relative(h["loss"], r["loss"]) <= 1e-4, (h, r)
-    shards = sorted(p.name for p in (tmp_path / "checkpoints" / "step-00000006").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    checkpoint = tmp_path / "checkpoints" / "step-00000006"
+    shards = sorted(p.name for p in checkpoint.glob("*.distcp"))
+    if distributed == "fsdp":
+        assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    else:
+        assert shards == [] and (checkpoint / "weights.safetensors").is_file()
 
 
 # -- without processes ----------------------------------------------------------------------------
