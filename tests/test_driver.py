@@ -125,8 +125,10 @@ def test_ctrl_c_stops_the_driver_in_one_line_and_leaves_no_unit_running(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     step = 0
     for group in (True, False):  # Ctrl-C in a terminal; then SIGINT to the driver alone, after a rerun
+        # As from a terminal: SIGINT not ignored, even where this test runs under a shell's `&`
+        # (which starts background commands with SIGINT ignored, and children inherit that).
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         before = step
         step, out, err = interrupt(proc, group=group, ckpts=ckpts, after=step)
         assert proc.returncode == 130, err
