@@ -143,6 +143,11 @@ def claim(manifest: Manifest, it: int, stage: Stage, key: str, job_id: str | Non
             entry["allocations"] = entry.get("allocations", 0) + 1
 
 
+def leads() -> bool:
+    """Whether this process speaks for its unit: always, but among torchrun's ranks only rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | None = None,
              should_stop: Callable[[], bool] | None = None, progress: bool = True) -> Outcome:
     """Run one unit and record its outcome. A crash is recorded as failed and re-raised only
@@ -154,7 +159,7 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
     In a unit run by several processes (torchrun ranks), rank 0 alone claims and records it
     and reports progress; the other ranks only do their share of the work."""
     paths, manifest = open_run(cfg)
-    leader = os.environ.get("RANK", "0") == "0"
+    leader = leads()
     mark = _mark if leader else lambda *args, **fields: None
     if leader:
         claim(manifest, it, stage, key, job_id)

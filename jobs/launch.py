@@ -28,7 +28,7 @@ from pathlib import Path
 
 from distill.config import RunConfig
 from distill.layout import RunPaths
-from distill.runner import Outcome, manifest_of, run_unit, unit_entry
+from distill.runner import Outcome, leads, manifest_of, run_unit, unit_entry
 from distill.stage import Stage
 from jobs.allocation import first_task, gpus_on_node, job_id, set_threads, step_tasks
 from jobs.signals import STOP_SIGNAL, StopOnSignal
@@ -151,9 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.unit, "rb") as f:
         cfg, it, stage, key = pickle.load(f)
     set_threads(None)
-    leader = os.environ.get("RANK", "0") == "0"
     with StopOnSignal(stage.stops_anywhere, (STOP_SIGNAL, signal.SIGTERM)) as stop:
-        outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested, progress=leader)
+        outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested, progress=leads())
     if outcome.state == "failed":
         print(f"error: {stage.describe(key)}: {outcome.error}", file=sys.stderr)
     # A stop at a safe point is not a failure: torchrun would report it as one, with a traceback,
