@@ -26,10 +26,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -115,6 +116,18 @@ class Ranks:
         done: list[T] = []
         self.together(lambda: done.append(work()) if self.main else None)
         return done[0] if self.main else work()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a torchrun rank's process without the interpreter's finalization, once its work is
+    saved and its process group destroyed: gloo's worker threads can still hold finished work
+    whose tensors reference Python objects, and freeing those while the interpreter is torn
+    down aborts the process now and then (SIGABRT, "terminate called without an active
+    exception"), which torchrun reports as the rank failing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 @contextlib.contextmanager

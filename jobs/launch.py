@@ -161,4 +161,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distill.ranks import exit_rank
+
+    exit_rank(main())

@@ -55,4 +55,7 @@ def main(spec: dict) -> None:
 
 
 if __name__ == "__main__":
+    from distill.ranks import exit_rank
+
     main(json.loads(sys.argv[1]))
+    exit_rank(0)
