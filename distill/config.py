@@ -111,6 +111,12 @@ class GenerationConfig:
     tensor_parallel_size: int = compat(1)
     logprobs: int = compat(0)
     gpu_memory_utilization: float = compat(0.9)
+    # The precision the teacher computes in, on either backend: auto is bf16 on GPUs that have
+    # it, fp16 on older ones, fp32 on a CPU.
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = compat("auto")
+    # vLLM's KV cache in GiB; when set it replaces gpu_memory_utilization. Without a GPU vLLM
+    # reads gpu_memory_utilization as a share of host RAM, so there the cache is 1 GiB unless set.
+    kv_cache_gib: float | None = compat(None)
 
 
 @dataclass
@@ -227,6 +233,9 @@ class EvalConfig:
     backend: Literal["transformers", "vllm"] | None = compat(None)
     tensor_parallel_size: int = compat(1)
     gpu_memory_utilization: float = compat(0.9)
+    # The student's precision (default: generation.dtype) and vLLM KV cache (see generation).
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = compat(None)
+    kv_cache_gib: float | None = compat(None)
 
 
 DEFAULT_UNDO_TEMPLATE = (
@@ -398,6 +407,9 @@ def _check_values(cfg: RunConfig) -> None:
     for key, value in (("generation", cfg.generation.gpu_memory_utilization), ("eval", cfg.eval.gpu_memory_utilization)):
         if not 0 < value <= 1:
             raise ConfigError(f"{where}: {key}.gpu_memory_utilization: must be in (0, 1], got {value}")
+    for key, gib in (("generation", cfg.generation.kv_cache_gib), ("eval", cfg.eval.kv_cache_gib)):
+        if gib is not None and not 0 < gib < 1e6:
+            raise ConfigError(f"{where}: {key}.kv_cache_gib: must be a positive number of GiB, got {gib}")
     _resolve_benchmark(cfg)
     check_train(cfg.train, where)
     if "{question}" not in cfg.prompt.template:

@@ -7,7 +7,7 @@ creates live in one place. `train.precision: auto` means bf16 autocast where the
 
 Under bf16/fp16 the weights that are trained stay in float32 (the optimizer's master copy) and
 the matrix products run in the low precision; frozen weights (a LoRA base, the teacher) are
-stored in the low precision. Checks that need the job's hardware (CUDA for QLoRA, bf16 support,
+stored in the low precision. Checks that need the job's hardware (bitsandbytes for QLoRA, bf16 support,
 flash-attention) run here, at job start, not when the config is loaded on a login node.
 """
 
@@ -90,13 +90,18 @@ def placement(precision: str = "auto", device: torch.device | str | None = None)
 def check_training_hardware(quantize: str, attn_implementation: str, device: torch.device) -> None:
     """What a training job needs of its machine, checked when it starts (one line each)."""
     if quantize == "4bit":
-        if device.type != "cuda":
-            raise DistillError("train.quantize: 4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this job has no "
-                               "CUDA device (run it on a GPU node, or use quantize: none)")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise DistillError("train.quantize: 4bit (QLoRA) needs bitsandbytes, which is not installed in this "
-                               "environment (env/environment.yml has it)")
+        check_4bit(device)
     check_attention(attn_implementation, device)
+
+
+def check_4bit(device: torch.device) -> None:
+    """bitsandbytes' 4-bit layers run on CUDA and, from 0.49 on, on the CPU; nowhere else."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DistillError("train.quantize: 4bit (QLoRA) needs bitsandbytes, which is not installed in this "
+                           "environment (requirements.txt and env/environment.yml have it)")
+    if device.type not in ("cuda", "cpu"):
+        raise DistillError(f"train.quantize: 4bit (QLoRA): bitsandbytes has no 4-bit kernels for {device.type}; "
+                           "run it on a CUDA GPU or the CPU, or use quantize: none")
 
 
 def check_attention(attn_implementation: str, device: torch.device) -> None:

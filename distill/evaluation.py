@@ -31,10 +31,10 @@ from distill.errors import DistillError
 from distill.generation import (
     Backend,
     Engine,
+    LazyBackend,
     SamplingSpec,
     engine_for,
     generate_shard,
-    load_backend,
     merge_shards,
     record_id,
     task,
@@ -146,11 +146,11 @@ def _evaluate(baseline: bool) -> Callable[[Unit], Result]:
         label, shard = unit.key.rsplit(":", 1)
         role = "teacher" if label == "teacher" else "student"
         model = eval_models(cfg, it, baseline)[label]
-        stats = evaluate_part(
-            unit.paths.eval(it, cfg.eval.num_shards), label, int(shard), eval_problems(cfg),
-            lambda: load_backend(engine_for(cfg, role, logprobs=False), model), model_id=unit.model_identity(model),
-            prompt=cfg.prompt,
-            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=unit.progress)
+        with LazyBackend(engine_for(cfg, role, logprobs=False), model) as backend:
+            stats = evaluate_part(
+                unit.paths.eval(it, cfg.eval.num_shards), label, int(shard), eval_problems(cfg), backend.get,
+                model_id=unit.model_identity(model), prompt=cfg.prompt,
+                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, progress=unit.progress)
         return Result(stats)
     return evaluate
 
@@ -259,17 +259,11 @@ def claim(paths: EvalPaths, settings: EvalSettings, models: dict[str, str]) -> d
 def run_model(paths: EvalPaths, settings: EvalSettings, label: str, model: str, problems: list[dict[str, Any]],
               shards: list[int], engine: Engine, batch_size: int, workers: int | None, progress: bool) -> None:
     """The given shards of one model, loading it at most once."""
-    loaded: list[Backend] = []
-
-    def backend() -> Backend:
-        if not loaded:
-            loaded.append(load_backend(engine, model))
-        return loaded[0]
-
-    for shard in shards:
-        evaluate_part(paths, label, shard, problems, backend, model_id=f"fingerprint:{model_fingerprint(model)}",
-                      prompt=settings.prompt,
-                      max_new_tokens=settings.max_new_tokens, batch_size=batch_size, workers=workers, progress=progress)
+    with LazyBackend(engine, model) as backend:
+        for shard in shards:
+            evaluate_part(paths, label, shard, problems, backend.get,
+                          model_id=f"fingerprint:{model_fingerprint(model)}", prompt=settings.prompt, max_new_tokens=settings.max_new_tokens, batch_size=batch_size,
+                          workers=workers, progress=progress)
 
 
 def in_own_process(label: str, fn: Any, *args: Any) -> None:

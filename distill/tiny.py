@@ -50,10 +50,13 @@ TEACHER_SHAPE = {
 STUDENT_SHAPE = {
     "hidden_size": 64,
     "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
+    "num_heads": 2,
+    "num_kv_heads": 1,
     "intermediate_size": 192,
 }
+# vLLM's CPU attention runs head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 and 512 only;
+# both demo models keep to 32 so the vLLM backend can load them.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def _raw_tokenizer() -> Tokenizer:

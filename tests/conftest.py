@@ -65,9 +65,12 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     write_splits(root / "data", sizes, seed=0)
     texts = [t for recs in make_splits(sizes, seed=0).values() for r in recs for t in (r["question"], r["solution"])]
     build_tokenizer(texts + ["Question: ", "\nAnswer: "], root / "tokenizer", vocab_size=300)
-    shape = {"num_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 256}
-    teacher = build_model(root / "tokenizer", root / "teacher", hidden_size=32, num_layers=2, intermediate_size=64, seed=1, **shape)
-    student = build_model(root / "tokenizer", root / "student", hidden_size=16, num_layers=1, intermediate_size=32, seed=2, **shape)
+    # Head size 32: the smallest vLLM's CPU attention runs, so these models load on vLLM too.
+    shape = {"num_kv_heads": 1, "max_position_embeddings": 256}
+    teacher = build_model(root / "tokenizer", root / "teacher", hidden_size=64, num_heads=2, num_layers=2,
+                          intermediate_size=64, seed=1, **shape)
+    student = build_model(root / "tokenizer", root / "student", hidden_size=32, num_heads=1, num_layers=1,
+                          intermediate_size=32, seed=2, **shape)
     return TinyWorld(data=root / "data", teacher=teacher, student=student)
 
 

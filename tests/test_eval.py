@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from distill import evaluation
+from distill import evaluation, generation
 from distill.__main__ import main
 from distill.benchmarks import load_benchmark
 from distill.config import PromptConfig
@@ -32,6 +32,9 @@ class ScriptedBackend:
         self.index = {p["question"]: (i, p["gold"]) for i, p in enumerate(problems)}
         self.shift, self.prompts = shift, []
 
+    def close(self):
+        pass
+
     def generate(self, prompts, spec, seed):
         self.prompts += prompts
         out = []
@@ -46,7 +49,7 @@ class ScriptedBackend:
 def test_report_numbers_match_the_graded_records(tmp_path, monkeypatch):
     problems = load_benchmark("math500", limit=12)
     backends = {"teacher": ScriptedBackend(problems), "student": ScriptedBackend(problems, shift=1)}
-    monkeypatch.setattr(evaluation, "load_backend", lambda engine, path: backends[path])
+    monkeypatch.setattr(generation, "load_backend", lambda engine, path: backends[path])
     settings = EvalSettings(source="math500", limit=12, max_new_tokens=64, num_shards=3)
     models = {"teacher": "teacher", "student": "student"}
     out = tmp_path / "eval"

@@ -130,16 +130,6 @@ def test_objective_settings_are_checked_before_anything_runs(sets, message):
         load_config("configs/tiny.yaml", sets)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_qlora_is_checked_when_the_job_starts_not_when_the_config_loads(tiny_world, tmp_path):
-    # A login node without a GPU accepts the config: the job will run on a GPU node.
-    cfg = load_config("configs/tiny.yaml", ["train.quantize=4bit", "train.lora.enabled=true"])
-    with pytest.raises(DistillError, match=r"train.quantize: 4bit \(QLoRA\) needs a CUDA GPU and bitsandbytes; this job "
-                                           r"has no CUDA device"):
-        train(tiny_world.student, pairs(), cfg.train, tmp_path / "run", progress=False)
-    assert not newest_checkpoint(tmp_path / "run" / "checkpoints")
-
-
 # -- training with each objective -------------------------------------------------------------------
 
 OBJECTIVES = {

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distill import mining, rationales
+from distill import generation
 from distill.config import load_config
 from distill.generation import Completion
 from distill.jsonl import read_jsonl, write_jsonl
@@ -24,6 +24,9 @@ class ScriptedBackend:
 
     def __init__(self, answers: dict[str, str]):
         self.answers, self.prompts = answers, []
+
+    def close(self):
+        pass
 
     def generate(self, prompts, spec, seed):
         self.prompts += prompts
@@ -47,7 +50,7 @@ def test_mining_collects_exactly_the_wrong_answers_with_the_previous_rationale(r
     paths = RunPaths(cfg.run_dir)
     wrong = {p["id"] for p in probe[::3]}
     answers = {p["question"]: f"\\boxed{{{int(p['gold']) + 1 if p['id'] in wrong else p['gold']}}}" for p in probe}
-    monkeypatch.setattr(mining, "load_backend", lambda engine, path: ScriptedBackend(answers))
+    monkeypatch.setattr(generation, "load_backend", lambda engine, path: ScriptedBackend(answers))
     paths.iteration(0).mkdir(parents=True)
     write_jsonl(paths.train_data(0), [{"problem_id": probe[0]["id"], "response": "old rationale", "question": "q"}])
     metrics = run_stage_unit(cfg, 1, "mine")
@@ -69,7 +72,7 @@ def test_regeneration_prompt_carries_the_students_answer(run, monkeypatch):
                "previous": "7*3=21. 10+21=31. \\boxed{31}", "verdict": "wrong"} for p in probe[:3]]
     write_jsonl(paths.errors(1), errors)
     teacher = ScriptedBackend({p["question"]: f"\\boxed{{{p['gold']}}}" for p in probe})
-    monkeypatch.setattr(rationales, "load_backend", lambda engine, path: teacher)
+    monkeypatch.setattr(generation, "load_backend", lambda engine, path: teacher)
     run_stage_unit(cfg, 1, "generate", "0")
     assert len(teacher.prompts) == 3
     assert teacher.prompts[0] == (f"Question: {probe[0]['question']}\nPrevious answer: 7*3=21. 10+21=31. \\boxed{{31}}\n"
