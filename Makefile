@@ -83,7 +83,7 @@ teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained
 
 test: venv venv-vllm real-model  ## the test suite: .venv, then the vLLM and real-model tests in .venv-vllm
 	$(PY) -m pytest -q -m "not vllm and not real"
-	$(VENV_VLLM)/bin/python -m pytest -q -m "vllm or real"
+	$(VENV_VLLM)/bin/python -m pytest -q -m "vllm or real" --durations=0
 
 test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-up first), with their figures
 	$(PY) -m pytest -q -m slurm -rP

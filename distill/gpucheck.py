@@ -165,7 +165,8 @@ class GpuCheck:
         merged = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.bfloat16)
         if any("lora" in n for n, _ in merged.named_parameters()):
             raise RuntimeError("the saved model still has LoRA weights")
-        return f"merged into a bf16 base, saved as {saved_dtype(result.model_dir)}, reloaded", result.tokens_per_s
+        return (f"4-bit NF4 + LoRA, merged into the base reloaded in the compute dtype ({saved_dtype(result.model_dir)}), "
+                "reloaded"), result.tokens_per_s
 
     def chunked_loss(self) -> tuple[str, None]:
         """Peak GPU memory of forward + backward of SFT cross-entropy at V 151,936, L 4096,
@@ -242,7 +243,7 @@ class GpuCheck:
             self.run(name, self.objective(run_dir, objective=objective, kd=KDConfig(**kd)))
         self.run("context", self.objective("context", objective="context"))
         self.run("feature", self.objective("feature", objective="feature"))
-        self.run("qlora: train, merge into bf16, reload", self.qlora, needs_module="bitsandbytes")
+        self.run("qlora: train, merge, reload", self.qlora, needs_module="bitsandbytes")
         self.run("chunked loss at V 151,936, L 4096", self.chunked_loss, needs_cuda=True)
         self.run("generation: transformers", self.hf_generation)
         self.run("generation: vLLM, logprobs", lambda: self.vllm_generation(1), needs_module="vllm")

@@ -181,7 +181,7 @@ def test_gpu_check_runs_here_and_says_what_it_skipped(tmp_path):
     assert "resumed to step 60" in rows["sft, kill and resume (checkpointing on)"]["detail"]
     for name in ("kd forward_kl online", "kd offline top-20", "ekd top 20% by teacher entropy", "context", "feature",
                  "lora (base in the compute dtype)", "generation: transformers",
-                 "qlora: train, merge into bf16, reload"):  # bitsandbytes' 4-bit layers run on the CPU
+                 "qlora: train, merge, reload"):  # bitsandbytes' 4-bit layers run on the CPU
         assert rows[name]["status"] == "pass", rows[name]
     vllm = rows["generation: vLLM, logprobs"]
     if importlib.util.find_spec("vllm") is None:
