@@ -262,8 +262,9 @@ def run_model(paths: EvalPaths, settings: EvalSettings, label: str, model: str, 
     with LazyBackend(engine, model) as backend:
         for shard in shards:
             evaluate_part(paths, label, shard, problems, backend.get,
-                          model_id=f"fingerprint:{model_fingerprint(model)}", prompt=settings.prompt, max_new_tokens=settings.max_new_tokens, batch_size=batch_size,
-                          workers=workers, progress=progress)
+                          model_id=f"fingerprint:{model_fingerprint(model)}", prompt=settings.prompt,
+                          max_new_tokens=settings.max_new_tokens, batch_size=batch_size, workers=workers,
+                          progress=progress)
 
 
 def in_own_process(label: str, fn: Any, *args: Any) -> None:
