@@ -25,6 +25,18 @@ class DataError(DistillError):
         self.path = Path(path) if path is not None else None
 
 
+class IncompleteShards(DataError):
+    """Shard files that lack records their unit recorded as written: each unit runs again."""
+
+    def __init__(self, message: str, paths: list[Path]) -> None:
+        super().__init__(message, paths[0] if paths else None)
+        self.paths = list(paths)
+
+
+class NotReady(DistillError):
+    """A stage that cannot start from what earlier stages recorded (`Stage.ready`)."""
+
+
 class NoSpace(DistillError):
     """A write that ran out of disk space: one line naming the filesystem and the file."""
 

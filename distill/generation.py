@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from distill.config import RunConfig
-from distill.errors import DistillError
+from distill.errors import DistillError, IncompleteShards
 from distill.jsonl import append_jsonl, iter_jsonl, truncate_partial_tail, write_jsonl
 from distill.progress import progress_bar
 
@@ -386,18 +386,21 @@ def generate_shard(
 def merge_shards(
     shard_paths: list[Path], expected: list[list[str]], n: int, out_path: Path
 ) -> int:
-    """Concatenate complete shards in problem order; refuse if any sample is missing."""
+    """Concatenate complete shards in problem order; refuse if any sample is missing, naming
+    the shard files (`IncompleteShards`), so the units that wrote them run again."""
     merged: list[dict[str, Any]] = []
     missing: list[str] = []
+    short_files: list[Path] = []
     for path, problem_ids in zip(shard_paths, expected, strict=True):
         records = {r["id"]: r for r in iter_jsonl(path)} if path.exists() else {}
         want = [record_id(pid, k) for pid in problem_ids for k in range(n)]
         absent = [rid for rid in want if rid not in records]
         if absent:
             missing.append(f"{path.name}: {len(absent)} of {len(want)} records missing")
+            short_files.append(path)
             continue
         merged.extend(records[rid] for rid in want)
     if missing:
-        raise DistillError("cannot merge incomplete shards: " + "; ".join(missing))
+        raise IncompleteShards("cannot merge incomplete shards: " + "; ".join(missing), short_files)
     write_jsonl(out_path, merged)
     return len(merged)

@@ -122,6 +122,10 @@ class RunPaths:
         """A running unit's last progress figure (`distill.progress`), e.g. `progress/train-0.json`."""
         return self.iteration(it) / "progress" / f"{stage}-{key}.json"
 
+    def heartbeat(self, it: int, stage: str, key: str) -> Path:
+        """A running unit's heartbeat (`distill.lease.UnitBeat`): the time it last said it was alive."""
+        return self.iteration(it) / "progress" / f"{stage}-{key}.beat"
+
     def gen_shard(self, it: int, shard: int, num_shards: int) -> Path:
         return self.iteration(it) / "generate" / shard_name(shard, num_shards)
 

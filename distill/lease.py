@@ -7,9 +7,11 @@ a thread. A second driver refuses with one line naming the holder. A lease whose
 is taken over: on the same host, when its pid no longer runs; from another host (two login
 nodes), when its heartbeat is older than `STALE_S`.
 
-Units have a lighter guard of the same kind: a unit records its host and pid while it runs,
-and `live_holder` says whether that process still runs, so the same unit is never started
-twice by hand beside a driver's job (`distill.runner`).
+Units have a lighter guard of the same kind: a unit records its host and pid while it runs and
+renews a heartbeat file (`UnitBeat`), and `live_holder` says whether that process still runs
+(on another host: whether its heartbeat is fresh), so the same unit is never started twice,
+whichever launcher or host starts it (`distill.runner`). A driver re-checks its lease before
+each submission and each record it makes after waiting (`RunLease.check`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,17 @@ def me() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def live_holder(record: dict[str, Any], stale_s: float = STALE_S) -> str | None:
+def last_beat(record: dict[str, Any], beat: Path | None = None) -> float:
+    """When the process a record names last said it was alive: the record's heartbeat, or the
+    newer time in its heartbeat file (`beat`, which a running unit renews)."""
+    last = float(record.get("heartbeat", 0))
+    if beat is not None:
+        with suppress(OSError, ValueError):
+            last = max(last, float(beat.read_text()))
+    return last
+
+
+def live_holder(record: dict[str, Any], stale_s: float = STALE_S, beat: Path | None = None) -> str | None:
     """"pid P on host H" when the process a record names still runs (or, on another host,
     renewed its heartbeat within `stale_s`), else None."""
     host, pid = record.get("host"), record.get("pid")
@@ -60,8 +72,62 @@ def live_holder(record: dict[str, Any], stale_s: float = STALE_S) -> str | None:
     if host == socket.gethostname():
         alive = pid_alive(int(pid))
     else:
-        alive = time.time() - float(record.get("heartbeat", 0)) < stale_s
+        alive = time.time() - last_beat(record, beat) < stale_s
     return f"pid {pid} on {host}" if alive else None
+
+
+def skew_hint(record: dict[str, Any]) -> str:
+    """A phrase for a heartbeat that lies in the future: the holder's clock is ahead of this
+    host's, so the lease looks fresh for that much longer."""
+    ahead = float(record.get("heartbeat", 0)) - time.time()
+    if ahead <= 5:
+        return ""
+    return (f"; its heartbeat is {ahead:.0f} s in the future: the clocks of {record.get('host')} and "
+            f"{socket.gethostname()} differ (check NTP), so it looks held until then")
+
+
+class LeaseLost(DistillError):
+    """Another driver took this driver's lease over: it must not submit or record anything."""
+
+
+class UnitBeat:
+    """While a unit runs, its heartbeat file (`beat`) is renewed every `heartbeat_s` seconds, so
+    a unit recorded by a process on another host counts as live exactly while that process is;
+    at each beat `owned()` is asked whether the manifest still names this process, and `lost` is
+    set when it does not (another process took the unit over: this one stops without recording)."""
+
+    def __init__(self, beat: Path | None, owned: Callable[[], bool], heartbeat_s: float = HEARTBEAT_S) -> None:
+        self.beat, self.owned, self.heartbeat_s = beat, owned, heartbeat_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        if self.beat is not None:
+            self.beat.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.beat, f"{time.time():.3f}\n")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._write()
+                if not self.owned():
+                    self.lost.set()
+                    return
+            except (OSError, DistillError):
+                pass  # a beat missed is retried at the next; the unit's own writes report a full disk
+
+    def __enter__(self) -> UnitBeat:
+        if self.beat is not None:
+            self._write()
+            self._thread = threading.Thread(target=self._run, name="unit-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class RunLease:
@@ -89,7 +155,7 @@ class RunLease:
             if holder is not None:
                 raise DistillError(
                     f"{self.path.parent}: another driver works on this run ({holder}, since {held.get('started')}); "
-                    f"wait for it to end (`make status` shows its progress) or stop it")
+                    f"wait for it to end (`make status` shows its progress) or stop it{skew_hint(held)}")
             self.record = {**me(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "heartbeat": time.time()}
             atomic_write_text(self.path, json.dumps(self.record) + "\n")
         self._thread = threading.Thread(target=self._beat, name="driver-lease", daemon=True)
@@ -103,6 +169,17 @@ class RunLease:
                     return  # taken over: not ours to renew
                 self.record["heartbeat"] = time.time()
                 atomic_write_text(self.path, json.dumps(self.record) + "\n")
+
+    def check(self) -> None:
+        """Refuse to go on once another driver has taken the lease over (this one was stopped,
+        or its host lost the filesystem, for longer than `STALE_S`): from then on that driver
+        submits and records, and this one must do neither."""
+        held = self.read()
+        if (held.get("host"), held.get("pid")) != (self.record.get("host"), self.record.get("pid")):
+            by = (f"pid {held.get('pid')} on {held.get('host')} (since {held.get('started')})" if held
+                  else "another driver (which has ended since)")
+            raise LeaseLost(f"{self.path.parent}: this driver's lease was taken over by {by} while this one was not "
+                            "renewing it; stopped without submitting or recording anything more")
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

@@ -10,8 +10,11 @@ order; a new stage is one `register` call and runs everywhere the others do.
 
 from __future__ import annotations
 
+from typing import Any
+
 from distill.errors import DistillError
 from distill.evaluation import BASELINE_EVALUATE, EVALUATE
+from distill.manifest import stage_entry
 from distill.mining import MINE
 from distill.rationales import GENERATE, VERIFY
 from distill.stage import BASELINE, FIRST, UNDO, Stage
@@ -54,6 +57,16 @@ def iteration_plan(it: int) -> list[Stage]:
 
 def baseline_plan() -> list[Stage]:
     return plan(BASELINE)
+
+
+def require_finished(manifest: dict[str, Any], run: str, it: int, again: str) -> None:
+    """Refuse to start after iteration `it` before it is finished: its student and its data are
+    what the next iteration starts from. `again` is the command that finishes it."""
+    for s in iteration_plan(it):
+        state = stage_entry(manifest, it, s.name).get("state", "pending")
+        if state != "done":
+            raise DistillError(f"{run}: iteration {it + 1} needs iteration {it} finished, but its {s.name} stage "
+                               f"is {state}: run `{again}` first")
 
 
 def resource_sections() -> list[str]:

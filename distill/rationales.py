@@ -18,6 +18,7 @@ from distill.grading import grade_records
 from distill.integrity import Input, artifact, bind
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import RunPaths
+from distill.manifest import stage_entry
 from distill.problems import train_problems
 from distill.prompts import build_prompt
 from distill.stage import FIRST, UNDO, Result, Stage, Unit, merged
@@ -138,6 +139,20 @@ def recover_verify(unit: Unit) -> Result | None:
     graded, kept = read_jsonl(files["graded"]), read_jsonl(files["verified"])
     metrics = {"records": len(graded), "kept": len(kept), "problems_unsolved": len(read_jsonl(files["unsolved"]))}
     return Result({"metrics": metrics, "artifacts": {k: artifact(p, paths.root) for k, p in files.items()}})
+
+
+def rationales_kept(cfg: RunConfig, it: int, manifest: dict[str, Any]) -> str | None:
+    """Training's gate: a verify that kept no rationale leaves nothing new to train on (in an
+    UNDO iteration the student would retrain on the previous iteration's data), so training is
+    refused before it is submitted, with what to change."""
+    metrics = stage_entry(manifest, it, "verify").get("metrics", {})
+    if metrics.get("kept", 1) > 0:
+        return None
+    done = (f"none of the teacher's {metrics.get('records', 0)} new rationales for the mined errors was correct: "
+            f"iteration {it - 1}'s student stays the last (the UNDO loop stops here)" if it > 0 else
+            f"none of the teacher's {metrics.get('records', 0)} rationales was correct: check the teacher's answers "
+            "and the gold answers, or raise generation.n or generation.max_new_tokens in a new run")
+    return f"iteration {it}: verify kept 0 rationales, so there is nothing to train on: {done}"
 
 
 VERIFY = Stage(

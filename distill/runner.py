@@ -21,11 +21,12 @@ from typing import Any
 from distill.config import MUTABLE_KEYS, RunConfig, config_changes, load_config
 from distill.errors import DistillError, NoSpace, is_no_space, no_space
 from distill.hub import local_models
+from distill.inputs import data_changes, data_hashes, recorded_data, refuse_changed_data
 from distill.integrity import Damaged, Input, set_aside, verify
 from distill.interrupts import ignore_sigint
 from distill.jsonl import atomic_write_text
 from distill.layout import RunPaths
-from distill.lease import live_holder, me
+from distill.lease import UnitBeat, live_holder, me
 from distill.manifest import Manifest, now, set_shard_state, set_stage_state, stage_entry
 from distill.progress import reporting
 from distill.stage import RedoUnit, Result, Stage, Stopped, Unit
@@ -64,10 +65,19 @@ def started_config(paths: RunPaths) -> RunConfig | None:
         return None
 
 
-def check_run(cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+def check_run(cfg: RunConfig, *, accept_data: bool = False) -> dict[str, tuple[Any, Any]]:
     """Before anything is written: refuse a config that differs from the run's in a key that
-    shapes what finished stages wrote, naming the keys; return the changes a started run may
-    take (`MUTABLE_KEYS`: how far it goes, how much memory its engines take), key -> (old, new)."""
+    shapes what finished stages wrote, naming the keys, and a data file whose contents differ
+    from those the run recorded (`distill.inputs`; unless `accept_data`); return the changes a
+    started run may take (`MUTABLE_KEYS`: how far it goes, how much memory its engines take),
+    key -> (old, new)."""
+    changes = _config_changes(cfg)
+    if not accept_data:
+        refuse_changed_data(cfg, cfg.run_dir, data_changes(cfg, recorded_data(manifest_of(cfg).read())))
+    return changes
+
+
+def _config_changes(cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     paths, current = RunPaths(cfg.run_dir), manifest_of(cfg).read().get("config_hash")
     if current is None or current == cfg.hash():
         return {}
@@ -87,22 +97,32 @@ def check_run(cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     )
 
 
-def open_run(cfg: RunConfig, *, record: bool = False) -> tuple[RunPaths, Manifest]:
-    """Create the run directory on first use; refuse a config that differs from the run's
-    (`check_run`). With `record` (the driver), an allowed change is saved: the run's config
-    file and hash take the new values and the manifest's `history` lists what changed."""
-    changes = check_run(cfg)
+def open_run(cfg: RunConfig, *, record: bool = False, accept_data: bool = False) -> tuple[RunPaths, Manifest]:
+    """Create the run directory on first use, binding its data files (`distill.inputs`); refuse
+    a config or data file that differs from the run's (`check_run`). With `record` (the driver,
+    `jobs.stage prepare`), an allowed config change, or a data change the user accepted, is
+    saved: the run's config file, hash and data hashes take the new values and the manifest's
+    `history` lists what changed."""
+    changes = check_run(cfg, accept_data=accept_data)
     paths, manifest = RunPaths(cfg.run_dir), manifest_of(cfg)
     if manifest.read().get("config_hash") is None:
         paths.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(paths.config, cfg.to_yaml())
-        manifest.set_meta(run=cfg.name, config_hash=cfg.hash(), config=str(paths.config))
-    elif changes and record:
+        manifest.set_meta(run=cfg.name, config_hash=cfg.hash(), config=str(paths.config), data=data_hashes(cfg))
+        return paths, manifest
+    if not record:
+        return paths, manifest
+    data_changed = data_changes(cfg, recorded_data(manifest.read()))
+    if changes:
         atomic_write_text(paths.config, cfg.to_yaml())
+    if changes or data_changed or "data" not in manifest.read():
         with manifest.update() as data:
             data["config_hash"] = cfg.hash()
-            data.setdefault("history", []).append(
-                {"time": now(), "changed": {k: [old, new] for k, (old, new) in changes.items()}})
+            data["data"] = data_hashes(cfg)
+            event = {"changed": {k: [old, new] for k, (old, new) in changes.items()},
+                     "data_changed": {k: [old, new] for k, (old, new) in data_changed.items()}}
+            if any(event.values()):
+                data.setdefault("history", []).append({"time": now(), **{k: v for k, v in event.items() if v}})
     return paths, manifest
 
 
@@ -125,13 +145,29 @@ def _mark(manifest: Manifest, it: int, stage: Stage, key: str, state: str, **fie
         manifest.mark(it, stage.name, state, **fields)
 
 
+def unit_holder(data: dict[str, Any], paths: RunPaths, it: int, stage: Stage, key: str) -> str | None:
+    """"pid P on host H" when a live process runs the unit (another driver's job, a
+    `jobs.stage` started by hand, on any host: `distill.lease.live_holder`), else None."""
+    entry = unit_entry(data, it, stage, key)
+    if entry.get("state") != "running":
+        return None
+    return live_holder(entry, beat=paths.heartbeat(it, stage.name, key))
+
+
+def owns(manifest: Manifest, it: int, stage: Stage, key: str) -> bool:
+    """Whether the manifest still names this process as the unit's runner."""
+    entry = unit_entry(manifest.read(), it, stage, key)
+    return (entry.get("host"), entry.get("pid")) == (me()["host"], me()["pid"])
+
+
 def claim(manifest: Manifest, it: int, stage: Stage, key: str, job_id: str | None) -> None:
     """Mark the unit running, as this process on this host, unless a live process already runs
-    it (a driver's job beside a `jobs.stage` started by hand): then refuse, changing nothing.
-    Check and mark are one manifest update, so two starters cannot both pass."""
+    it (a driver's job beside a `jobs.stage` started by hand, or another driver's job after a
+    lease takeover): then refuse, changing nothing. Check and mark are one manifest update, so
+    two starters cannot both pass."""
     with manifest.update() as data:
         entry = unit_entry(data, it, stage, key, create=True)
-        holder = live_holder(entry) if entry.get("state") == "running" else None
+        holder = unit_holder(data, RunPaths(manifest.run_dir), it, stage, key)
         if holder is not None:
             raise DistillError(f"{stage.describe(key)} is already running ({holder}, job {entry.get('job_id')}); "
                                f"not started twice")
@@ -161,19 +197,26 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
     paths, manifest = open_run(cfg)
     leader = leads()
     mark = _mark if leader else lambda *args, **fields: None
+    refusal = stage.ready(cfg, it, manifest.read())
+    if refusal is not None:
+        mark(manifest, it, stage, key, "failed", error=short(refusal))
+        return Outcome("failed", error=refusal, bad_input=True)
     if leader:
         claim(manifest, it, stage, key, job_id)
     figure = paths.progress(it, stage.name, key) if leader else None
     if figure is not None:
         with contextlib.suppress(OSError):
             figure.unlink(missing_ok=True)  # an earlier attempt's figure is not this one's
+    beat = UnitBeat(paths.heartbeat(it, stage.name, key) if leader else None, lambda: owns(manifest, it, stage, key))
+    user_stop = should_stop or (lambda: False)
     try:
-        data = manifest.read()
-        unit = Unit(local_models(cfg, data.get("models", {})), it, key, paths, should_stop or (lambda: False),
-                    progress, data)
-        unit.inputs = verified_inputs(stage, unit)
-        with reporting(figure):
-            result: Result = stage.run(unit)
+        with beat:
+            data = manifest.read()
+            unit = Unit(local_models(cfg, data.get("models", {})), it, key, paths,
+                        lambda: user_stop() or beat.lost.is_set(), progress, data)
+            unit.inputs = verified_inputs(stage, unit)
+            with reporting(figure):
+                result: Result = stage.run(unit)
     except Stopped:
         result = Result(stopped=True)
     except BaseException as exc:
@@ -187,15 +230,27 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
         reason = short(str(exc)) if isinstance(exc, NoSpace | Damaged) else first_line(exc)
         if isinstance(exc, Damaged) and exc.producer is not None and leader:
             reason = short(f"{exc}; {reopen(manifest, exc.producer, str(exc))}")
+        if leader and not owns(manifest, it, stage, key):
+            return taken_over(stage, key)
         mark(manifest, it, stage, key, "failed", error=reason)
         if not isinstance(exc, DistillError):
             traceback.print_exc(file=sys.stderr)
         return Outcome("failed", error=reason, bad_input=isinstance(exc, DistillError))
+    if leader and not owns(manifest, it, stage, key):
+        return taken_over(stage, key)
     if result.stopped:
         mark(manifest, it, stage, key, "pending", **result.fields)
         return Outcome("stopped", result.fields)
     mark(manifest, it, stage, key, "done", **result.fields)
     return Outcome("done", result.fields)
+
+
+def taken_over(stage: Stage, key: str) -> Outcome:
+    """A unit another process took over while this one was not renewing its heartbeat (stopped,
+    or cut off from the filesystem): the manifest is that process's to write, so nothing is
+    recorded here."""
+    return Outcome("failed", error=f"{stage.describe(key)} was taken over by another process; "
+                   "stopped without recording anything")
 
 
 def verified_inputs(stage: Stage, unit: Unit) -> dict[Input, str]:
@@ -244,6 +299,11 @@ def fail_unit(cfg: RunConfig, it: int, stage: Stage, key: str, reason: str) -> N
     _mark(manifest_of(cfg), it, stage, key, "failed", error=short(reason))
 
 
+class UnitsReopened(DistillError):
+    """A merge found units' outputs short or damaged and marked them failed: running them again
+    (only what they lack is redone) and merging again heals the stage."""
+
+
 def merge_stage(cfg: RunConfig, it: int, stage: Stage) -> dict[str, Any]:
     """Merge a sharded stage whose units are all done and record it done. A unit whose output
     turns out damaged is marked failed, so the next run redoes it (and only it)."""
@@ -251,8 +311,10 @@ def merge_stage(cfg: RunConfig, it: int, stage: Stage) -> dict[str, Any]:
     try:
         fields = stage.merge(cfg, it, paths, manifest.stage(it, stage.name)) if stage.merge else {}
     except RedoUnit as exc:
-        manifest.mark_shard(it, stage.name, exc.key, "failed", error=short(str(exc)))
-        raise DistillError(f"{exc}; {stage.name} shard {exc.key} is marked failed: run again to redo it") from None
+        for key in exc.keys:
+            manifest.mark_shard(it, stage.name, key, "failed", error=short(str(exc)))
+        which = f"shard {exc.keys[0]} is" if len(exc.keys) == 1 else f"shards {', '.join(exc.keys)} are"
+        raise UnitsReopened(f"{exc}; {stage.name} {which} marked failed: run again to redo it") from None
     manifest.mark(it, stage.name, "done", **fields)
     return fields
 

@@ -33,11 +33,11 @@ class Stopped(BaseException):
 
 
 class RedoUnit(DistillError):
-    """A merge found a unit's output damaged after the unit ended: that unit runs again."""
+    """A merge found units' output damaged or cut short after they ended: those units run again."""
 
-    def __init__(self, message: str, key: str) -> None:
+    def __init__(self, message: str, keys: list[str]) -> None:
         super().__init__(message)
-        self.key = key
+        self.keys = keys
 
 
 @dataclass
@@ -108,6 +108,9 @@ class Stage:
     resume_point: Callable[[RunPaths, int], str] = lambda paths, it: ""
     # Whether a unit runs as several processes (torchrun ranks) when its job has several.
     distributed: Callable[[RunConfig], bool] = lambda cfg: False
+    # Why the stage cannot start from what earlier stages recorded (the manifest), or None: asked
+    # before its jobs are submitted and again when a unit starts, whichever launcher started it.
+    ready: Callable[[RunConfig, int, dict[str, Any]], str | None] = lambda cfg, it, manifest: None
 
     @property
     def resource_section(self) -> str:
@@ -123,7 +126,8 @@ def merged(outputs: dict[str, Path], merge: Callable[[list[Path]], T]) -> T:
     try:
         return merge(list(outputs.values()))
     except DataError as exc:
-        key = next((k for k, p in outputs.items() if p == exc.path), None)
-        if key is None:
+        bad = getattr(exc, "paths", [exc.path])
+        keys = [k for k, p in outputs.items() if p in bad]
+        if not keys:
             raise
-        raise RedoUnit(str(exc), key) from None
+        raise RedoUnit(str(exc), keys) from None

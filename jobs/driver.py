@@ -25,16 +25,17 @@ from tqdm import tqdm
 
 from distill import pipeline
 from distill.config import RunConfig, load_config
-from distill.errors import DistillError
+from distill.errors import DistillError, NotReady
 from distill.hub import local_models, record_models, resolve_models
 from distill.interrupts import ignore_sigint, stopped
 from distill.layout import RunPaths
-from distill.lease import RunLease, holding
+from distill.lease import LeaseLost, RunLease, holding
 from distill.manifest import format_table, running_figures
 from distill.plan import DEFAULT_GPU_GB, Gpu, gpu_of, misfits, plan
 from distill.preflight import check_inputs
 from distill.progress import describe, fraction
 from distill.runner import (
+    UnitsReopened,
     check_run,
     fail_stage,
     manifest_of,
@@ -43,6 +44,7 @@ from distill.runner import (
     record_submitted,
     short,
     unit_entry,
+    unit_holder,
 )
 from distill.stage import Stage
 from jobs.cluster import ClusterProfile, load_profile
@@ -202,8 +204,11 @@ class Driver:
     refused command leaves no run directory behind, or an unchanged one."""
 
     def __init__(self, cfg: RunConfig, executor: str | None = None, cluster: ClusterProfile | None = None,
-                 again: str = "make iter", progress_every_s: float = 60.0, plan_check: bool = True) -> None:
+                 again: str = "make iter", progress_every_s: float = 60.0, plan_check: bool = True,
+                 accept_data: bool = False) -> None:
         self.cfg = cfg
+        self.accept_data = accept_data  # --accept-data-change: record changed data files, do not refuse them
+        self.lease: RunLease | None = None  # held while the driver works (main); re-checked before each write
         self.plan_check = plan_check  # refuse stages that `distill plan` says cannot fit (check_memory)
         self.progress_every_s = progress_every_s  # in a log: a progress line this often while jobs run
         self.kind = resolve_kind(executor)
@@ -224,7 +229,7 @@ class Driver:
         against the run's (`check_run`), that iteration `needs` is finished, that SLURM accepts
         each stage's jobs (`sbatch --test-only`), and the hub models (resolved, downloaded into
         the Hugging Face cache when missing)."""
-        self.changes = check_run(self.cfg)
+        self.changes = check_run(self.cfg, accept_data=self.accept_data)
         if needs is not None:
             self.require_finished(needs)
         if self.kind == "slurm":
@@ -259,7 +264,11 @@ class Driver:
     def open(self) -> None:
         """Create the run directory (or record the allowed config changes) and the resolved
         hub models, once `check` has passed."""
-        open_run(self.cfg, record=True)
+        data_before = self.manifest.read().get("data", {})
+        open_run(self.cfg, record=True, accept_data=self.accept_data)
+        for key, rec in self.manifest.read().get("data", {}).items():
+            if key in data_before and data_before[key]["sha256"] != rec["sha256"]:
+                say(f"{key}: {rec['path']} changed; accepted (--accept-data-change) and recorded in the manifest's history")
         record_models(self.manifest, self.models)
         for key, rec in self.models.items():
             say(f"models.{key}: {rec['ref']} -> {rec['path']}")
@@ -280,6 +289,30 @@ class Driver:
 
     def threads(self, parallel_jobs: int) -> int | None:
         return local_threads(parallel_jobs) if self.kind in ("local", "debug") else None
+
+    def guard(self) -> None:
+        """Before each submission and each record made after waiting: stop if another driver
+        has taken the lease over (`RunLease.check`)."""
+        if self.lease is not None:
+            self.lease.check()
+
+    def held_elsewhere(self, stage: Stage, keys: list[str]) -> dict[str, str]:
+        """key -> "pid P on host H" of the units a live process outside this driver's jobs runs
+        (another driver's job after a takeover, a `jobs.stage` started by hand): never started
+        again, waited for instead."""
+        data = self.manifest.read()
+        holders = {k: unit_holder(data, self.paths, self.iteration, stage, k) for k in keys}
+        return {k: h for k, h in holders.items() if h is not None}
+
+    def wait_held(self, stage: Stage, held: dict[str, str], poll_s: float = 2.0) -> None:
+        """Wait until no live process runs the units in `held` (their own launcher records them)."""
+        view = ProgressView(stage.name, lambda: self.running_figures(stage), self.progress_every_s)
+        try:
+            while self.held_elsewhere(stage, list(held)):
+                view()
+                time.sleep(poll_s)
+        finally:
+            view.close()
 
     def unit_state(self, stage: Stage, key: str) -> dict[str, Any]:
         return unit_entry(self.manifest.read(), self.iteration, stage, key)
@@ -310,10 +343,15 @@ class Driver:
         unit is done, or a DistillError says which is not and why.
         """
         keys = stage.units(self.cfg, self.iteration)
+        refusal = stage.ready(self.cfg, self.iteration, self.manifest.read())
+        if refusal is not None:
+            raise NotReady(refusal)
         with holding(self.submit_lock):
+            self.guard()
             todo = [k for k in keys if self.unit_state(stage, k).get("state") != "done"]
             attached = self.in_flight(stage, todo)
-            new = [k for k in todo if k not in attached]
+            held = self.held_elsewhere(stage, [k for k in todo if k not in attached])
+            new = [k for k in todo if k not in attached and k not in held]
             jobs: dict[str, submitit.Job] = {}
             if new:
                 threads = self.threads(len(new))
@@ -330,12 +368,18 @@ class Driver:
             say(f"  submitted {len(jobs)} job(s): {', '.join(j.job_id for j in jobs.values())}")
         if attached:
             say(f"  waiting for {len(attached)} job(s) already in flight: {', '.join(attached.values())}")
+        if held:
+            say(f"  waiting for {len(held)} unit(s) another process runs: "
+                + ", ".join(f"{stage.describe(k)} ({h})" for k, h in held.items()))
         jobs |= {k: attach(self.kind, self.paths.logs, j) for k, j in attached.items()}
         view = ProgressView(stage.name, lambda: self.running_figures(stage), self.progress_every_s)
         try:
             failed = wait(list(jobs.values()), self.kind, watch=view)
         finally:
             view.close()
+        if held:
+            self.wait_held(stage, held)
+        self.guard()
         for key in keys:
             entry = self.unit_state(stage, key)
             if entry.get("state") == "done":
@@ -350,8 +394,15 @@ class Driver:
 
     def run_stage(self, stage: Stage) -> None:
         self.run_units(stage)
+        self.guard()
         if stage.merge is not None:
-            merge_stage(self.cfg, self.iteration, stage)
+            try:
+                merge_stage(self.cfg, self.iteration, stage)
+            except UnitsReopened as exc:
+                say(f"  {short(str(exc))}; running them again now")
+                self.run_units(stage)
+                self.guard()
+                merge_stage(self.cfg, self.iteration, stage)
         line = stage.summary(self.manifest.stage(self.iteration, stage.name))
         if line:
             say(f"  {line}")
@@ -359,13 +410,8 @@ class Driver:
     # -- plans ---------------------------------------------------------------------------------
 
     def require_finished(self, iteration: int) -> None:
-        for stage in pipeline.iteration_plan(iteration):
-            state = self.manifest.stage(iteration, stage.name).get("state", "pending")
-            if state != "done":
-                raise DistillError(
-                    f"{self.cfg.name}: iteration {iteration + 1} needs iteration {iteration} finished, but its "
-                    f"{stage.name} stage is {state}: run `{self.again.replace('make iter', f'make iter ITER={iteration}', 1)}` first"
-                )
+        again = self.again.replace("make iter", f"make iter ITER={iteration}", 1)
+        pipeline.require_finished(self.manifest.read(), self.cfg.name, iteration, again)
 
     def run_plan(self, iteration: int, stages: Sequence[Stage], only: Sequence[str] | None = None) -> None:
         self.iteration = iteration
@@ -380,8 +426,8 @@ class Driver:
             self.current = stage
             try:
                 self.run_stage(stage)
-            except SubmitRefused:
-                raise  # nothing was submitted: the stage is as it was
+            except (SubmitRefused, LeaseLost):
+                raise  # nothing was submitted, or the run is another driver's to record
             except DistillError as exc:
                 fail_stage(self.cfg, iteration, stage.name, str(exc))
                 raise
@@ -431,8 +477,13 @@ class Driver:
         self.run_iteration(0)
         last, misses = 0, 0
         for it in range(1, self.cfg.undo.max_iters + 1):
+            try:
+                improved = self.run_iteration(it)
+            except NotReady as exc:
+                say(f"undo: stopping before iteration {it}'s training: {exc}")
+                break
             last = it
-            misses = 0 if self.run_iteration(it) else misses + 1
+            misses = 0 if improved else misses + 1
             if misses >= self.cfg.undo.patience:
                 say(f"undo: stopping after iteration {it}: no improvement for {misses} iteration(s)")
                 break
@@ -473,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
                         help="when stderr is not a terminal (a log): a progress line this often while jobs run "
                              "(default: %(default)s; on a terminal a bar shows it)")
+    parser.add_argument("--accept-data-change", action="store_true",
+                        help="go on although a data file differs from what the run recorded when it started "
+                             "(refused otherwise); the new hashes and the change go into the manifest's history")
     parser.add_argument("--no-plan-check", action="store_true",
                         help="submit stages even where `python -m distill plan` says they do not fit the profile's "
                              "GPUs (make: NO_PLAN_CHECK=1)")
@@ -487,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             say(note)
         again = " ".join(["make iter", f"CONFIG={args.config}"] + [f"{k}={v}" for k, v in
                          (("RUN", args.run), ("CLUSTER", args.cluster), ("EXECUTOR", args.executor)) if v])
-        driver = Driver(cfg, args.executor, cluster, again, args.progress_every, plan_check=not args.no_plan_check)
+        driver = Driver(cfg, args.executor, cluster, again, args.progress_every, plan_check=not args.no_plan_check,
+                        accept_data=args.accept_data_change)
         if args.undo:
             needs, stages = None, pipeline.iteration_plan(0) + pipeline.iteration_plan(1)
             stages += pipeline.baseline_plan() if args.with_baseline else []
@@ -499,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.undo:  # what is done is not submitted again, so its jobs need no check
             stages = [s for s in stages if not driver.manifest.is_done(args.iteration, s.name)]
         driver.check(needs, stages)
-        with RunLease(driver.paths.root, soft_lock=cfg.lock == "soft"):
+        with RunLease(driver.paths.root, soft_lock=cfg.lock == "soft") as driver.lease:
             driver.open()
             driver.manifest.check_lock()
             if args.undo:

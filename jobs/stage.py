@@ -116,22 +116,26 @@ def chosen_stage(args: argparse.Namespace) -> Stage:
     return pipeline.stage(f"baseline_{name}" if getattr(args, "baseline", False) else name)
 
 
-def prepare(cfg: RunConfig, it: int) -> None:
+def prepare(cfg: RunConfig, it: int, accept_data: bool = False) -> None:
     """What the driver does before it submits, for the plain sbatch scripts: check every input,
-    refuse a changed config, resolve hub models into the Hugging Face cache (the jobs may have
-    no internet), then create the run directory and record them."""
+    refuse a changed config or data file, refuse an iteration whose previous one is not finished,
+    resolve hub models into the Hugging Face cache (the jobs may have no internet), then create
+    the run directory and record them."""
     for note in check_inputs(cfg, it):
         print(note)
-    check_run(cfg)
+    check_run(cfg, accept_data=accept_data)
+    if it > 0:
+        pipeline.require_finished(manifest_of(cfg).read(), cfg.name, it - 1,
+                                  f"slurm/iteration.sh {cfg.source} {it - 1}")
     models = resolve_models(cfg, manifest_of(cfg).read().get("models", {}))
-    open_run(cfg, record=True)
+    open_run(cfg, record=True, accept_data=accept_data)
     record_models(manifest_of(cfg), models)
     print(f"{cfg.run_dir}: ready" + "".join(f"; models.{k}: {v['path']}" for k, v in models.items()))
 
 
 def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.command == "prepare":
-        prepare(cfg, args.iteration)
+        prepare(cfg, args.iteration, args.accept_data_change)
         return 0
     it, stage = args.iteration, chosen_stage(args)
     if args.command == "count":
@@ -202,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("count", "print how many array tasks a stage has")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("what", choices=sharded)
-    sub.add_parser("prepare", parents=[common], help="check inputs, resolve hub models, create the run (login node)")
+    p = sub.add_parser("prepare", parents=[common], help="check inputs, resolve hub models, create the run (login node)")
+    p.add_argument("--accept-data-change", action="store_true",
+                   help="go on although a data file differs from what the run recorded (recorded in its history)")
     return parser
 
 
