@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from distill.errors import DistillError
+from distill.errors import DistillError, not_permitted
 from distill.interrupts import stopped
 
 
@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"error: {not_permitted(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

@@ -59,6 +59,13 @@ def mount_point(path: str | Path) -> Path:
     return path
 
 
+def not_permitted(exc: PermissionError) -> str:
+    """One line for a file this user may not write (a run directory shared read-only, or made
+    by another account): the file, and what to do."""
+    return (f"{exc.filename}: permission denied: this command writes there; run it as an account that can write "
+            "the run directory, or on a copy of the run")
+
+
 def no_space(path: str | Path) -> NoSpace:
     return NoSpace(f"no space left on {mount_point(path)} while writing {path}; free space and rerun")
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from distill import pipeline
 from distill.config import RunConfig, load_config
-from distill.errors import DistillError, NotReady
+from distill.errors import DistillError, NotReady, not_permitted
 from distill.hub import local_models, record_models, resolve_models
 from distill.interrupts import ignore_sigint, stopped
 from distill.layout import RunPaths
@@ -567,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
                 driver.run_iteration(args.iteration, only)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"error: {not_permitted(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

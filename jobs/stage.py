@@ -39,7 +39,7 @@ import sys
 
 from distill import pipeline
 from distill.config import RunConfig, load_config
-from distill.errors import DistillError
+from distill.errors import DistillError, not_permitted
 from distill.hub import record_models, resolve_models
 from distill.interrupts import stopped
 from distill.preflight import check_inputs
@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as exc:
         if first_task():  # in a job of several tasks, each found the same
             print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"error: {not_permitted(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

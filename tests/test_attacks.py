@@ -179,3 +179,25 @@ def test_a_verify_that_kept_nothing_stops_the_iteration_before_training_is_submi
     # By hand (plain sbatch) the train unit refuses the same way, as bad input.
     assert stage_main(["train", "--config", str(cfg), "--iter", "0"]) == 2
     assert "verify kept 0 rationales" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to run as another user")
+def test_report_and_repair_of_a_run_this_user_cannot_write_say_so_in_one_line(tiny_world, tmp_path):
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="distill-ro-"))
+    try:
+        cfg = tiny_world.write_config(root / "c.yaml", root / "runs")
+        assert stage_main(["prepare", "--config", str(cfg), "--iter", "0"]) == 0
+        run = root / "runs" / "t"
+        for p in (root, root / "runs", run):
+            p.chmod(0o755)
+        for command in ("report", "repair"):
+            out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                                  "distill", command, "--run", str(run)], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120)
+            assert out.returncode == 2, out.stderr
+            assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+            assert out.stderr.startswith(f"error: {run}/") and ": permission denied: this command writes there" in out.stderr
+    finally:
+        shutil.rmtree(root)
