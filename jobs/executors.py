@@ -107,9 +107,16 @@ def attach(kind: str, folder: Path, job_id: str) -> submitit.Job:
     return submitit.SlurmJob(folder=str(folder / "%j"), job_id=job_id)
 
 
-def local_threads(parallel_jobs: int) -> int | None:
-    """Split this machine's cores between the jobs the local executor runs at once."""
-    return max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
+def local_threads(parallel_jobs: int) -> int:
+    """Torch threads for each of the jobs the local executor runs at once: the cores this
+    process may use, less those other work keeps busy (the 1-minute load average), split
+    between the jobs. A SLURM job gets its allocation's CPUs (`jobs.allocation.set_threads`);
+    a local job has no allocation, and OpenMP threads on cores that are not free spin against
+    the other work: two threads beside one busy core trained the demo student ~20x slower than
+    one (`bench/local_threads.py`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    free = cores - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    return max(1, max(1, free) // max(1, parallel_jobs))
 
 
 @contextlib.contextmanager

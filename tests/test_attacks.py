@@ -201,3 +201,18 @@ def test_report_and_repair_of_a_run_this_user_cannot_write_say_so_in_one_line(ti
             assert out.stderr.startswith(f"error: {run}/") and ": permission denied: this command writes there" in out.stderr
     finally:
         shutil.rmtree(root)
+
+
+def test_local_jobs_get_the_threads_of_the_free_cores_split_between_them(monkeypatch):
+    from jobs import executors
+    from jobs.driver import Driver
+
+    monkeypatch.setattr(executors.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(executors.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert [executors.local_threads(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setattr(executors.os, "getloadavg", lambda: (5.6, 0.0, 0.0))  # six cores kept busy elsewhere
+    assert [executors.local_threads(n) for n in (1, 2, 3)] == [2, 1, 1]
+    monkeypatch.setattr(executors.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert executors.local_threads(1) == 1
+    assert Driver.threads(type("D", (), {"kind": "local"})(), 2) == 1
+    assert Driver.threads(type("D", (), {"kind": "slurm"})(), 2) is None
