@@ -2,7 +2,9 @@
 values that a type cannot express, checked before any job starts.
 
 Every mistake is reported as one line naming the file and the key path, e.g.
-`configs/tiny.yaml: train.lr: expected float, got 'fast'`, so a typo never costs a queue wait.
+`configs/tiny.yaml: train.lr: expected float, got 'fast'`, so a typo never costs a queue wait; a
+value given on the command line is named by its override instead
+(`--set train.lr=-1: train.lr: must be > 0 and finite, got -1.0`).
 Reading YAML into the dataclasses is `distill.typed_yaml`'s; whether paths exist is checked by
 `distill.preflight`, and what the job's hardware must offer by `distill.device` when it starts.
 """
@@ -10,8 +12,11 @@ Reading YAML into the dataclasses is `distill.typed_yaml`'s; whether paths exist
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +28,7 @@ from distill.typed_yaml import (
     check_name,
     check_one_line,
     from_mapping,
+    override_label,
     parse_overrides,
     read_yaml_mapping,
     set_path,
@@ -348,124 +354,235 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Load and validate a YAML config; `overrides` are `key.path=value` strings."""
     path = Path(path)
     raw = read_yaml_mapping(path)
-    for key, value in parse_overrides(overrides or [], schema=RunConfig):
+    items = overrides or []
+    pairs = parse_overrides(items, schema=RunConfig)
+    for key, value in pairs:
         set_path(raw, key, value, f"{path} (--set)")
     cfg = from_mapping(RunConfig, raw, f"{path}: ")
     cfg.source = str(path)
-    _check_values(cfg)
+    labels = tuple((key, override_label(item)) for (key, _), item in zip(pairs, items, strict=True))
+    _check_values(cfg, Origin(str(path), labels))
     return cfg
 
 
-def _check_values(cfg: RunConfig) -> None:
+@dataclass(frozen=True)
+class Origin:
+    """The start of an error about a key: `file: key`, or `--set item: key` when the key's value
+    came from an override, so the user edits the command line rather than a correct file."""
+
+    path: str
+    # (key path, how errors name the override), in the order they were applied.
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, key: str, *also: str) -> str:
+        """Name `key`, blaming the last override that set it, a mapping above it, or one of the
+        `also` keys that the same constraint reads."""
+        for dotted, label in reversed(self.overrides):
+            if any(k == dotted or k.startswith(dotted + ".") for k in (key, *also)):
+                return f"{label}: {key}"
+        return f"{self.path}: {key}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: `low` and `high` (None: unbounded), each included unless
+    its `*_open` is set. A float must be finite besides: inf and nan slip past one-sided
+    comparisons (`lr <= 0` is false for both) and fail later, deep in a job."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    unit: str = ""
+
+    def admits(self, value: float) -> bool:
+        """Whether `value` lies in the range (an int of any size is compared exactly)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, is_float: bool) -> str:
+        """The range as an error states it: `>= 1`, `> 0 and finite`, `in (0, 1]`."""
+        unit = f" {self.unit}" if self.unit else ""
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low}, {self.high}{right}{unit}"
+        if self.low is not None:
+            bound = f"{'>' if self.low_open else '>='} {self.low}"
+        else:
+            bound = f"{'<' if self.high_open else '<='} {self.high}"
+        return bound + unit + (" and finite" if is_float else "")
+
+
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+ZERO_TO_ONE = Range(0, 1)
+SHARE = Range(0, 1, low_open=True)
+SEED = Range(0, 2**32 - 1)  # numpy refuses a negative seed, torch one of 2**64 or more
+KV_CACHE = Range(0, 1_000_000, low_open=True, high_open=True, unit="GiB")
+
+# Every numeric key of the run config and the values it allows; a key left unset (None) is not
+# checked. Constraints between keys, and of one objective only, are in `_check_values` and
+# `check_train`.
+RANGES: tuple[tuple[str, Range], ...] = (
+    ("data.train_limit", AT_LEAST_1),
+    ("data.max_question_chars", AT_LEAST_1),
+    ("generation.n", AT_LEAST_1),
+    ("generation.temperature", NON_NEGATIVE),
+    ("generation.top_p", SHARE),
+    ("generation.max_new_tokens", AT_LEAST_1),
+    ("generation.batch_size", AT_LEAST_1),
+    ("generation.num_shards", AT_LEAST_1),
+    ("generation.seed", SEED),
+    ("generation.tensor_parallel_size", AT_LEAST_1),
+    ("generation.logprobs", NON_NEGATIVE),
+    ("generation.gpu_memory_utilization", SHARE),
+    ("generation.kv_cache_gib", KV_CACHE),
+    ("train.lr", POSITIVE),
+    ("train.epochs", POSITIVE),
+    ("train.max_steps", AT_LEAST_1),
+    ("train.batch_size", AT_LEAST_1),
+    ("train.grad_accum", AT_LEAST_1),
+    ("train.max_length", Range(2)),  # at least one prompt token and one completion token
+    ("train.warmup_ratio", ZERO_TO_ONE),
+    ("train.weight_decay", NON_NEGATIVE),
+    ("train.save_steps", AT_LEAST_1),
+    ("train.keep_checkpoints", AT_LEAST_1),
+    ("train.log_steps", AT_LEAST_1),
+    ("train.seed", SEED),
+    ("train.loss_chunk", AT_LEAST_1),
+    ("train.lora.r", AT_LEAST_1),
+    ("train.lora.alpha", AT_LEAST_1),
+    ("train.lora.dropout", Range(0, 1, high_open=True)),
+    ("train.kd.beta", ZERO_TO_ONE),
+    ("train.kd.temperature", POSITIVE),
+    ("train.kd.alpha", ZERO_TO_ONE),
+    ("train.kd.top_k", AT_LEAST_1),
+    ("train.kd.top_k_percent", SHARE),
+    ("train.feature.alpha", ZERO_TO_ONE),
+    ("eval.limit", AT_LEAST_1),
+    ("eval.max_new_tokens", AT_LEAST_1),
+    ("eval.batch_size", AT_LEAST_1),
+    ("eval.num_shards", AT_LEAST_1),
+    ("eval.tensor_parallel_size", AT_LEAST_1),
+    ("eval.gpu_memory_utilization", SHARE),
+    ("eval.kv_cache_gib", KV_CACHE),
+    ("undo.probe_limit", AT_LEAST_1),
+    ("undo.n", AT_LEAST_1),
+    ("undo.temperature", NON_NEGATIVE),
+    ("undo.cap_per_problem", AT_LEAST_1),
+    ("undo.max_iters", AT_LEAST_1),
+    ("undo.patience", AT_LEAST_1),
+)
+
+# Template keys and the slot each must contain: without it the model never sees the question
+# (or, for context distillation, the student's prompt).
+SLOTS: tuple[tuple[str, str], ...] = (
+    ("prompt.template", "question"),
+    ("undo.template", "question"),
+    ("train.kd.context_template", "prompt"),
+)
+
+
+def value_at(cfg: Any, dotted: str) -> Any:
+    """The value at a dotted key path of a config dataclass."""
+    return functools.reduce(getattr, dotted.split("."), cfg)
+
+
+def check_ranges(cfg: RunConfig, origin: Origin) -> None:
+    """Refuse the first numeric key outside its `RANGES` entry, or a template without its slot."""
+    for key, allowed in RANGES:
+        value = value_at(cfg, key)
+        if value is not None and not allowed.admits(value):
+            raise ConfigError(f"{origin(key)}: must be {allowed.describe(isinstance(value, float))}, got {value}")
+    for key, slot in SLOTS:
+        if f"{{{slot}}}" not in value_at(cfg, key):
+            raise ConfigError(f"{origin(key)}: must contain the {{{slot}}} slot")
+    # Filled with str.format: an unknown slot or a lone brace would fail inside the training job.
+    if _format_slots(cfg.train.kd.context_template) != {"prompt"}:
+        raise ConfigError(f"{origin('train.kd.context_template')}: must be a str.format template whose only slot "
+                          "is {prompt} (write {{ and }} for literal braces)")
+
+
+def _format_slots(template: str) -> set[str] | None:
+    """The slot names of a str.format template, or None where it does not parse."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError:
+        return None
+
+
+def _check_values(cfg: RunConfig, origin: Origin) -> None:
     """Constraints a type cannot express."""
-    where = cfg.source
     # The name becomes a directory and part of every job's name and script: a plain name only.
-    check_name(cfg.name, f"{where}: name")
+    check_name(cfg.name, origin("name"))
     for key, value in (("run_root", cfg.run_root), ("models.teacher", cfg.models.teacher),
                        ("models.student", cfg.models.student),
                        *((f"data.{s}", getattr(cfg.data, s)) for s in ("train", "validation", "test"))):
         if value is not None:
-            check_one_line(value, f"{where}: {key}")
-    positive = {
-        "generation.n": cfg.generation.n,
-        "generation.max_new_tokens": cfg.generation.max_new_tokens,
-        "generation.batch_size": cfg.generation.batch_size,
-        "generation.num_shards": cfg.generation.num_shards,
-        "data.max_question_chars": cfg.data.max_question_chars,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.max_length": cfg.train.max_length,
-        "train.save_steps": cfg.train.save_steps,
-        "train.keep_checkpoints": cfg.train.keep_checkpoints,
-        "eval.max_new_tokens": cfg.eval.max_new_tokens,
-        "eval.batch_size": cfg.eval.batch_size,
-        "eval.num_shards": cfg.eval.num_shards,
-        "generation.tensor_parallel_size": cfg.generation.tensor_parallel_size,
-        "eval.tensor_parallel_size": cfg.eval.tensor_parallel_size,
-        "train.loss_chunk": cfg.train.loss_chunk,
-        "undo.n": cfg.undo.n,
-        "undo.cap_per_problem": cfg.undo.cap_per_problem,
-        "undo.max_iters": cfg.undo.max_iters,
-        "undo.patience": cfg.undo.patience,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{where}: {key}: must be >= 1, got {value}")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"{where}: train.lr: must be > 0, got {cfg.train.lr}")
-    if cfg.generation.temperature < 0:
-        raise ConfigError(f"{where}: generation.temperature: must be >= 0, got {cfg.generation.temperature}")
-    if not 0 < cfg.generation.top_p <= 1:
-        raise ConfigError(f"{where}: generation.top_p: must be in (0, 1], got {cfg.generation.top_p}")
-    if cfg.generation.logprobs < 0:
-        raise ConfigError(f"{where}: generation.logprobs: must be >= 0, got {cfg.generation.logprobs}")
+            check_one_line(value, origin(key))
+    check_ranges(cfg, origin)
     for section, n, temperature in (("generation", cfg.generation.n, cfg.generation.temperature),
                                     ("undo", cfg.undo.n, cfg.undo.temperature)):
         if n > 1 and temperature == 0:
-            raise ConfigError(f"{where}: {section}.n: {n} samples at temperature 0 would be {n} copies of the "
-                              f"greedy answer; set {section}.temperature > 0 or {section}.n: 1")
-    for key, value in (("generation", cfg.generation.gpu_memory_utilization), ("eval", cfg.eval.gpu_memory_utilization)):
-        if not 0 < value <= 1:
-            raise ConfigError(f"{where}: {key}.gpu_memory_utilization: must be in (0, 1], got {value}")
-    for key, gib in (("generation", cfg.generation.kv_cache_gib), ("eval", cfg.eval.kv_cache_gib)):
-        if gib is not None and not 0 < gib < 1e6:
-            raise ConfigError(f"{where}: {key}.kv_cache_gib: must be a positive number of GiB, got {gib}")
-    _resolve_benchmark(cfg)
-    check_train(cfg.train, where)
-    if "{question}" not in cfg.prompt.template:
-        raise ConfigError(f"{where}: prompt.template: must contain the {{question}} slot")
+            raise ConfigError(f"{origin(f'{section}.n', f'{section}.temperature')}: {n} samples at temperature 0 "
+                              f"would be {n} copies of the greedy answer; set {section}.temperature > 0 or "
+                              f"{section}.n: 1")
+    _resolve_benchmark(cfg, origin)
+    check_train(cfg.train, origin)
     if getattr(cfg.data, cfg.eval.split) is None:
-        raise ConfigError(f"{where}: eval.split: data.{cfg.eval.split} is not set")
+        raise ConfigError(f"{origin('eval.split', f'data.{cfg.eval.split}')}: data.{cfg.eval.split} is not set")
 
 
-def check_train(t: TrainConfig, where: str) -> None:
-    """Objective settings that cannot work, refused before any job starts."""
+def check_train(t: TrainConfig, where: str | Origin) -> None:
+    """Objective settings that cannot work, refused before any job starts (`where`: the config
+    file, or the `Origin` that also names overrides)."""
+    at = where if isinstance(where, Origin) else Origin(where)
     kd = t.kd
-    if kd.temperature <= 0:
-        raise ConfigError(f"{where}: train.kd.temperature: must be > 0, got {kd.temperature}")
-    for key, value in (("train.kd.alpha", kd.alpha), ("train.kd.beta", kd.beta), ("train.feature.alpha", t.feature.alpha)):
-        if not 0 <= value <= 1:
-            raise ConfigError(f"{where}: {key}: must be in [0, 1], got {value}")
-    if kd.top_k < 1:
-        raise ConfigError(f"{where}: train.kd.top_k: must be >= 1")
     if t.objective == "ekd":
         if (kd.top_k_percent is None) == (kd.bucket is None):
-            raise ConfigError(f"{where}: train.kd: ekd needs exactly one of top_k_percent and bucket")
+            raise ConfigError(f"{at('train.kd', 'train.objective')}: ekd needs exactly one of top_k_percent and bucket")
         if kd.bucket is not None and not (len(kd.bucket) == 2 and 0 <= kd.bucket[0] < kd.bucket[1] <= 100):
-            raise ConfigError(f"{where}: train.kd.bucket: expected [lower, upper] percentiles, 0 <= lower < upper <= 100, got {kd.bucket}")
-        if kd.bucket is None and not 0 < kd.top_k_percent <= 1:
-            raise ConfigError(f"{where}: train.kd.top_k_percent: must be in (0, 1], got {kd.top_k_percent}")
+            raise ConfigError(f"{at('train.kd.bucket')}: expected [lower, upper] percentiles, "
+                              f"0 <= lower < upper <= 100, got {kd.bucket}")
     if t.objective == "context" and kd.teacher == "offline":
-        raise ConfigError(f"{where}: train.kd.teacher: context distillation needs the teacher online")
-    if t.objective == "context" and "{prompt}" not in kd.context_template:
-        raise ConfigError(f"{where}: train.kd.context_template: must contain the {{prompt}} slot")
-    if t.objective == "feature" and not t.feature.layers:
-        raise ConfigError(f"{where}: train.feature.layers: give at least one [student, teacher] pair")
+        raise ConfigError(f"{at('train.kd.teacher', 'train.objective')}: context distillation needs the teacher online")
+    if t.objective == "feature":
+        if not t.feature.layers:
+            raise ConfigError(f"{at('train.feature.layers')}: give at least one [student, teacher] pair")
+        for i, pair in enumerate(t.feature.layers):
+            if len(pair) != 2:
+                raise ConfigError(f"{at('train.feature.layers')}[{i}]: expected a [student, teacher] pair, got {pair}")
     if t.packing and t.objective != "sft":
-        raise ConfigError(f"{where}: train.packing: only with objective sft (got {t.objective})")
+        raise ConfigError(f"{at('train.packing', 'train.objective')}: only with objective sft (got {t.objective})")
     # Whether the job's machine has CUDA and bitsandbytes is checked when the job starts
     # (distill.device): the login node that loads this config usually has no GPU.
     if t.quantize == "4bit" and not t.lora.enabled:
-        raise ConfigError(f"{where}: train.quantize: 4bit trains LoRA adapters; set train.lora.enabled: true")
+        raise ConfigError(f"{at('train.quantize', 'train.lora')}: 4bit trains LoRA adapters; set train.lora.enabled: true")
     if t.distributed == "fsdp" and t.quantize == "4bit":
-        raise ConfigError(f"{where}: train.distributed: fsdp cannot shard 4-bit (QLoRA) weights; use ddp, or quantize: none")
+        raise ConfigError(f"{at('train.distributed', 'train.quantize')}: fsdp cannot shard 4-bit (QLoRA) weights; "
+                          "use ddp, or quantize: none")
     if t.distributed == "fsdp" and t.precision == "fp16":
-        raise ConfigError(f"{where}: train.distributed: fsdp with fp16 loss scaling is not supported (the scaler sees "
-                          "only this rank's shard of the gradients); use bf16 (or auto on bf16 GPUs), or ddp")
+        raise ConfigError(f"{at('train.distributed', 'train.precision')}: fsdp with fp16 loss scaling is not supported "
+                          "(the scaler sees only this rank's shard of the gradients); use bf16 (or auto on bf16 GPUs), "
+                          "or ddp")
     if t.lora.enabled and "lm_head" in t.lora.target_modules:
-        raise ConfigError(f"{where}: train.lora.target_modules: lm_head cannot carry an adapter (the head runs "
-                          "chunked with the loss)")
+        raise ConfigError(f"{at('train.lora.target_modules', 'train.lora')}: lm_head cannot carry an adapter (the head "
+                          "runs chunked with the loss)")
 
 
-def _resolve_benchmark(cfg: RunConfig) -> None:
+def _resolve_benchmark(cfg: RunConfig, origin: Origin) -> None:
     """Check benchmark names and fill the splits `data.benchmark` provides (in place, so the
     saved config and its hash name the exact sources)."""
     from distill.benchmarks import BENCHMARKS, find_benchmark, split_names
 
-    where, data = cfg.source, cfg.data
+    data = cfg.data
     if data.benchmark is not None:
         if data.benchmark not in BENCHMARKS:
-            raise ConfigError(f"{where}: data.benchmark: unknown benchmark {data.benchmark!r} "
+            raise ConfigError(f"{origin('data.benchmark')}: unknown benchmark {data.benchmark!r} "
                               f"(known: {', '.join(BENCHMARKS)})")
         for split in ("train", "validation", "test"):
             if getattr(data, split) is None and split in BENCHMARKS[data.benchmark]:
@@ -473,7 +590,7 @@ def _resolve_benchmark(cfg: RunConfig) -> None:
     for split in ("train", "validation", "test"):
         value = getattr(data, split)
         if value is not None and ":" in value and value.split(":", 1)[0] in BENCHMARKS and not find_benchmark(value):
-            raise ConfigError(f"{where}: data.{split}: unknown benchmark split {value!r} (known: {', '.join(split_names())})")
+            raise ConfigError(f"{origin(f'data.{split}', 'data.benchmark')}: unknown benchmark split {value!r} (known: {', '.join(split_names())})")
     if data.train is None:
         extra = f" (benchmark {data.benchmark} has no train split)" if data.benchmark else ""
-        raise ConfigError(f"{where}: data.train: required key missing{extra}")
+        raise ConfigError(f"{origin('data.train', 'data.benchmark')}: required key missing{extra}")

@@ -1,7 +1,8 @@
 """YAML mappings read into typed dataclasses, every mistake one line naming file and key path.
 
 Used for run configs (`distill.config`) and cluster profiles (`jobs.cluster`): values are checked
-against the dataclasses' type hints, converting only where it is lossless (int -> float).
+against the dataclasses' type hints, converting only where it is lossless (int -> float, and a
+float spelling that YAML 1.1 reads as a string, such as `1e-3`, -> float).
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ def _type_name(tp: Any) -> str:
     return {int: "int", float: "float", str: "string", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+# A decimal number with an optional exponent. PyYAML follows YAML 1.1, whose floats need a dot
+# and a signed exponent, so `1e-3` and `5E5` arrive as strings; float() reads them exactly as
+# YAML 1.2 (and every other tool) would.
+FLOAT_SPELLING = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check one value against a type hint, converting only where it is lossless (int -> float)."""
+    """Check one value against a type hint, converting only where it is lossless (int -> float,
+    a float spelling such as '1e-3' -> float)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -51,6 +59,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_mapping(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and FLOAT_SPELLING.fullmatch(value):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
@@ -80,6 +90,8 @@ def from_mapping(cls: type, raw: Any, where: str) -> Any:
 
 
 def set_path(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    """Put `value` at the dotted key path of `raw`, replacing what was there (a whole mapping
+    when the path names one)."""
     keys = dotted.split(".")
     node = raw
     for k in keys[:-1]:
@@ -89,32 +101,39 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
     node[keys[-1]] = value
 
 
+def override_label(item: str, flag: str = "--set") -> str:
+    """How errors name one override: `--set train.lr=fast`, on one line."""
+    return f"{flag} {printable(item)}"
+
+
 def parse_overrides(items: list[str], flag: str = "--set", schema: type | None = None) -> list[tuple[str, Any]]:
     """Turn `key.path=value` strings (values in YAML syntax) into pairs. With `schema` (a
-    dataclass) a key path that names none of its fields is refused here, so the error names the
-    override rather than the config file it would be applied to."""
+    dataclass) a key path that names none of its fields, or a value of the wrong type, is
+    refused here, so the error names the override rather than the config file it would be
+    applied to."""
     pairs = []
     for item in items:
-        shown = f"{flag} {printable(item)}"
+        shown = override_label(item, flag)
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{shown}: expected key.path=value")
         key = key.strip()
-        if schema is not None:
-            check_key_path(schema, key, shown)
+        tp = check_key_path(schema, key, shown) if schema is not None else Any
         try:
             value = yaml.safe_load(text)
         except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as exc:
             # A bad YAML tag (`!!int x`) fails in the constructor with a plain Python error.
             why = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
             raise ConfigError(f"{shown}: not valid YAML ({why.strip().splitlines()[0]})") from None
+        _convert(value, tp, f"{shown}: {printable(key)}")
         pairs.append((key, value))
     return pairs
 
 
-def check_key_path(schema: type, dotted: str, where: str) -> None:
-    """Refuse a dotted key path that names no field of the `schema` dataclass (a mapping-typed
-    field such as `prompt.chat_template_kwargs` takes any key below it)."""
+def check_key_path(schema: type, dotted: str, where: str) -> Any:
+    """The type hint of the value at a dotted key path of the `schema` dataclass; a path that
+    names no field is refused (a mapping-typed field such as `prompt.chat_template_kwargs` takes
+    any key below it)."""
     keys = dotted.split(".")
     tp: Any = schema
     for depth, key in enumerate(keys):
@@ -130,6 +149,7 @@ def check_key_path(schema: type, dotted: str, where: str) -> None:
             tp = typing.get_args(tp)[1]
         elif tp is not Any:
             raise ConfigError(f"{where}: {printable('.'.join(keys[:depth]))} is not a mapping, so it has no key {key!r}")
+    return tp
 
 
 def printable(text: str) -> str:
