@@ -64,14 +64,15 @@ def content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def artifact(path: str | Path, run_dir: str | Path) -> dict[str, str]:
-    """An artifact record: its path relative to the run and its content hash."""
+def artifact(path: str | Path, run_dir: str | Path, sha256: str | None = None) -> dict[str, str]:
+    """An artifact record: its path relative to the run and its content hash (`sha256`, when
+    the producer has just hashed it, saves reading a model twice)."""
     path = Path(path)
     try:
         rel = str(path.resolve().relative_to(Path(run_dir).resolve()))
     except ValueError:
         rel = str(path)
-    return {"path": rel, "sha256": content_hash(path)}
+    return {"path": rel, "sha256": sha256 or content_hash(path)}
 
 
 def recorded(manifest: dict[str, Any], item: Input) -> dict[str, str] | None:
@@ -101,6 +102,30 @@ def set_aside(path: Path) -> None:
     if aside.is_dir():
         shutil.rmtree(aside)
     os.replace(path, aside)
+
+
+def nonfinite_tensor(path: Path) -> str | None:
+    """The first tensor holding an inf or NaN in a safetensors file, or in the `*.safetensors`
+    files of a model directory (`file:tensor`); None when every value is finite.
+
+    A hash says a file is the one that was written, not that what was written is a model: weights
+    that overflowed hash like any others. Read lazily, one tensor at a time, so a check costs one
+    pass over the file with at most its largest tensor in memory. A directory without safetensors
+    files cannot be checked and raises FileNotFoundError.
+    """
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensor = st.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return f"{f.name}:{name}"
+    return None
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -164,6 +189,12 @@ def seal(directory: Path) -> None:
     checkpoint complete."""
     hashes = {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != HASHES}
     (directory / HASHES).write_text(json.dumps(hashes, indent=1))
+
+
+def seal_digest(directory: Path) -> str:
+    """The sha256 of a sealed directory's seal, which names the hash of every file in it: one
+    value that pins the whole checkpoint, for what is derived from it (the final model)."""
+    return sha256_file(directory / HASHES)
 
 
 def is_sealed(directory: Path) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,10 @@ from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import CKPT_RE, RunPaths, TrainPaths, newest_checkpoint
 from distill.manifest import stage_entry
 from distill.prompts import training_pairs
+from distill.rationales import rationales_kept
 from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit
+
+log = logging.getLogger(__name__)
 
 
 def combine(new: list[dict[str, Any]], old: list[dict[str, Any]], policy: str, cap: int) -> list[dict[str, Any]]:
@@ -77,7 +81,7 @@ def fit(unit: Unit, records: list[dict[str, Any]], init: Any, out: TrainPaths, c
         fields["resumed_from"] = result.resumed_from
     if not result.finished:
         return Result(fields, stopped=True)
-    return Result(fields | {"artifacts": {"model": artifact(result.model_dir, unit.paths.root)}})
+    return Result(fields | {"artifacts": {"model": artifact(result.model_dir, unit.paths.root, result.model_sha256)}})
 
 
 def train_student(unit: Unit) -> Result:
@@ -109,8 +113,11 @@ def train_oneshot(unit: Unit) -> Result:
 
 def _recover(out: Any, *extra: tuple[str, Any]) -> Callable[[Unit], Result | None]:
     def recover(unit: Unit) -> Result | None:
-        """A saved model beside a sound checkpoint at the last step."""
-        from distill.training import resumable_checkpoint
+        """A saved model beside a sound checkpoint at the last step, recorded as saved from that
+        checkpoint, unchanged since and finite (`distill.training.model_damage`): nothing the
+        files cannot show is taken on trust, and a model that fails goes back to training, which
+        saves it again from the checkpoint."""
+        from distill.training import model_damage, resumable_checkpoint
 
         train_paths = out(unit.paths, unit.iteration)
         ckpt = resumable_checkpoint(train_paths.checkpoints)
@@ -120,7 +127,13 @@ def _recover(out: Any, *extra: tuple[str, Any]) -> Callable[[Unit], Result | Non
         if state["step"] < state["total_steps"]:
             return None
         metrics = {"step": state["step"], "total_steps": state["total_steps"], "loss": state.get("loss")}
-        artifacts = {"model": artifact(train_paths.model, unit.paths.root)}
+        model = artifact(train_paths.model, unit.paths.root)
+        damage = model_damage(train_paths, ckpt, model["sha256"])
+        if damage is not None:
+            log.warning("%s: not recovered (%s): it is saved again from %s on the next run", train_paths.model,
+                        damage, ckpt.name)
+            return None
+        artifacts = {"model": model}
         for name, path in extra:
             artifacts[name] = artifact(path(unit.paths, unit.iteration), unit.paths.root)
         return Result({"metrics": metrics, "artifacts": artifacts})
@@ -141,7 +154,7 @@ def _resume_point(name: str, out: TrainPaths) -> str:
     return f"{name} resumes from step {int(CKPT_RE.match(ckpt.name).group(1))}" if ckpt else ""
 
 
-TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False,
+TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False, ready=rationales_kept,
               summary=_summary, recover=_recover(RunPaths.train, ("train_data", RunPaths.train_data)),
               resume_point=lambda paths, it: _resume_point("train", paths.train(it)), distributed=_distributed)
 BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,),

@@ -9,8 +9,12 @@ an uninterrupted run would have seen.
 
 Batches are built on the host and moved to the job's device (`distill.device`); the loss runs
 under the configured precision's autocast, with loss scaling for fp16. A step whose loss is not
-finite stops the job before the optimizer touches the weights, so the newest checkpoint is the
-last good state.
+finite stops the job before the optimizer touches the weights. An update that leaves a trainable
+weight inf or NaN (a finite loss does not rule that out: an overflowing step, a bad kernel) stops
+it before those weights are sealed into a checkpoint or saved as the model; so a sealed checkpoint
+holds finite weights, and the error names the newest such checkpoint. The final model is saved with a record
+of the sealed checkpoint it came from (`model.source.json` beside it): a model on disk is taken as
+the finished run's only when it matches that record and its tensors are finite (`model_damage`).
 
 Under torchrun (`train.distributed: ddp | fsdp`) each process is one rank and runs this same
 loop on its part of every micro-batch (`distill.ranks`): a step's batch, its loss and its
@@ -40,8 +44,17 @@ from distill import device as devices
 from distill.config import TrainConfig
 from distill.distillation import IGNORE, Distiller, to_device
 from distill.errors import DistillError, writing
-from distill.integrity import seal, seal_damage
-from distill.layout import TrainPaths, complete_checkpoints, newest_checkpoint
+from distill.integrity import (
+    content_hash,
+    nonfinite_tensor,
+    seal,
+    seal_damage,
+    seal_digest,
+    set_aside,
+    source_file,
+)
+from distill.jsonl import atomic_write_text
+from distill.layout import TrainPaths, complete_checkpoints, newest_checkpoint  # noqa: F401 - callers import it here
 from distill.modeling import load_student, save_final
 from distill.progress import progress_bar
 from distill.ranks import Ranks, accumulating, gathered, join, load_sharded, save_sharded, wrap
@@ -59,6 +72,7 @@ class TrainResult:
     tokens_per_s: float
     resumed_from: int | None
     model_dir: Path | None
+    model_sha256: str | None = None  # content_hash of model_dir, taken when it was saved or checked
 
 
 def tokenize_pairs(
@@ -274,6 +288,100 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# -- finite weights ------------------------------------------------------------------------------
+
+
+def nonfinite(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """1.0 when any of `params` holds an inf or NaN, else 0.0, as a tensor on their device: queued,
+    not waited for, so the loop reads it with the next step's loss at no extra synchronisation.
+
+    One fused max-abs per tensor (`_foreach_norm` with ord inf: a NaN or inf anywhere carries
+    through it, and unlike the 2-norm it cannot overflow on large finite weights). Sharded
+    parameters (fsdp) are checked on each rank's own shard; the caller sums the flags over ranks.
+    """
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    with torch.no_grad():
+        norms = torch._foreach_norm(local, float("inf"), dtype=torch.float32)
+        return (~torch.isfinite(torch.stack(norms)).all()).float()
+
+
+def any_nonfinite(flag: torch.Tensor, ranks: Ranks) -> bool:
+    """Whether `nonfinite`'s flag is set on any rank (the same answer on every rank)."""
+    return ranks.sum(flag.detach().clone()).item() > 0
+
+
+def finite_checkpoint(ckpt: Path) -> bool:
+    """Whether a sealed checkpoint's weights are all finite. A sharded one (fsdp) is taken as
+    written: every rank checked its shards before the seal went on."""
+    if (ckpt / DCP_METADATA).is_file():
+        return True
+    try:
+        return nonfinite_tensor(ckpt / "weights.safetensors") is None
+    except Exception:  # unreadable: not one to name as good
+        return False
+
+
+def last_finite_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest sealed checkpoint with finite weights: the state a stopped run can go back to.
+    Read only when training stops on a non-finite value, so it may read every checkpoint."""
+    return next((c for c in reversed(complete_checkpoints(ckpt_dir)) if finite_checkpoint(c)), None)
+
+
+def nonfinite_weights(step: int, ckpt_dir: Path) -> DistillError:
+    kept = last_finite_checkpoint(ckpt_dir)
+    return DistillError(f"train: weights are not finite after step {step}: stopped before saving them; "
+                        f"{f'the last checkpoint with finite weights is {kept}' if kept else 'no checkpoint with finite weights was written yet'} "
+                        "(lower train.lr, or check the model and data)")
+
+
+# -- the final model -----------------------------------------------------------------------------
+
+
+def model_record(out: TrainPaths) -> Path:
+    """Beside the model: the sealed checkpoint it was saved from and its content hash."""
+    return source_file(out.model)
+
+
+def record_model(out: TrainPaths, ckpt: Path, digest: str) -> None:
+    record = {"checkpoint": ckpt.name, "seal": seal_digest(ckpt), "sha256": digest}
+    atomic_write_text(model_record(out), json.dumps(record, indent=1) + "\n")
+
+
+def model_damage(out: TrainPaths, ckpt: Path, digest: str) -> str | None:
+    """Why the model at `out.model` (content hash `digest`) is not to be taken as the one saved
+    from the sealed checkpoint `ckpt` (one phrase), or None. It must be recorded as saved from
+    exactly that checkpoint (its name and the hash of its seal), be unchanged since, and hold
+    only finite tensors; a model without a record is not taken on trust."""
+    try:
+        record = json.loads(model_record(out).read_text())
+    except (OSError, ValueError):
+        return f"no readable {model_record(out).name} names the checkpoint it was saved from"
+    if record.get("checkpoint") != ckpt.name or record.get("seal") != seal_digest(ckpt):
+        return f"saved from {record.get('checkpoint')} as it was then, not from {ckpt.name} as it is now"
+    if record.get("sha256") != digest:
+        return "changed since it was saved (sha256 differs)"
+    try:
+        bad = nonfinite_tensor(out.model)
+    except Exception as exc:
+        return f"weights unreadable ({exc})"
+    return f"{bad} is not finite" if bad else None
+
+
+def save_model(final: Any, tokenizer: Any, out: TrainPaths, ckpt: Path, place: devices.Placement,
+               model_path: str | Path, quantized: bool) -> str:
+    """Save the final model, check every saved tensor is finite (a cast to fp16 or a LoRA merge
+    can overflow weights that trained finite) and record the checkpoint it came from; its hash."""
+    save_final(final, tokenizer, out.model, dtype=place.dtype, base_path=model_path, quantized=quantized)
+    bad = nonfinite_tensor(out.model)
+    if bad is not None:
+        set_aside(out.model)
+        raise DistillError(f"train: {out.model}: {bad} is not finite once saved in {place.dtype}, though the trained "
+                           f"weights are (an overflow in the cast or the LoRA merge): set aside as {out.model.name}.damaged")
+    digest = content_hash(out.model)
+    record_model(out, ckpt, digest)
+    return digest
+
+
 # -- the loop ----------------------------------------------------------------------------------
 
 
@@ -339,7 +447,7 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     scaler = place.grad_scaler()
     state: dict[str, Any] = {"step": 0, "total_steps": steps, "n_examples": len(examples), "history": []}
     resumed_from = None
-    ckpt = ranks.broadcast(resumable_checkpoint(ckpt_dir) if ranks.main else None)
+    ckpt = ranks.broadcast(resumable_checkpoint(ckpt_dir) if ranks.main else None)  # later: the newest one saved
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, ranks)
         resumed_from = state["step"]
@@ -347,6 +455,7 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
 
     model.train()
     tokens, start, loss_value = 0, time.perf_counter(), None
+    weights_bad = torch.zeros((), device=place.device)  # the last update's `nonfinite`, read with the next loss
     bar = progress_bar(total=steps, initial=state["step"], desc="train", unit="step",
                        disable=not progress or not ranks.main)
     while state["step"] < steps:
@@ -371,10 +480,14 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
                 scaler.scale(loss * ranks.world).backward()
             total += loss.detach()
             ce_total += ce_sum
-        loss_value, ce_value = ranks.sum(torch.stack([total, ce_total])).tolist()  # the step's one wait for the device
+        # The step's one wait for the device, which also brings the last update's weights check.
+        loss_value, ce_value, bad = ranks.sum(torch.stack([total, ce_total, weights_bad])).tolist()
+        if bad:
+            bar.close()
+            raise nonfinite_weights(step, ckpt_dir)
         if not math.isfinite(loss_value):
             bar.close()
-            kept = newest_checkpoint(ckpt_dir)
+            kept = last_finite_checkpoint(ckpt_dir)
             raise DistillError(f"train: loss is {loss_value} at step {step + 1}: stopped before the update; "
                                f"{f'the last good checkpoint is {kept}' if kept else 'no checkpoint was written yet'} "
                                "(lower train.lr, or check the model and data)")
@@ -385,6 +498,7 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        weights_bad = nonfinite(params)
         state["step"] = step + 1
         if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
             state["history"].append({"step": state["step"], "loss": round(loss_value, 6),
@@ -394,25 +508,44 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
         # A stop asked of any rank (USR2 reaches one process first) stops every rank at this step.
         stop = ranks.any(should_stop is not None and should_stop())
         if state["step"] % cfg.save_steps == 0 or state["step"] == steps or stop:
+            if any_nonfinite(weights_bad, ranks):
+                bar.close()
+                raise nonfinite_weights(state["step"], ckpt_dir)
             state["loss"] = loss_value
-            save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints, scaler,
-                            ranks)
+            ckpt = save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints,
+                                   scaler, ranks)
         if stop and state["step"] < steps:
             bar.close()
             return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
     bar.close()
     if resumed_from == steps and out.model.is_dir():
         # Finished before and saved (a model is renamed into place only when complete): a rerun
-        # changes nothing on disk. A damaged model was set aside by the check that found it.
-        return TrainResult(True, steps, steps, state.get("loss", loss_value), 0.0, resumed_from, out.model)
+        # changes nothing on disk, once the model is the one saved from this checkpoint.
+        digest, damage = ranks.broadcast(_saved_model(out, ckpt) if ranks.main else (None, None))
+        if damage is None:
+            return TrainResult(True, steps, steps, state.get("loss", loss_value), 0.0, resumed_from, out.model, digest)
+        log.warning("%s: %s: set aside as %s.damaged and saved again from %s", out.model, damage, out.model.name, ckpt)
+        if ranks.main:
+            set_aside(out.model)
+    # Weights loaded from the final checkpoint were never checked by this loop (one written
+    # before such checks, say); the loop checked its own before sealing them.
+    if resumed_from == steps and any_nonfinite(nonfinite(params), ranks):
+        raise nonfinite_weights(state["step"], ckpt_dir)
     # fsdp: the shards gathered into a plain copy of the student on rank 0's host.
     final = gathered(model, ranks, lambda: load_student(model_path, cfg, devices.Placement(torch.device("cpu"),
                                                                                           place.precision))[0])
+    saved: list[str] = []
     with writing(out.model):
-        ranks.together(lambda: save_final(final, tokenizer, out.model, dtype=place.dtype, base_path=model_path,
-                                          quantized=cfg.quantize == "4bit") if ranks.main else None)
+        ranks.together(lambda: saved.append(save_model(final, tokenizer, out, ckpt, place, model_path,
+                                                       cfg.quantize == "4bit")) if ranks.main else None)
     return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from,
-                       out.model)
+                       out.model, ranks.broadcast(saved[0] if saved else None))
+
+
+def _saved_model(out: TrainPaths, ckpt: Path) -> tuple[str, str | None]:
+    """The saved model's content hash, and what is wrong with it (`model_damage`)."""
+    digest = content_hash(out.model)
+    return digest, model_damage(out, ckpt, digest)
 
 
 def _rate(tokens: int, start: float) -> float:
