@@ -135,6 +135,10 @@ class VerifyConfig:
     """
 
     filter: Literal["none", "median_tokens", "problem_median_tokens"] = "none"
+    # Fewer kept rationales than this is a warning in the driver's output and the report (a
+    # student trained on a handful of examples says little); none at all stops the iteration
+    # before training is submitted.
+    min_rationales: int = compat(32)
 
 
 @dataclass
@@ -441,6 +445,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("generation.logprobs", NON_NEGATIVE),
     ("generation.gpu_memory_utilization", SHARE),
     ("generation.kv_cache_gib", KV_CACHE),
+    ("verify.min_rationales", NON_NEGATIVE),
     ("train.lr", POSITIVE),
     ("train.epochs", POSITIVE),
     ("train.max_steps", AT_LEAST_1),
@@ -524,6 +529,10 @@ def _check_values(cfg: RunConfig, origin: Origin) -> None:
                        *((f"data.{s}", getattr(cfg.data, s)) for s in ("train", "validation", "test"))):
         if value is not None:
             check_one_line(value, origin(key))
+    if "%" in cfg.run_root:
+        # submitit expands %j, %A, %a in its log folder, which lies under the run directory.
+        raise ConfigError(f"{origin('run_root')}: contains '%' ({cfg.run_root!r}); job logs would be written outside "
+                          "the run, in a folder per job id: use a plain path")
     check_ranges(cfg, origin)
     for section, n, temperature in (("generation", cfg.generation.n, cfg.generation.temperature),
                                     ("undo", cfg.undo.n, cfg.undo.temperature)):

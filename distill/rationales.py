@@ -122,6 +122,9 @@ def verify(unit: Unit) -> Result:
         **({"filter": cfg.verify.filter, "correct": len(correct), "filter_threshold": threshold}
            if cfg.verify.filter != "none" else {}),
         "problems_solved": len(solved),
+        **({"warning": f"verify kept {len(kept)} rationale(s), fewer than verify.min_rationales "
+                       f"({cfg.verify.min_rationales}): the student trains on them alone"}
+           if 0 < len(kept) < cfg.verify.min_rationales else {}),
         "problems_unsolved": len(unsolved),
         **{f"kept_{k}": v for k, v in length_stats([r["n_tokens"] for r in kept]).items()},
     }
@@ -159,5 +162,6 @@ VERIFY = Stage(
     "verify", verify, plans=(FIRST, UNDO), inputs=lambda cfg, it: [Input(it, "generate", "generations")],
     recover=recover_verify,
     summary=lambda e: (f"kept {e['metrics']['kept']} of {e['metrics']['records']} rationales; "
-                       f"{e['metrics']['problems_unsolved']} problem(s) unsolved by the teacher"),
+                       f"{e['metrics']['problems_unsolved']} problem(s) unsolved by the teacher"
+                       + (f"; warning: {e['metrics']['warning']}" if "warning" in e["metrics"] else "")),
 )

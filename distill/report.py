@@ -106,6 +106,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def run_warnings(data: dict[str, Any]) -> list[str]:
+    """What the stages warned about (e.g. few verified rationales), one line per iteration and stage."""
+    out = []
+    for it in sorted(data.get("iterations", {}), key=int):
+        for name, entry in data["iterations"][it].get("stages", {}).items():
+            warning = entry.get("metrics", {}).get("warning")
+            if warning:
+                out.append(f"iteration {it}, {name}: {warning}")
+    return out
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, str]:
     """Write report.md, report.json and report.png into the run directory."""
     run_dir = Path(run_dir)
@@ -119,9 +130,14 @@ def write_report(run_dir: str | Path) -> tuple[Path, str]:
         raise DistillError(f"{run_dir}: no finished evaluation to report yet")
     table = markdown_table(rows)
     name = data.get("run", run_dir.name)
-    write_json(report.with_suffix(".json"), {"run": name, "config_hash": data.get("config_hash"), "rows": rows})
+    warnings = run_warnings(data)
+    write_json(report.with_suffix(".json"), {"run": name, "config_hash": data.get("config_hash"), "rows": rows,
+                                             "warnings": warnings})
     plot(rows, report.with_suffix(".png"), f"{name}: held-out accuracy")
+    notes = "".join(f"- {w}\n" for w in warnings)
     text = (f"# Report: {name}\n\nconfig `{data.get('config_hash')}`; accuracy on the held-out test split; "
-            f"'student steps' counts optimizer steps across iterations.\n\n{table}\n\n![accuracy]({report.with_suffix('.png').name})\n")
+            f"'student steps' counts optimizer steps across iterations.\n\n{table}\n\n"
+            + (f"## Warnings\n\n{notes}\n" if notes else "")
+            + f"![accuracy]({report.with_suffix('.png').name})\n")
     atomic_write_text(report, text)
     return report, table

@@ -216,3 +216,28 @@ def test_local_jobs_get_the_threads_of_the_free_cores_split_between_them(monkeyp
     assert executors.local_threads(1) == 1
     assert Driver.threads(type("D", (), {"kind": "local"})(), 2) == 1
     assert Driver.threads(type("D", (), {"kind": "slurm"})(), 2) is None
+
+
+def test_few_verified_rationales_are_a_warning_in_the_driver_output_and_the_report(tiny_world, tmp_path, capsys):
+    from distill.report import write_report
+
+    cfg = demo_config(tmp_path, tiny_world)
+    run = tmp_path / "runs" / "e2e"
+    small = ["data.train_limit=6", "train.max_steps=2", "eval.limit=4", "eval.baselines=false",
+             "generation.num_shards=1", "eval.num_shards=1"]
+    assert driver_main(driver("--config", str(cfg), *[a for s in small for a in ("--set", s)])) == 0
+    kept = Manifest(run).stage(0, "verify")["metrics"]["kept"]
+    assert 0 < kept <= 6
+    line = f"verify kept {kept} rationale(s), fewer than verify.min_rationales (32): the student trains on them alone"
+    assert f"; warning: {line}" in capsys.readouterr().out
+    report, _ = write_report(run)
+    assert f"## Warnings\n\n- iteration 0, verify: {line}\n" in report.read_text()
+
+
+def test_a_run_root_with_a_percent_sign_is_refused(tiny_world, tmp_path):
+    from distill.config import load_config
+    from distill.errors import ConfigError
+
+    cfg = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs-%j")
+    with pytest.raises(ConfigError, match=r"run_root: contains '%' .*job logs would be written outside the run"):
+        load_config(cfg)
