@@ -20,6 +20,26 @@ checkpoint, set it aside and resume from the one before), and the reruns must en
 uninterrupted run's outputs. A use of the damaged data is a "silent use". The second-driver
 trial starts two drivers of one run half a second apart: one runs, the other refuses, and no
 record is written twice.
+
+Attack trials break the promises of resuming from outside a stage (the bench works on its own
+copies of the data files, so it may edit them):
+
+  - data-edit: a gold answer of the test split changed, or the training file cut in half,
+    before verify: `jobs.stage verify` and the driver refuse with exit 2 naming the change, and
+    run nothing; with the file restored, verify runs to the reference's outputs;
+  - lease-takeover: driver A is stopped (SIGSTOP) once its generate jobs have claimed their
+    shards, its lease aged an hour; driver B under another host name (`unshare -u`) takes the
+    lease over, waits for A's jobs and submits nothing; A, continued, exits 2 ("lease was taken
+    over") and writes nothing more; no record twice, the reference's generations (skipped where
+    `unshare -u` is not permitted);
+  - nan-model-repair: one element of every tensor of the final model set to NaN, the manifest
+    deleted: `distill repair` must not record training done, and the next train run saves the
+    model again from its sealed checkpoint, finite and equal to the reference's;
+  - shard-lost-line: a finished generation shard loses its last line and the merged generations
+    are deleted; the driver (generate,verify), rerun as a user would, ends in exit 0 within two
+    runs with every record once and the reference's outputs.
+
+A "silent use" is a use of bad data or work written twice that nothing refused.
 Lost work is measured from what was on disk at the kill: the records the rerun generated beyond
 those missing, and the training steps between the newest checkpoint and the end.
 
@@ -46,7 +66,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.integrity import artifact  # noqa: E402
+from distill.integrity import artifact, content_hash, source_file  # noqa: E402
 from distill.jsonl import iter_jsonl, sha256_file, write_json  # noqa: E402
 from distill.layout import RunPaths  # noqa: E402
 from distill.manifest import Manifest  # noqa: E402
@@ -55,7 +75,7 @@ from jobs.signals import STOP_SIGNAL  # noqa: E402
 
 # "requeue": training sent SLURM's stop signal (USR2) instead of SIGKILL, as before a time limit.
 KINDS = ("generate", "verify", "train", "evaluate", "manifest", "requeue", "corrupt-checkpoint", "corrupt-model",
-         "corrupt-jsonl", "second-driver")
+         "corrupt-jsonl", "second-driver", "data-edit", "lease-takeover", "nan-model-repair", "shard-lost-line")
 MANIFEST_UPDATES = 2000
 # Kill moments are drawn from [KILL_FROM, 1] x the unit's uninterrupted time: the first ~40% of
 # a unit is interpreter start and model loading, and kills there leave nothing on disk.
@@ -75,16 +95,31 @@ class Bench:
         for section, values in SETTINGS.items():
             cfg[section].update(values)
         cfg.update(name="faults", run_root=str(work / "runs"))
-        for section in ("models", "data"):
-            cfg[section] = {k: str(ROOT / v) if isinstance(v, str) else v for k, v in cfg[section].items()}
+        cfg["models"] = {k: str(ROOT / v) if isinstance(v, str) else v for k, v in cfg["models"].items()}
+        # The bench's own copies of the data files, so that trials may edit them.
+        self.data = work / "data"
+        self.data.mkdir(parents=True)
+        for key, value in cfg["data"].items():
+            if isinstance(value, str) and (ROOT / value).is_file():
+                cfg["data"][key] = str(shutil.copy2(ROOT / value, self.data / Path(value).name))
+            elif isinstance(value, str):
+                cfg["data"][key] = str(ROOT / value)
         self.config = work / "faults.yaml"
         self.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.run = work / "runs" / "faults"
         self.paths = RunPaths(self.run)
         self.durations: dict[str, float] = {}
+        self.nan_trials = 0
 
     def cmd(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "jobs.stage", args[0], "--config", str(self.config), "--iter", "0", *args[1:]]
+
+    def driver(self, stages: str) -> list[str]:
+        return [sys.executable, "-m", "jobs.driver", "--config", str(self.config), "--executor", "local",
+                "--progress-every", "3600", "--stages", stages]
+
+    def split(self, name: str) -> Path:
+        return Path(yaml.safe_load(self.config.read_text())["data"][name])
 
     def run_to_end(self, *args: str) -> dict[str, Any] | None:
         proc = subprocess.run(self.cmd(*args), cwd=ROOT, capture_output=True, text=True, check=False)
@@ -187,6 +222,14 @@ def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
         return corruption_trial(bench, kind, rng)
     if kind == "second-driver":
         return second_driver_trial(bench)
+    if kind == "data-edit":
+        return data_edit_trial(bench, rng)
+    if kind == "lease-takeover":
+        return lease_takeover_trial(bench)
+    if kind == "nan-model-repair":
+        return nan_model_repair_trial(bench)
+    if kind == "shard-lost-line":
+        return shard_lost_line_trial(bench, rng)
     sig = signal.SIGKILL
     if kind == "requeue":
         kind, sig = "train", STOP_SIGNAL
@@ -357,6 +400,267 @@ def second_driver_trial(bench: Bench) -> dict[str, Any]:
     return row
 
 
+def same_outputs(bench: Bench, paths: list[Path], row: dict[str, Any]) -> None:
+    ref, run = bench.work / "reference", bench.run
+    for path in paths:
+        if lines(path) != lines(ref / path.relative_to(run)):
+            row["problems"].append(f"{path.relative_to(run)} differs from the uninterrupted run")
+
+
+def data_edit_trial(bench: Bench, rng: random.Random) -> dict[str, Any]:
+    """A data file edited between stages (a gold answer of the test split changed, or the
+    training file cut in half): the unit started by hand and the driver both refuse, naming
+    the change, and run nothing; with the file restored, the stage runs to the reference's
+    outputs."""
+    bench.restore("verify")
+    paths = bench.paths
+    split = rng.choice(("test", "train"))
+    path = bench.split(split)
+    original = path.read_bytes()
+    rows = original.decode().splitlines(keepends=True)
+    if split == "test":
+        i = rng.randrange(len(rows))
+        record = json.loads(rows[i])
+        old = record["answer"]
+        record["answer"] = str(int(old) + 1)
+        record["solution"] = record["solution"].replace(f"\\boxed{{{old}}}", f"\\boxed{{{record['answer']}}}")
+        rows[i] = json.dumps(record) + "\n"
+        edit = f"test gold {i}"
+    else:
+        rows = rows[: len(rows) // 2]
+        edit = f"train cut to {len(rows)}"
+    path.write_text("".join(rows))
+    row: dict[str, Any] = {"kind": "data-edit", "kill_s": 0.0, "killed": False, "problems": [], "silent": 0,
+                           "on_disk": edit}
+    before = Manifest(bench.run).read()
+    try:
+        for name, cmd in (("jobs.stage verify", bench.cmd("verify")), ("the driver", bench.driver("verify"))):
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                row["silent"] = 1
+            if proc.returncode != 2 or f"data.{split} changed since" not in proc.stderr:
+                row["problems"].append(f"{name} did not refuse the edited {path.name}: exit {proc.returncode} "
+                                       f"{proc.stderr.strip()[-300:]}")
+        after = Manifest(bench.run).read()
+        if paths.graded(0).exists() or "verify" in after.get("iterations", {}).get("0", {}).get("stages", {}):
+            row["silent"] = 1
+        if after.get("data") != before.get("data") or "history" in after:
+            row["problems"].append("the refused commands changed the run's recorded data hashes or history")
+    finally:
+        path.write_bytes(original)
+    bench.run_to_end("verify")
+    same_outputs(bench, [paths.graded(0), paths.verified(0), paths.unsolved(0)], row)
+    if Manifest(bench.run).stage(0, "verify").get("state") != "done":
+        row["problems"].append("verify is not done once the file was restored")
+    if row["silent"]:
+        row["problems"].append("a stage ran on the edited data")
+    row["problems"] += check_artifacts(bench.run)
+    return row
+
+
+def unshare_refusal() -> str | None:
+    """Why a process cannot be started under another host name (`unshare -u`), or None."""
+    try:
+        proc = subprocess.run(["unshare", "-u", "sh", "-c", "hostname login-2"], capture_output=True, text=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare -u: {exc}"
+    return None if proc.returncode == 0 else f"unshare -u not permitted: {proc.stderr.strip()[-200:]}"
+
+
+def wait_until(ready: Any, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    """Poll `ready()` until it holds (True), or `proc` ends or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def lease_takeover_trial(bench: Bench) -> dict[str, Any]:
+    """Driver A is stopped (SIGSTOP) once each of its generate jobs has claimed its shard, and its
+    lease's heartbeat is aged an hour; driver B, on another host name, takes the lease over and
+    must wait for A's jobs instead of submitting them again; A, continued, must stop without
+    writing anything."""
+    row: dict[str, Any] = {"kind": "lease-takeover", "kill_s": 0.0, "killed": False, "problems": [], "silent": 0}
+    why = unshare_refusal()
+    if why is not None:
+        row["skipped"] = why
+        return row
+    bench.restore("generate")
+    run, paths = bench.run, bench.paths
+    cmd = bench.driver("generate")
+    a_log = bench.work / "driver-a.log"
+    with a_log.open("w") as log:
+        first = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def submitted_and_running() -> bool:
+        if "submitted" not in a_log.read_text():
+            return False
+        states = [Manifest(run).stage(0, "generate").get("shards", {}).get(str(k), {}).get("state") for k in range(2)]
+        return "running" in states and set(states) <= {"running", "done"}
+
+    start = time.perf_counter()
+    second = None
+    try:
+        if not wait_until(submitted_and_running, first):
+            row["problems"].append(f"driver A ended before its jobs were seen running: {a_log.read_text()[-300:]}")
+            return row
+        os.kill(first.pid, signal.SIGSTOP)
+        row["kill_s"] = round(time.perf_counter() - start, 2)
+        lease = run / "driver.lease"
+        lease.write_text(json.dumps({**json.loads(lease.read_text()), "heartbeat": time.time() - 3600}) + "\n")
+        second = subprocess.run(["unshare", "-u", "sh", "-c", 'hostname login-2 && exec "$@"', "sh", *cmd], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600, check=False)
+        manifest_after_b = paths.manifest.read_bytes() if paths.manifest.exists() else b""
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        try:
+            first.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            first.wait()
+    a_out = a_log.read_text()
+    b_out = second.stdout
+    row["on_disk"] = "B waited" if "waiting for" in b_out and "another process runs" in b_out else "A's jobs ended first"
+    if second.returncode != 0:
+        row["problems"].append(f"driver B failed: exit {second.returncode} {(second.stderr or b_out).strip()[-300:]}")
+    if "submitted" in b_out:
+        row["problems"].append("driver B submitted jobs for units A's jobs ran: "
+                               + next(line for line in b_out.splitlines() if "submitted" in line).strip())
+    if first.returncode != 2 or "lease was taken over" not in a_out:
+        row["problems"].append(f"driver A did not stop on the lost lease: exit {first.returncode} {a_out.strip()[-300:]}")
+    wrote = "merged" in a_out or paths.manifest.read_bytes() != manifest_after_b
+    row["silent"] = int(wrote)
+    if wrote:
+        row["problems"].append("driver A wrote to the run after losing its lease")
+    for shard in range(2):
+        got = ids(paths.gen_shard(0, shard, 2))
+        if len(got) != len(set(got)):
+            row["silent"] += len(got) - len(set(got))
+            row["problems"].append(f"shard {shard}: {len(got) - len(set(got))} duplicate records")
+    same_outputs(bench, [paths.gen_shard(0, s, 2) for s in range(2)] + [paths.generations(0)], row)
+    if Manifest(run).stage(0, "generate").get("state") != "done":
+        row["problems"].append("generate is not done after driver B")
+    row["problems"] += check_artifacts(run)
+    return row
+
+
+def poison(model: Path) -> int:
+    """Set the first element of every floating-point tensor of a safetensors file to NaN; how
+    many tensors."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(model), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(model))
+    n = 0
+    for tensor in tensors.values():
+        if tensor.is_floating_point() and tensor.numel():
+            tensor.view(-1)[0] = float("nan")
+            n += 1
+    save_file(tensors, str(model), metadata=metadata)
+    return n if all(torch.isnan(t.view(-1)[0]) for t in tensors.values() if t.is_floating_point()) else -1
+
+
+def nonfinite(model: Path) -> list[str]:
+    """The tensors of a safetensors file that hold an inf or NaN."""
+    import torch
+    from safetensors.torch import load_file
+
+    return [name for name, t in load_file(str(model)).items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def nan_model_repair_trial(bench: Bench) -> dict[str, Any]:
+    """The final model's weights turned NaN (one element of every tensor) and the manifest lost:
+    `distill repair` must not record training done; the next train run saves the model again
+    from its sealed checkpoint, finite and equal to the reference model. In every other trial (the
+    first, the third, ...) the model's record (`model.source.json`) is rewritten to the NaN model's hash, as if it had been
+    saved so: then only the finiteness check stands between it and "done"."""
+    bench.restore("evaluate")
+    run, paths = bench.run, bench.paths
+    model = paths.student(0) / "model.safetensors"
+    row: dict[str, Any] = {"kind": "nan-model-repair", "kill_s": 0.0, "killed": False, "problems": [], "silent": 0}
+    n = poison(model)
+    record = source_file(paths.student(0))
+    bench.nan_trials += 1
+    resealed = bench.nan_trials % 2 == 1 and record.exists()
+    if resealed:
+        record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": content_hash(paths.student(0))},
+                                     indent=1) + "\n")
+    row["on_disk"] = f"{n} NaN tensors{', record resealed' if resealed else ''}"
+    paths.manifest.unlink()
+    repair = subprocess.run([sys.executable, "-m", "distill", "repair", "--run", str(run)], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    if repair.returncode != 0:
+        row["problems"].append(f"repair failed: exit {repair.returncode} {repair.stderr.strip()[-300:]}")
+    state = Manifest(run).stage(0, "train").get("state")
+    row["silent"] = int(state == "done")
+    if row["silent"]:
+        row["problems"].append("repair recorded training done with a NaN model")
+    for stage in ("generate", "verify"):
+        if Manifest(run).stage(0, stage).get("state") != "done":
+            row["problems"].append(f"repair did not recover {stage}")
+    rerun = attempt(bench, "train")
+    if rerun.returncode != 0:
+        row["problems"].append(f"train after repair failed: exit {rerun.returncode} {rerun.stderr.strip()[-300:]}")
+    else:
+        bad = nonfinite(model)
+        if bad:
+            row["problems"].append(f"the saved model is not finite again: {', '.join(bad[:3])}")
+        if model.read_bytes() != (bench.work / "reference" / model.relative_to(run)).read_bytes():
+            row["problems"].append(f"{model.relative_to(run)} differs from the uninterrupted run")
+        if Manifest(run).stage(0, "train").get("state") != "done":
+            row["problems"].append("train is not done after its rerun")
+    row["problems"] += check_artifacts(run)
+    return row
+
+
+def shard_lost_line_trial(bench: Bench, rng: random.Random) -> dict[str, Any]:
+    """A finished generation shard loses its last line and the merged generations are deleted;
+    the driver (`--stages generate,verify`), rerun as a user would, must finish within two runs
+    with every record once and the reference's outputs."""
+    bench.restore("verify")
+    paths = bench.paths
+    shard = rng.randrange(2)
+    path = paths.gen_shard(0, shard, 2)
+    rows = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(rows[:-1]))
+    paths.generations(0).unlink()
+    row: dict[str, Any] = {"kind": "shard-lost-line", "kill_s": 0.0, "killed": False, "problems": [], "silent": 0,
+                           "on_disk": len(rows) - 1}
+    runs = []
+    for _ in range(3):
+        proc = subprocess.run(bench.driver("generate,verify"), cwd=ROOT, capture_output=True, text=True, check=False)
+        runs.append(proc)
+        if proc.returncode == 0:
+            break
+    row["runs"] = len(runs)
+    if runs[-1].returncode != 0 or len(runs) > 2:
+        row["problems"].append(f"the driver took {len(runs)} run(s), the last exit {runs[-1].returncode}: "
+                               f"{runs[-1].stderr.strip()[-300:]}")
+    entry = Manifest(bench.run).stage(0, "generate").get("shards", {}).get(str(shard), {})
+    if "generated_records" in entry:
+        row["redone"] = entry["generated_records"] - 1
+        if row["redone"] > SETTINGS["generation"]["n"] - 1:
+            row["problems"].append(f"{row['redone']} records that were on disk were generated again")
+    got = ids(path)
+    row["silent"] = len(got) - len(set(got))
+    if row["silent"]:
+        row["problems"].append(f"shard {shard}: {row['silent']} duplicate records")
+    if sorted(got) != sorted(ids(bench.work / "reference" / path.relative_to(bench.run))):
+        row["problems"].append(f"shard {shard} does not hold the reference's records")
+    same_outputs(bench, [paths.generations(0), paths.graded(0), paths.verified(0), paths.unsolved(0)], row)
+    for stage in ("generate", "verify"):
+        if Manifest(bench.run).stage(0, stage).get("state") != "done":
+            row["problems"].append(f"{stage} is not done")
+    row["problems"] += check_artifacts(bench.run)
+    return row
+
+
 MANIFEST_WRITER = """
 import sys
 from distill.manifest import Manifest
@@ -428,26 +732,36 @@ def main(argv: list[str] | None = None) -> int:
         print("reference run: " + ", ".join(f"{k} {v:.1f} s" for k, v in bench.durations.items()), flush=True)
         rows = []
         for t in range(args.trials):
+            began = time.perf_counter()
             row = trial(bench, kinds[t % len(kinds)], rng)
+            row["seconds"] = round(time.perf_counter() - began, 1)
             rows.append(row)
-            verdict = "ok" if not row["problems"] else "FAILED: " + "; ".join(row["problems"])
+            verdict = ("ok" if not row["problems"] else "FAILED: " + "; ".join(row["problems"])) if "skipped" not in row \
+                else f"skipped: {row['skipped']}"
             print(f"trial {t:2d} {row['kind']:<20} kill at {row['kill_s']:5.2f} s  on disk {row.get('on_disk', '-')!s:>4}"
                   f"  redone {row.get('redone', '-')!s:>3}  {verdict}", flush=True)
         failed = [r for r in rows if r["problems"]]
+        skipped = sum("skipped" in r for r in rows)
         print(f"\n{len(rows)} trials in {time.perf_counter() - start:.0f} s, {sum(r['killed'] for r in rows)} killed mid-run, "
-              f"{len(failed)} failed")
+              f"{len(failed)} failed, {sum(r.get('silent', 0) for r in rows)} silent uses of bad data"
+              + (f", {skipped} skipped" if skipped else ""))
         g, t = SETTINGS["generation"], SETTINGS["train"]
         in_flight = {"generate": f"{g['batch_size'] * g['n']} records (a batch)", "verify": "the stage (one pass)",
                      "train": f"{t['save_steps'] - 1} steps (save_steps - 1)", "evaluate": f"{SETTINGS['eval']['batch_size']} records (a batch)",
                      "manifest": "1 update", "requeue": "0 steps (saved at the stop)",
                      "corrupt-checkpoint": f"{t['save_steps']} steps (one checkpoint)", "corrupt-model": "0 (saved again)",
-                     "corrupt-jsonl": "0 (verify again)", "second-driver": "0"}
+                     "corrupt-jsonl": "0 (verify again)", "second-driver": "0", "data-edit": "0 (refused before running)",
+                     "lease-takeover": "0 (B waits for A's jobs)", "nan-model-repair": "0 (saved again from the last checkpoint)",
+                     "shard-lost-line": f"the lost line (+ at most {g['n'] - 1} samples of its problem)"}
         print("| trial | trials | killed mid-run | failed | on disk at the kill (records / checkpoint step / updates) "
               "| done again although on disk | lost in flight, at most | silent uses of bad data |")
         print("|---|---|---|---|---|---|---|---|")
         for kind in KINDS:
             mine = [r for r in rows if (r["kind"].split()[0] if "(" not in r["kind"] else "requeue") == kind]
-            if mine:
+            if mine and all("skipped" in r for r in mine):
+                print(f"| {kind} | {len(mine)} | - | skipped: {mine[0]['skipped']} | - | - | {in_flight[kind]} | - |")
+            elif mine:
+                mine = [r for r in mine if "skipped" not in r]
                 on_disk = ", ".join(str(r.get("on_disk", "-")) for r in mine)
                 redone = ", ".join(str(r["redone"]) for r in mine if "redone" in r) or "-"
                 silent = sum(r["silent"] for r in mine) if "silent" in mine[0] else "-"
