@@ -591,7 +591,7 @@ def nan_model_repair_trial(bench: Bench) -> dict[str, Any]:
     if resealed:
         record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": content_hash(paths.student(0))},
                                      indent=1) + "\n")
-    row["on_disk"] = f"{n} NaN tensors{', record resealed' if resealed else ''}"
+    row["on_disk"] = f"{n} NaN tensors{' + record resealed' if resealed else ''}"
     paths.manifest.unlink()
     repair = subprocess.run([sys.executable, "-m", "distill", "repair", "--run", str(run)], cwd=ROOT,
                             capture_output=True, text=True, check=False)
