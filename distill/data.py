@@ -3,11 +3,14 @@
 
 `meta` (when present) holds per-problem attributes such as MATH's `subject` and `level`; it
 travels with the problem into generation and graded records, so reports can group by it.
+A question or gold that is not text, or a gold from which grading could read no final answer,
+is refused naming its file, line and field (`field_text`, `gold_text`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,6 +85,22 @@ def iter_rows(path: str | Path, fmt: str = "auto", split: str | None = None) -> 
             yield f"{path}[row {i}]", dict(rec)
 
 
+# An error line quotes at most this much of a value: a 5 MB field must not flood a terminal or log.
+QUOTE_CHARS = 80
+# The longest gold without a `#### n` line or `\boxed{..}` that is taken as a plain answer. The
+# longest MATH-500 answer is 53 characters; every GSM8K rationale spans several lines.
+PLAIN_ANSWER_CHARS = 100
+
+
+def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)` for an error line, cut after `limit` characters with its full length said."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, str) else len(text)
+    return f"{text[:limit]}… ({size} characters)"
+
+
 def answer_text(value: Any) -> str:
     """Gold answers may be numbers (SVAMP's 27.0): an integral float is written as an integer."""
     if isinstance(value, float) and value.is_integer():
@@ -89,18 +108,85 @@ def answer_text(value: Any) -> str:
     return str(value)
 
 
+def _kind(value: Any) -> str:
+    """A value's type as a JSON file spells it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    names = {list: "a list", tuple: "a list", dict: "an object"}
+    return f"{names.get(type(value), type(value).__name__)} {quoted(value)}"
+
+
+def field_text(value: Any, place: str, key: str) -> str:
+    """A question or gold answer as text. Only a non-empty string or a finite number is one:
+    `str()` would turn null, a list or an object into "None" or "['7']", which a model would
+    be asked or graded against without any error."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{place}: field {key!r}: expected a non-empty string or a number, got {_kind(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{place}: field {key!r}: expected a finite number, got {value}")
+    text = answer_text(value)
+    if not text.strip():
+        raise DataError(f"{place}: field {key!r} is empty")
+    return text
+
+
+def is_plain_answer(text: str) -> bool:
+    """Whether a gold without a final-answer marker can be the answer itself: one line of at
+    most `PLAIN_ANSWER_CHARS` characters."""
+    text = text.strip()
+    return "\n" not in text and len(text) <= PLAIN_ANSWER_CHARS
+
+
+def marked_answer(text: str) -> str | None:
+    """The final answer grading reads from a `#### n` line or `\\boxed{..}` in `text`, or None
+    when it finds no such marker (`gold_answer` then takes the whole text)."""
+    if "####" not in text and "\\boxed" not in text and "\\fbox" not in text:
+        return None  # the common case, without importing math-verify
+    from distill.grading import gold_answer
+
+    answer = gold_answer(text)
+    return None if answer == text.strip() else answer
+
+
+def gold_text(value: Any, place: str, key: str) -> str:
+    """The gold answer of a record, refused where grading could not read a final answer from it.
+
+    Grading (`distill.grading.gold_answer`) compares against the last `#### n` line (GSM8K
+    rationales), else the last `\\boxed{..}` (MATH solutions), else the whole text. So a gold is
+    accepted when it is a number, carries one of those markers with something in it, or is a
+    plain answer (`is_plain_answer`). Anything else is a worked solution without a findable
+    final answer: graded as a whole it would match no response, and the run would report 0%
+    without any error. The rule reads the value, whatever field `data.answer_field` names, so
+    a data set with both a solution and a short answer works by pointing it at the answer.
+    """
+    text = field_text(value, place, key)
+    if not isinstance(value, str):
+        return text
+    answer = marked_answer(text)
+    if answer is not None and not answer.strip():
+        raise DataError(f"{place}: field {key!r}: its final answer is empty: {quoted(value)}")
+    if answer is None and not is_plain_answer(text):
+        raise DataError(f"{place}: field {key!r}: no final answer to grade against (neither a '#### n' line nor "
+                        f"\\boxed{{...}}, and not a plain answer of one line up to {PLAIN_ANSWER_CHARS} characters): "
+                        f"{quoted(value)}; set data.answer_field to a field holding the bare answer")
+    return text
+
+
 def map_problem(
     rec: dict[str, Any], place: str, *, question: str, answer: str, id_field: str | None,
     meta_fields: list[str] | tuple[str, ...] = (), default_id: str,
 ) -> dict[str, Any]:
-    """One record of a user file as a problem, with the configured field mapping."""
+    """One record of a user file as a problem, with the configured field mapping; the question
+    and gold are checked as `field_text` and `gold_text` say."""
     for key in (question, answer, *meta_fields):
         if key not in rec:
             raise DataError(f"{place}: missing field {key!r}")
     problem = {
         "id": str(rec[id_field]) if id_field and rec.get(id_field) is not None else default_id,
-        "question": str(rec[question]),
-        "gold": answer_text(rec[answer]),
+        "question": field_text(rec[question], place, question),
+        "gold": gold_text(rec[answer], place, answer),
     }
     if meta_fields:
         problem["meta"] = {k: rec[k] for k in meta_fields}
@@ -111,7 +197,7 @@ def check_unique(problems: list[dict[str, Any]], places: list[str]) -> None:
     seen: dict[str, str] = {}
     for problem, place in zip(problems, places, strict=True):
         if problem["id"] in seen:
-            raise DataError(f"{place}: duplicate id {problem['id']!r} (first at {seen[problem['id']]})")
+            raise DataError(f"{place}: duplicate id {quoted(problem['id'])} (first at {seen[problem['id']]})")
         seen[problem["id"]] = place
 
 

@@ -79,6 +79,11 @@ def evaluate_part(
                                  "tokens_per_s": 0.0}
     if _complete(graded_out, ids):
         return gen_stats
+    if not ids:  # more shards than problems: an empty shard is complete as it is
+        write_jsonl(out, [])
+        write_jsonl(graded_out, [])
+        write_json(paths.stats(label, shard), {"generation": gen_stats, "grading": {"answers": 0, "seconds": 0.0}})
+        return gen_stats
     if not _complete(out, ids):
         model = backend()
         tasks = [task(p, build_prompt(model.tokenizer, prompt, p["question"]), model=label) for p in part]

@@ -377,6 +377,9 @@ class Driver:
             failed = wait(list(jobs.values()), self.kind, watch=view)
         finally:
             view.close()
+        # A unit another process claimed between this driver's look and its job's start (a driver
+        # stopped after submitting, then taken over): its job was refused; wait for the holder.
+        held |= self.held_elsewhere(stage, [k for k in keys if k not in held])
         if held:
             self.wait_held(stage, held)
         self.guard()

@@ -241,3 +241,17 @@ def test_a_run_root_with_a_percent_sign_is_refused(tiny_world, tmp_path):
     cfg = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs-%j")
     with pytest.raises(ConfigError, match=r"run_root: contains '%' .*job logs would be written outside the run"):
         load_config(cfg)
+
+
+def test_more_evaluation_shards_than_problems_finish_and_merge(tiny_world, tmp_path, capsys):
+    cfg = demo_config(tmp_path, tiny_world)
+    run = tmp_path / "runs" / "e2e"
+    small = ["data.train_limit=6", "train.max_steps=2", "eval.limit=3", "eval.num_shards=5", "eval.baselines=false",
+             "generation.num_shards=1"]
+    args = driver("--config", str(cfg), *[a for s in small for a in ("--set", s)])
+    assert driver_main(args) == 0, capsys.readouterr().err
+    entry = Manifest(run).stage(0, "evaluate")
+    assert entry["state"] == "done" and entry["results"]["student"]["n"] == 3
+    capsys.readouterr()
+    assert driver_main(args) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 4
