@@ -255,3 +255,16 @@ def test_more_evaluation_shards_than_problems_finish_and_merge(tiny_world, tmp_p
     capsys.readouterr()
     assert driver_main(args) == 0
     assert capsys.readouterr().out.count("done, skipped") == 4
+
+
+def test_a_lease_whose_heartbeat_lies_in_the_future_names_the_clock_skew(tmp_path):
+    from distill.errors import DistillError
+    from distill.lease import RunLease
+
+    (tmp_path / "driver.lease").write_text(json.dumps(
+        {"host": "login-2", "pid": 1, "started": "x", "heartbeat": time.time() + 3600}))
+    with pytest.raises(DistillError) as refused, RunLease(tmp_path):
+        pass
+    assert "another driver works on this run (pid 1 on login-2" in str(refused.value)
+    assert "s in the future: the clocks of login-2 and " in str(refused.value)
+    assert "differ (check NTP)" in str(refused.value)
