@@ -12,18 +12,7 @@ import pytest
 from distill.config import RANGES, RunConfig, load_config
 from distill.errors import ConfigError
 from distill.typed_yaml import _convert
-
-BASE = """\
-name: demo
-models: {teacher: m/t, student: m/s}
-data: {train: d/train.jsonl, test: d/test.jsonl}
-"""
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "c.yaml"
-    p.write_text(text)
-    return p
+from tests.test_config import BASE, write
 
 
 def nested(dotted: str, value: str) -> str:
