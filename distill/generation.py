@@ -248,12 +248,37 @@ class VLLMBackend:
         return Completion(text=out.text, n_tokens=len(out.token_ids), finished=out.finish_reason == "stop",
                           top_logprobs=top)
 
-    def close(self) -> None:
-        """Shut the engine core and its workers down (idempotent)."""
+    def close(self, wait_s: float = 30.0) -> None:
+        """Shut the engine core and its workers down, and return only once they are gone
+        (idempotent). vLLM's own shutdown sends SIGKILL after a 5 s grace and returns without
+        waiting, so on a loaded machine the engine could outlive the call that ended it."""
         llm, self.llm = self.llm, None
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
+        if core is None:
+            return
+        import psutil
+
+        procs = engine_processes(core)
+        core.shutdown()
+        _, alive = psutil.wait_procs(procs, timeout=wait_s)
+        for proc in alive:
+            proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+def engine_processes(core: Any) -> list[Any]:
+    """The psutil processes of a vLLM engine client: its engine cores and their workers."""
+    import psutil
+
+    manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+    procs = []
+    for proc in getattr(manager, "processes", []):
+        try:
+            top = psutil.Process(proc.pid)
+            procs += [top, *top.children(recursive=True)]
+        except (psutil.NoSuchProcess, TypeError, ValueError):
+            continue
+    return procs
 
 
 def cpu_worker_binding(workers: int) -> str:

@@ -37,15 +37,25 @@ def run(tmp_path_factory):
 
 
 def test_the_loop_ran_end_to_end(run):
+    """Iteration 0 runs whole and iteration 1 through verify. Whether iteration 1 trains is the
+    teacher's doing: a 135M model often samples no correct rationale for the 12 problems its
+    student got wrong, and then the loop stops there, in one line, with iteration 0's student
+    the last."""
     from distill.manifest import Manifest
 
     m = Manifest(run.run_dir)
-    for it, stages in ((0, ("generate", "verify", "train", "evaluate")), (1, ("mine", "generate", "verify", "train",
-                                                                              "evaluate"))):
+    for it, stages in ((0, ("generate", "verify", "train", "evaluate")), (1, ("mine", "generate", "verify"))):
         for stage in stages:
             assert m.stage(it, stage)["state"] == "done", (it, stage)
-    metrics = json.loads((RunPaths(run.run_dir).eval(1, 1).metrics("student")).read_text())
-    assert metrics["n"] == 12
+    assert json.loads(RunPaths(run.run_dir).eval(0, 1).metrics("student").read_text())["n"] == 12
+    assert m.stage(1, "mine")["metrics"]["probed"] == 12
+    if m.stage(1, "verify")["metrics"]["kept"] == 0:
+        train = m.stage(1, "train")
+        assert train["state"] == "failed" and "verify kept 0 rationales" in train["error"], train
+        assert not RunPaths(run.run_dir).student(1).exists()
+    else:
+        assert m.stage(1, "evaluate")["state"] == "done"
+        assert json.loads(RunPaths(run.run_dir).eval(1, 1).metrics("student").read_text())["n"] == 12
 
 
 def test_the_chat_template_is_applied_once_and_the_end_of_turn_token_ends_answers(run):
@@ -67,7 +77,7 @@ def test_the_chat_template_is_applied_once_and_the_end_of_turn_token_ends_answer
 
 
 def test_answers_are_extracted_from_real_prose(run):
-    graded = read_jsonl(RunPaths(run.run_dir).eval(1, 1).graded("student"))
+    graded = read_jsonl(RunPaths(run.run_dir).eval(0, 1).graded("student"))
     found = [r for r in graded if r["pred_answer"] is not None]
     # The prompt asks for "The answer is N."; about 4 in 5 untrained answers say it (README).
     assert len(found) >= len(graded) // 3, [r["response"][-80:] for r in graded]
@@ -82,7 +92,7 @@ def test_training_data_survives_the_tokenizer_round_trip_and_ends_with_eos(run):
     from distill.training import tokenize_pairs
 
     tok = AutoTokenizer.from_pretrained(MODEL)
-    data = read_jsonl(RunPaths(run.run_dir).train_data(1))
+    data = read_jsonl(RunPaths(run.run_dir).train_data(0))
     assert data, "no verified rationale reached the training set"
     pairs = training_pairs(run.prompt, data, tok)
     for (prompt, completion), ex in zip(pairs, tokenize_pairs(tok, pairs, max_length=4096), strict=True):
