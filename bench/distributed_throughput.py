@@ -43,10 +43,11 @@ def worker(spec: dict) -> None:
     """One rank of one measurement (started by torchrun): train, and report rank 0's figures."""
     import torch
 
-    from distill.config import PromptConfig, TrainConfig
+    from distill.config import PromptConfig
     from distill.jsonl import read_jsonl
     from distill.modeling import load_tokenizer
     from distill.prompts import build_prompt
+    from distill.train_config import TrainConfig
     from distill.training import train
 
     torch.set_num_threads(1)

@@ -30,7 +30,8 @@ import json, sys, torch
 from pathlib import Path
 torch.set_num_threads(int(sys.argv[1]))
 from transformers import AutoTokenizer
-from distill.config import PromptConfig, TrainConfig
+from distill.config import PromptConfig
+from distill.train_config import TrainConfig
 from distill.jsonl import read_jsonl
 from distill.prompts import build_prompt
 from distill.training import train

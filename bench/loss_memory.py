@@ -31,7 +31,7 @@ CHILD = r"""
 import functools, json, resource, sys, time
 import psutil, torch
 sys.path.insert(0, {root!r})
-from distill import objectives
+from distill import divergences
 from distill.chunked import CrossEntropy, full_head_loss, head_loss
 import torch.nn.functional as F
 
@@ -53,13 +53,13 @@ elif case == "kd_full":
     rows["t_hidden"] = torch.randn(n, h)
     def loss(logits, rows):
         t_logits = rows["t_logits"] if "t_logits" in rows else rows["t_hidden"] @ t_weight.T
-        div, _ = objectives.full_kd(logits, t_logits, "forward_kl")
+        div, _ = divergences.full_kd(logits, t_logits, "forward_kl")
         return ce(logits, rows, 0.5 / n) + 0.5 * div.sum() / n
 else:
     top = torch.randn(n, k).log_softmax(-1).sort(-1, descending=True)
     rows["t_ids"], rows["t_logprobs"] = torch.randint(0, v, (n, k)), top.values
     def loss(logits, rows):
-        div, _ = objectives.topk_kd(logits, rows["t_ids"], rows["t_logprobs"], "forward_kl")
+        div, _ = divergences.topk_kd(logits, rows["t_ids"], rows["t_logprobs"], "forward_kl")
         return ce(logits, rows, 0.5 / n) + 0.5 * div.sum() / n
 
 base = psutil.Process().memory_info().rss

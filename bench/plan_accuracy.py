@@ -41,7 +41,7 @@ CHILD = r"""
 import json, resource, sys
 sys.path.insert(0, {root!r})
 import psutil, torch
-from distill.config import TrainConfig
+from distill.train_config import TrainConfig
 from distill.training import train
 
 cfg = TrainConfig(**{cfg!r})
@@ -123,8 +123,8 @@ def measure(model: Path, case: str, checkpointing: bool, work: Path, malloc: str
 
 def estimate(model: Path, case: str, checkpointing: bool) -> dict:
     """`distill plan`'s training estimate for the same shape and settings (float32, one device)."""
-    from distill.config import TrainConfig
     from distill.plan import Setup, read_shape, train_memory
+    from distill.train_config import TrainConfig
 
     cfg = TrainConfig(**train_config(case, checkpointing))
     return train_memory(read_shape(str(model)), Setup.from_config(cfg, "fp32"))

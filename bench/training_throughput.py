@@ -25,9 +25,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.config import PromptConfig, TrainConfig  # noqa: E402
+from distill.config import PromptConfig  # noqa: E402
 from distill.jsonl import read_jsonl, write_json  # noqa: E402
 from distill.prompts import build_prompt  # noqa: E402
+from distill.train_config import TrainConfig  # noqa: E402
 from distill.training import IGNORE, pad_rows, tokenize_pairs, train  # noqa: E402
 
 

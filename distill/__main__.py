@@ -163,7 +163,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     from distill.gpucheck import main
 
-    return main(args.out)
+    names = [n.strip() for n in args.objectives.split(",") if n.strip()] if args.objectives else None
+    return main(args.out, names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,12 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iter", type=int, default=0, help="iteration whose eval/ to read (default: %(default)s)")
     p.set_defaults(func=cmd_tokens)
 
-    from distill.compare import PRESETS
+    from distill import objectives
 
     p = sub.add_parser("compare", help="one student per distillation objective at equal steps, evaluated side by side",
                        description="Train one student per objective on iteration 0's verified rationales of the run "
                        "(run `make iter ITER=0` first), at equal steps, and evaluate each on the held-out split. "
-                       f"Objectives: {', '.join(PRESETS)}.")
+                       f"Presets: {', '.join(objectives.presets())}; any objective by its name or module path.")
     p.add_argument("--config", default="configs/tiny.yaml", help="run config (default: %(default)s)")
     p.add_argument("--objectives", default="sft,kd,ekd,context,feature", help="comma-separated (default: %(default)s)")
     p.add_argument("--steps", type=int, help="optimizer steps per student (default: the config's train.max_steps)")
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "QLoRA, the chunked loss at a 151,936-token vocabulary, transformers and vLLM generation (tensor "
                        "parallel with 2+ GPUs). CUDA-only checks are skipped without CUDA. Exit status 1 if any failed.")
     p.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help="work directory (default: %(default)s)")
+    p.add_argument("--objectives", help="comma-separated objectives whose checks to run, by name or module path "
+                   "(default: every objective in distill/objectives)")
     p.set_defaults(func=cmd_gpu_check)
     return parser
 

@@ -16,38 +16,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.config import RunConfig, load_config
+from distill import objectives
+from distill.config import load_config
 from distill.errors import DistillError
 from distill.jsonl import atomic_write_text, read_jsonl, write_json
 
-# name -> `--set` overrides of the run's config
-PRESETS: dict[str, list[str]] = {
-    "sft": ["train.objective=sft"],
-    "kd": ["train.objective=kd"],
-    "kd-reverse": ["train.objective=kd", "train.kd.loss=reverse_kl"],
-    "kd-jsd": ["train.objective=kd", "train.kd.loss=jsd", "train.kd.beta=0.5"],
-    "kd-offline": ["train.objective=kd", "train.kd.teacher=offline", "train.kd.top_k=20"],
-    "kd-offline-64": ["train.objective=kd", "train.kd.teacher=offline", "train.kd.top_k=64"],
-    "ekd": ["train.objective=ekd", "train.kd.top_k_percent=0.2"],
-    "ekd-bucket": ["train.objective=ekd", "train.kd.top_k_percent=null", "train.kd.bucket=[70, 80]"],
-    "context": ["train.objective=context"],
-    "feature": ["train.objective=feature"],
-}
 
-
-def settings_of(cfg: RunConfig) -> str:
-    t = cfg.train
-    if t.objective == "sft":
-        return "cross-entropy on teacher rationales"
-    if t.objective == "feature":
-        return f"{t.feature.loss} on layers {t.feature.layers}, alpha {t.feature.alpha}"
-    kd = t.kd
-    what = f"{kd.loss}{f' beta {kd.beta}' if kd.loss == 'jsd' else ''}, T {kd.temperature}, alpha {kd.alpha}"
-    if kd.teacher == "offline":
-        what += f", offline top-{kd.top_k}"
-    if t.objective == "ekd":
-        what += f", {'bucket ' + str(kd.bucket) if kd.bucket else f'top {kd.top_k_percent:.0%}'} by {kd.score}"
-    return what
+def overrides_for(name: str) -> list[str]:
+    """`--set` overrides that make the run's config train `name`: a preset of an objective
+    (`kd-offline`), or an objective by its name or module path."""
+    found = objectives.presets().get(name)
+    if found is not None:
+        return found
+    try:
+        objectives.get(name)
+    except DistillError as exc:
+        raise DistillError(f"--objectives: unknown {name!r} (presets: {', '.join(objectives.presets())}; "
+                           f"objectives: {exc})") from None
+    return [f"train.objective={name}"]
 
 
 def compare(config: str | Path, names: list[str], overrides: list[str], steps: int | None, progress: bool = True) -> str:
@@ -62,9 +48,7 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    unknown = [n for n in names if n not in PRESETS]
-    if unknown:
-        raise DistillError(f"--objectives: unknown {unknown[0]!r} (known: {', '.join(PRESETS)})")
+    sets = {name: overrides_for(name) for name in names}
     base = load_config(config, overrides)
     paths = RunPaths(base.run_dir)
     verified = paths.verified(0)
@@ -78,7 +62,7 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     models: dict[str, str] = {}
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
-        cfg = load_config(config, [*overrides, *PRESETS[name], f"train.max_steps={steps}"])
+        cfg = load_config(config, [*overrides, *sets[name], f"train.max_steps={steps}"])
         out = TrainPaths(root / name)
         tokenizer = AutoTokenizer.from_pretrained(str(cfg.models.student))
         start = time.perf_counter()
@@ -90,7 +74,7 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
             write_json(out.timing, {"train_s": round(time.perf_counter() - start, 3), "tokens_per_s": result.tokens_per_s})
         timing = read_json_or_none(out.timing) or {"train_s": None, "tokens_per_s": None}
         topk = read_json_or_none(out.topk_info)
-        rows[name] = {"settings": settings_of(cfg), "steps": result.step, "loss": result.loss, **timing,
+        rows[name] = {"settings": objectives.build(cfg.train).describe(), "steps": result.step, "loss": result.loss, **timing,
                       "topk_bytes_per_token": topk and round(int(topk["file_bytes"]) / int(topk["tokens"]), 1)}
     split = base.eval.split
     settings = EvalSettings(source=str(getattr(base.data, split)), limit=base.eval.limit,

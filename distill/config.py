@@ -23,28 +23,19 @@ from typing import Any, Literal
 
 import yaml
 
-from distill.errors import ConfigError
+from distill import objectives
+from distill.errors import ConfigError, DistillError
+from distill.train_config import TrainConfig
 from distill.typed_yaml import (
     check_name,
     check_one_line,
+    compat,
     from_mapping,
     override_label,
     parse_overrides,
     read_yaml_mapping,
     set_path,
 )
-
-# Fields added after runs were started with configs that lack them. At their default they are
-# left out of the config hash, so adding them does not make existing run directories refuse
-# their own (unchanged) config; set to anything else they count like every other field.
-COMPAT = {"compat": True}
-
-
-def compat(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A field added later: see `COMPAT`."""
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=COMPAT)
-    return field(default=default, metadata=COMPAT)
 
 
 @dataclass
@@ -139,91 +130,6 @@ class VerifyConfig:
     # student trained on a handful of examples says little); none at all stops the iteration
     # before training is submitted.
     min_rationales: int = compat(32)
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class KDConfig:
-    """The teacher signal of objectives `kd`, `ekd` and `context`: loss = (1 - alpha) * CE +
-    alpha * T^2 * divergence(teacher || student) averaged over the selected completion positions.
-
-    `teacher: online` keeps the teacher in memory (full vocabulary, any objective); `offline`
-    runs the teacher once over the training set before the first step, stores its `top_k`
-    logprobs per token beside the checkpoints and trains without it (kd and ekd only).
-    """
-
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    beta: float = 0.5
-    temperature: float = 1.0
-    alpha: float = 0.5
-    teacher: Literal["online", "offline"] = "online"
-    top_k: int = 20
-    # ekd: the top_k_percent highest-scoring completion positions of each sequence, or the
-    # positions between two score percentiles (bucket: [70, 80]); score: whose entropy.
-    top_k_percent: float | None = 0.2
-    bucket: list[float] | None = None
-    score: Literal["teacher_entropy", "student_entropy"] = "teacher_entropy"
-    # context: the teacher's prompt, with the student's prompt in the {prompt} slot.
-    context_template: str = "Solve step by step and end with the answer in \\boxed{{}}.\n{prompt}"
-
-
-@dataclass
-class FeatureConfig:
-    """Objective `feature`: hidden-state matching through a learned linear projection
-    (student width -> teacher width), one pair [student layer, teacher layer] per entry
-    (hidden_states indices: 0 = embeddings, -1 = last layer), plus CE weighted 1 - alpha."""
-
-    layers: list[list[int]] = field(default_factory=lambda: [[-1, -1]])
-    loss: Literal["mse", "cosine"] = "mse"
-    alpha: float = 0.5
-
-
-@dataclass
-class TrainConfig:
-    """Student training; one optimizer step consumes `batch_size * grad_accum` examples."""
-
-    objective: Literal["sft", "kd", "ekd", "context", "feature"] = "sft"
-    lr: float = 2e-5
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 2048
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    save_steps: int = 100
-    keep_checkpoints: int = 2
-    log_steps: int = 10
-    seed: int = 0
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    kd: KDConfig = compat(default_factory=KDConfig)
-    feature: FeatureConfig = compat(default_factory=FeatureConfig)
-    # QLoRA: load the student in 4 bit (bitsandbytes, CUDA only) and train LoRA adapters on it.
-    quantize: Literal["none", "4bit"] = compat("none")
-    # Pack each micro-batch's examples into rows of up to max_length tokens (attention kept
-    # within each example) instead of padding every example to the longest; sft only.
-    packing: bool = compat(False)
-    # auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on the CPU.
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = compat("auto")
-    # Recompute each layer's activations in backward instead of keeping them (less memory,
-    # about a third more compute).
-    gradient_checkpointing: bool = compat(False)
-    # Positions per chunk of the LM head and the loss: bounds the vocabulary-sized tensors.
-    loss_chunk: int = compat(256)
-    # Under torchrun, one process per GPU: ddp replicates the student, fsdp shards it (FSDP2, one
-    # unit per decoder layer). Either way a step consumes the same batch as one process would
-    # (distill.ranks); without torchrun the job runs as one process. The cluster profile's
-    # nodes, tasks_per_node and gpus_per_node lay the ranks out (jobs.launch).
-    distributed: Literal["none", "ddp", "fsdp"] = compat("none")
 
 
 @dataclass
@@ -550,23 +456,14 @@ def check_train(t: TrainConfig, where: str | Origin) -> None:
     """Objective settings that cannot work, refused before any job starts (`where`: the config
     file, or the `Origin` that also names overrides)."""
     at = where if isinstance(where, Origin) else Origin(where)
-    kd = t.kd
-    if t.objective == "ekd":
-        if (kd.top_k_percent is None) == (kd.bucket is None):
-            raise ConfigError(f"{at('train.kd', 'train.objective')}: ekd needs exactly one of top_k_percent and bucket")
-        if kd.bucket is not None and not (len(kd.bucket) == 2 and 0 <= kd.bucket[0] < kd.bucket[1] <= 100):
-            raise ConfigError(f"{at('train.kd.bucket')}: expected [lower, upper] percentiles, "
-                              f"0 <= lower < upper <= 100, got {kd.bucket}")
-    if t.objective == "context" and kd.teacher == "offline":
-        raise ConfigError(f"{at('train.kd.teacher', 'train.objective')}: context distillation needs the teacher online")
-    if t.objective == "feature":
-        if not t.feature.layers:
-            raise ConfigError(f"{at('train.feature.layers')}: give at least one [student, teacher] pair")
-        for i, pair in enumerate(t.feature.layers):
-            if len(pair) != 2:
-                raise ConfigError(f"{at('train.feature.layers')}[{i}]: expected a [student, teacher] pair, got {pair}")
-    if t.packing and t.objective != "sft":
-        raise ConfigError(f"{at('train.packing', 'train.objective')}: only with objective sft (got {t.objective})")
+    try:
+        objective = objectives.build(t)
+    except DistillError as exc:
+        raise ConfigError(f"{at('train.objective')}: {exc}") from None
+    objective.check(at)
+    if t.packing and not objective.packs:
+        raise ConfigError(f"{at('train.packing', 'train.objective')}: objective {t.objective} does not train on "
+                          "packed rows (sft does)")
     # Whether the job's machine has CUDA and bitsandbytes is checked when the job starts
     # (distill.device): the login node that loads this config usually has no GPU.
     if t.quantize == "4bit" and not t.lora.enabled:

@@ -1,14 +1,12 @@
-"""The loss of a training run: the student's cross-entropy and what each objective adds to it.
+"""The loss of a training run: the student's cross-entropy and what its objective adds to it.
 
-`Distiller` is built once per training run from `train.objective` and gives the training loop
-two functions: `prepare(batch)`, host-side bookkeeping of a collated micro-batch (which
-positions carry a target, the stored teacher rows that go with them), and `loss(model, batch)`
-on the model's device. `sft` is plain cross-entropy. `kd`, `ekd` and `context` add a divergence
-to the teacher's distribution at the completion positions: from the teacher in memory (online),
-or from its top-k logprobs captured once before the first step and stored beside the
-checkpoints (offline), so a requeued job does not run the teacher again. `feature` matches
-hidden states through learned projections, which are trained and checkpointed with the student
-(they live on the model as `distill_projections` until the final save removes them).
+`Distiller` is built once per training run from `train.objective` (`distill.objectives`) and
+gives the training loop two functions: `prepare(batch)`, host-side bookkeeping of a collated
+micro-batch (which positions carry a target, the stored teacher rows that go with them), and
+`loss(model, batch)` on the model's device. It holds what every objective shares: the teacher
+in memory (online), or its top-k logprobs captured once before the first step and stored beside
+the checkpoints (offline), so a requeued job does not run the teacher again; and the chunked
+head. The objective says what it needs and adds its term.
 
 Only completion positions reach the LM head, and the head runs together with the loss a chunk
 of positions at a time (`distill.chunked`), for the teacher's head too: no [batch, length,
@@ -26,22 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distill import objectives
 from distill.chunked import CrossEntropy, head_loss
-from distill.config import TrainConfig
 from distill.device import Placement
 from distill.errors import DistillError, writing
 from distill.jsonl import sha256_file
 from distill.layout import TrainPaths
-from distill.modeling import PROJECTIONS, decoder, load_teacher, output_head
+from distill.modeling import decoder, load_teacher, output_head
+from distill.objectives import IGNORE
 from distill.ranks import Ranks
+from distill.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 def vocabulary_relation(student_tokenizer: Any, teacher_tokenizer: Any) -> str:
@@ -163,22 +160,25 @@ def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, voc
 
 
 class Distiller:
-    """The loss of one training run, given its objective."""
+    """The loss of one training run: the student's cross-entropy and what its objective adds
+    (`distill.objectives`), on whatever teacher the objective needs."""
 
     def __init__(self, cfg: TrainConfig, tokenizer: Any, teacher_path: str | Path | None, out: TrainPaths,
                  examples: list[dict[str, list[int]]], place: Placement, attn_implementation: str = "sdpa",
                  ranks: Ranks | None = None) -> None:
-        self.cfg, self.kd, self.objective, self.place = cfg, cfg.kd, cfg.objective, place
+        self.cfg, self.place = cfg, place
+        self.objective = objectives.build(cfg)
         self.ranks = ranks or Ranks()
         self.vocab = len(tokenizer)
         self.teacher: Any = None
         self.store: TopKStore | None = None
-        if self.objective == "sft":
+        needs = self.objective.teacher()
+        if needs == "none":
             return
         if teacher_path is None:
-            raise DistillError(f"train.objective {self.objective} needs a teacher (models.teacher)")
-        check_vocabularies(tokenizer, teacher_path, self.objective)
-        if self.objective in ("kd", "ekd") and self.kd.teacher == "offline":
+            raise DistillError(f"train.objective {cfg.objective} needs a teacher (models.teacher)")
+        check_vocabularies(tokenizer, teacher_path, cfg.objective)
+        if needs == "offline":
             # Rank 0 captures the store (or finds it), the others then load what it wrote.
             self.store = self.ranks.first(lambda: self._offline_store(teacher_path, out, examples, attn_implementation))
         else:
@@ -190,8 +190,9 @@ class Distiller:
             self.t_weight = output_head(self.teacher).weight[: self.vocab].to(place.device)
 
     def _offline_store(self, teacher_path: str | Path, out: TrainPaths, examples: list[dict], attn: str) -> TopKStore:
-        path = out.topk(self.kd.top_k)
-        meta = {"teacher": str(teacher_path), "k": str(self.kd.top_k), "examples": str(len(examples)),
+        top_k = self.cfg.kd.top_k
+        path = out.topk(top_k)
+        meta = {"teacher": str(teacher_path), "k": str(top_k), "examples": str(len(examples)),
                 "tokens": str(sum(sum(1 for lab in e["labels"] if lab != IGNORE) for e in examples))}
         if path.exists():
             store, saved = TopKStore.load(path)
@@ -201,7 +202,7 @@ class Distiller:
             log.warning("%s: written for other settings, or damaged (sha256 differs from %s): captured again",
                         path, out.topk_info.name)
         teacher = load_teacher(teacher_path, self.place, attn, spread=self.ranks.world == 1)
-        store = capture_topk(teacher, examples, self.kd.top_k, self.vocab, batch_size=self.cfg.batch_size,
+        store = capture_topk(teacher, examples, top_k, self.vocab, batch_size=self.cfg.batch_size,
                              chunk=self.cfg.loss_chunk)
         del teacher
         store.save(path, meta)
@@ -210,16 +211,9 @@ class Distiller:
              "sha256": sha256_file(path)}, indent=1))
         return store
 
-    def attach_projections(self, model: torch.nn.Module) -> None:
-        """Feature distillation: one linear map per layer pair, student width -> teacher width,
-        registered on the model (on its device, in float32) so the optimizer and the
-        checkpoints include it."""
-        if self.objective != "feature":
-            return
-        sw, tw = model.config.hidden_size, self.teacher.config.hidden_size
-        torch.manual_seed(self.cfg.seed)
-        projections = torch.nn.ModuleList(torch.nn.Linear(sw, tw) for _ in self.cfg.feature.layers)
-        model.add_module(PROJECTIONS, projections.to(self.place.device))
+    def attach(self, model: torch.nn.Module) -> None:
+        """The objective's trainable parts, on the model before the optimizer sees it."""
+        self.objective.attach(model, self)
 
     # -- host side ---------------------------------------------------------------------------
 
@@ -244,43 +238,37 @@ class Distiller:
         already on the model's device; `n_target` counts the targets of the whole step.
 
         On several ranks the batch is this rank's part of the micro-batch: the averages over the
-        micro-batch (the divergence's, the features') divide by counts summed over the ranks, so
-        the parts' losses add up to the whole one's. A part that is not `counted` (a rank left
-        without examples runs one, see distill.ranks) adds 0 to the loss and to the counts."""
-        features = self.objective == "feature"
+        micro-batch (the divergence's, the objective's own) divide by counts summed over the
+        ranks, so the parts' losses add up to the whole one's. A part that is not `counted` (a
+        rank left without examples runs one, see distill.ranks) adds 0 to the loss and to the counts."""
+        obj = self.objective
         out = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch.get("position_ids"), output_hidden_states=features, use_cache=False)
+                             position_ids=batch.get("position_ids"), output_hidden_states=obj.hidden_states,
+                             use_cache=False)
         hidden = _rows(out.last_hidden_state, batch["positions"])
         weight = output_head(model).weight[: self.vocab]
-        alpha = {"sft": 0.0, "feature": self.cfg.feature.alpha}.get(self.objective, self.kd.alpha)
+        alpha = obj.alpha()
         rows: dict[str, torch.Tensor] = {"target": batch["targets"]}
-        if self.objective not in ("sft", "feature"):
+        if obj.logit_term:
             rows |= self._teacher_rows(batch)
-            selected = self._selected(batch, rows, hidden.detach(), weight.detach())
+            selected = obj.select(self, batch, rows, hidden.detach(), weight.detach())
             n_selected = self.ranks.sum(selected.sum() if counted else selected.new_zeros(()))
-            rows["kd_weight"] = alpha * self.kd.temperature**2 * selected / n_selected.clamp(min=1.0) / grad_accum
+            rows["kd_weight"] = obj.logit_weight() * selected / n_selected.clamp(min=1.0) / grad_accum
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce = CrossEntropy((1 - alpha) / max(n_target, 1), ce_sum)
         chunk_loss = functools.partial(self._chunk_loss, ce=ce) if "kd_weight" in rows else ce
         loss = head_loss(hidden, weight, chunk_loss, rows, chunk=self.cfg.loss_chunk, dtype=self.place.dtype)
-        if features:
-            loss = loss + alpha * self._feature_loss(model, out.hidden_states, batch, counted) / grad_accum
+        extra = obj.extra_loss(self, model, out.hidden_states, batch, grad_accum, counted)
+        if extra is not None:
+            loss = loss + extra
         if not counted:
             return loss * 0.0, ce_sum * 0.0
         return loss, ce_sum
 
     def _chunk_loss(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], *, ce: CrossEntropy) -> torch.Tensor:
         """The loss of one chunk of positions: weighted cross-entropy plus the weighted divergence."""
-        div, _ = self._divergence(logits, rows)
+        div = self.objective.divergence(self, logits, rows)
         return ce(logits, rows) + (div * rows["kd_weight"]).sum()
-
-    def _divergence(self, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        kd = self.kd
-        if "t_ids" in rows:
-            return objectives.topk_kd(logits, rows["t_ids"], rows["t_logprobs"], kd.loss, beta=kd.beta,
-                                      temperature=kd.temperature)
-        t_logits = rows["t_hidden"] @ self.t_weight.T  # both in the compute dtype already
-        return objectives.full_kd(logits, t_logits, kd.loss, beta=kd.beta, temperature=kd.temperature)
 
     def _teacher_rows(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The teacher's side at the student's target positions: its stored top-k, or its last
@@ -288,7 +276,7 @@ class Distiller:
         if self.store is not None:
             return {"t_ids": batch["t_ids"], "t_logprobs": batch["t_logprobs"]}
         with torch.no_grad():
-            if "t_input_ids" in batch:  # context distillation: the teacher reads its own prompt
+            if "t_input_ids" in batch:  # the teacher reads its own prompt (context distillation)
                 out = decoder(self.teacher)(input_ids=batch["t_input_ids"], attention_mask=batch["t_attention_mask"],
                                             use_cache=False)
                 hidden = _rows(out.last_hidden_state, batch["t_positions"].to(out.last_hidden_state.device))
@@ -298,55 +286,14 @@ class Distiller:
                 hidden = _rows(out.last_hidden_state, batch["positions"].to(out.last_hidden_state.device))
         return {"t_hidden": hidden.to(self.place.device)}
 
-    def _selected(self, batch: dict[str, Any], rows: dict[str, torch.Tensor], hidden: torch.Tensor,
-                  weight: torch.Tensor) -> torch.Tensor:
-        """1.0 at the positions the divergence is averaged over: all of them for kd and context,
-        the entropy-selected ones for ekd (scored in a gradient-free pass over the chunks)."""
-        ones = torch.ones(hidden.size(0), dtype=torch.float32, device=hidden.device)
-        if self.objective != "ekd":
-            return ones
-        kd = self.kd
-        with torch.no_grad():
-            if kd.score == "student_entropy":
-                scores = self._map_head(hidden, weight, lambda lg: objectives.entropy((lg / kd.temperature).log_softmax(-1)))
-            elif "t_ids" in rows:
-                scores = objectives.entropy((rows["t_logprobs"].float() / kd.temperature).log_softmax(-1))
-            else:
-                scores = self._map_head(rows["t_hidden"], self.t_weight,
-                                        lambda lg: objectives.entropy((lg / kd.temperature).log_softmax(-1)))
-            labels = batch["labels"]
-            grid = torch.zeros(labels[:, 1:].numel(), dtype=torch.float32, device=hidden.device)
-            grid = grid.index_copy(0, batch["positions"], scores).view(labels.size(0), -1)
-            valid = labels[:, 1:] != IGNORE
-            if kd.bucket is not None:
-                mask = objectives.bucket_mask(grid, valid, kd.bucket[0], kd.bucket[1])
-            else:
-                mask = objectives.top_fraction_mask(grid, valid, kd.top_k_percent)
-            return mask.reshape(-1).index_select(0, batch["positions"]).float()
+    def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return self.ranks.sum(value)
 
-    def _map_head(self, hidden: torch.Tensor, weight: torch.Tensor, fn: Any) -> torch.Tensor:
+    def map_head(self, hidden: torch.Tensor, weight: torch.Tensor, fn: Any) -> torch.Tensor:
         """`fn` of each chunk's float32 logits, concatenated (no gradient)."""
         dtype, chunk = self.place.dtype, self.cfg.loss_chunk
         w = weight.to(dtype)
         return torch.cat([fn((hidden[s : s + chunk].to(dtype) @ w.T).float()) for s in range(0, hidden.size(0), chunk)])
-
-    def _feature_loss(self, model: torch.nn.Module, hidden: tuple[torch.Tensor, ...], batch: dict[str, Any],
-                      counted: bool = True) -> torch.Tensor:
-        with torch.no_grad():
-            t_hidden = decoder(self.teacher)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                             output_hidden_states=True, use_cache=False).hidden_states
-        mask = (batch["labels"] != IGNORE).unsqueeze(-1).float()
-        n_positions = self.ranks.sum(mask.sum() if counted else mask.new_zeros(())).clamp(min=1.0)
-        projections = getattr(model, PROJECTIONS)
-        total = torch.zeros((), dtype=torch.float32, device=mask.device)
-        for proj, (si, ti) in zip(projections, self.cfg.feature.layers, strict=True):
-            mapped, target = proj(hidden[si]).float(), t_hidden[ti].to(mask.device).float()
-            if self.cfg.feature.loss == "mse":
-                per_pos = ((mapped - target) ** 2).mean(-1, keepdim=True)
-            else:
-                per_pos = 1 - F.cosine_similarity(mapped, target, dim=-1).unsqueeze(-1)
-            total = total + (per_pos * mask).sum() / n_positions
-        return total / len(projections)
 
 
 def _rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

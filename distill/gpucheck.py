@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,8 +49,11 @@ class Row:
 
 
 class GpuCheck:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, objective_names: list[str] | None = None) -> None:
+        from distill import objectives
+
         self.out = out
+        self.objectives = [objectives.get(n) for n in objective_names or objectives.names()]
         self.cuda = torch.cuda.is_available()
         self.gpus = torch.cuda.device_count() if self.cuda else 0
         self.rows: list[Row] = []
@@ -101,10 +105,12 @@ class GpuCheck:
         self.prompts = [p for p, _ in self.pairs[:64]]
 
     def train_cfg(self, steps: int, **kw: Any) -> Any:
-        from distill.config import TrainConfig
+        """A `train` config from settings as a config file writes them (sections as mappings)."""
+        from distill.train_config import TrainConfig
+        from distill.typed_yaml import from_mapping
 
-        return TrainConfig(**{"lr": 1e-3, "max_steps": steps, "batch_size": 16, "max_length": 128, "save_steps": steps,
-                              "log_steps": 1, **kw})
+        return from_mapping(TrainConfig, {"lr": 1e-3, "max_steps": steps, "batch_size": 16, "max_length": 128,
+                                          "save_steps": steps, "log_steps": 1, **kw}, "gpu-check: train")
 
     def train(self, name: str, cfg: Any, **kw: Any) -> Any:
         from distill.training import train
@@ -124,7 +130,9 @@ class GpuCheck:
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(self.gpus)) or "no GPU"
         return f"torch {torch.__version__}, CUDA {torch.version.cuda}, {names}; precision auto -> {place.precision}", None
 
-    def objective(self, name: str, **kw: Any) -> Callable[[], tuple[str, float]]:
+    def objective(self, label: str, **kw: Any) -> Callable[[], tuple[str, float]]:
+        name = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
         def fn() -> tuple[str, float]:
             result = self.train(name, self.train_cfg(12, **kw))
             return f"loss {result.loss:.3f} after {result.step} steps", result.tokens_per_s
@@ -158,10 +166,9 @@ class GpuCheck:
     def qlora(self) -> tuple[str, float]:
         from transformers import AutoModelForCausalLM
 
-        from distill.config import LoraConfig
         from distill.modeling import saved_dtype
 
-        result = self.train("qlora", self.train_cfg(12, quantize="4bit", lora=LoraConfig(enabled=True)))
+        result = self.train("qlora", self.train_cfg(12, quantize="4bit", lora={"enabled": True}))
         merged = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.bfloat16)
         if any("lora" in n for n, _ in merged.named_parameters()):
             raise RuntimeError("the saved model still has LoRA weights")
@@ -225,24 +232,19 @@ class GpuCheck:
         return (f"tp {tensor_parallel_size}: {len(result['texts'])} prompts, top-5 logprobs on every token{same}",
                 result["tokens_per_s"])
 
+    def objective_checks(self) -> list[Row]:
+        """Each objective's own rows (`Objective.gpu_checks`): 12 steps of training with it."""
+        return [self.run(label, self.objective(label, **settings))
+                for objective in self.objectives for label, settings in objective.gpu_checks.items()]
+
     # -- all of them ---------------------------------------------------------------------------
 
     def run_all(self) -> list[Row]:
-        from distill.config import KDConfig, LoraConfig
-
         self.run("environment", self.environment)
         self.build()
         self.run("sft, kill and resume (checkpointing on)", self.kill_and_resume)
-        self.run("lora (base in the compute dtype)", self.objective("lora", lora=LoraConfig(enabled=True)))
-        for name, run_dir, objective, kd in (
-            ("kd forward_kl online", "kd", "kd", {}),
-            ("kd jsd online, T 2", "kd-jsd", "kd", {"loss": "jsd", "temperature": 2.0}),
-            ("kd offline top-20", "kd-offline", "kd", {"teacher": "offline", "top_k": 20}),
-            ("ekd top 20% by teacher entropy", "ekd", "ekd", {"top_k_percent": 0.2}),
-        ):
-            self.run(name, self.objective(run_dir, objective=objective, kd=KDConfig(**kd)))
-        self.run("context", self.objective("context", objective="context"))
-        self.run("feature", self.objective("feature", objective="feature"))
+        self.run("lora (base in the compute dtype)", self.objective("lora", lora={"enabled": True}))
+        self.objective_checks()
         self.run("qlora: train, merge, reload", self.qlora, needs_module="bitsandbytes")
         self.run("chunked loss at V 151,936, L 4096", self.chunked_loss, needs_cuda=True)
         self.run("generation: transformers", self.hf_generation)
@@ -276,7 +278,7 @@ def format_rows(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(out: Path) -> int:
+def main(out: Path, objective_names: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -284,7 +286,7 @@ def main(out: Path) -> int:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rows = GpuCheck(out).run_all()
+    rows = GpuCheck(out, objective_names).run_all()
     table = format_rows(rows)
     print(table)
     (out / "gpu-check.md").write_text(table + "\n")

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from distill.config import TrainConfig
 from distill.device import Placement
 from distill.errors import DistillError
+from distill.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 PROJECTIONS = "distill_projections"

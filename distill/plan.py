@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.config import RunConfig, TrainConfig
+from distill import objectives
+from distill.config import RunConfig
 from distill.errors import DistillError
+from distill.train_config import TrainConfig
 
 GB = 1e9
 CUDA_CONTEXT = 2**30
@@ -291,6 +293,8 @@ class Setup:
     lora_r: int = 0
     objective: str = "sft"
     teacher: str = "none"  # none | online | offline
+    chunk: str = "ce"  # the loss chunk's working set: ce | kd | kd_offline (CHUNK_BUFFERS)
+    hidden_states: bool = False  # the loss keeps every hidden state of the teacher
     world_size: int = 1
     strategy: str = "none"  # none | ddp | fsdp
 
@@ -298,13 +302,13 @@ class Setup:
     def from_config(cls, t: TrainConfig, precision: str, *, world_size: int = 1, strategy: str = "none",
                     checkpointing: bool | None = None) -> Setup:
         mode = "qlora" if t.quantize == "4bit" else "lora" if t.lora.enabled else "full"
-        teacher = "none" if t.objective == "sft" else (
-            "offline" if t.objective in ("kd", "ekd") and t.kd.teacher == "offline" else "online")
+        objective = objectives.build(t)
         return cls(precision=precision, mode=mode, batch=t.batch_size, length=t.max_length,
                    checkpointing=t.gradient_checkpointing if checkpointing is None else checkpointing,
                    grad_accum=t.grad_accum, loss_chunk=t.loss_chunk,
                    lora_targets=tuple(t.lora.target_modules) if mode != "full" else (), lora_r=t.lora.r,
-                   objective=t.objective, teacher=teacher, world_size=world_size, strategy=strategy)
+                   objective=t.objective, teacher=objective.teacher(), chunk=objective.chunk_kind(),
+                   hidden_states=objective.hidden_states, world_size=world_size, strategy=strategy)
 
 
 def resolve_precision(precision: str, gpu_name: str) -> str:
@@ -351,14 +355,12 @@ def train_memory(s: ModelShape, setup: Setup, teacher: ModelShape | None = None)
     head_grad = 4 * head_params if full else 0
     # The head's weight in the compute dtype while the loss runs: a copy unless a LoRA base's.
     head_copy = c * head_params if c < 4 and setup.mode != "lora" else 0
-    kind = "ce" if setup.teacher == "none" or setup.objective == "feature" else (
-        "kd_offline" if setup.teacher == "offline" else "kd")
-    chunk = CHUNK_BUFFERS[kind] * setup.loss_chunk * v * 4
+    chunk = CHUNK_BUFFERS[setup.chunk] * setup.loss_chunk * v * 4
     t_weights = t_work = capture = 0.0
     if teacher is not None and setup.teacher != "none":
         t_weights = c * teacher.params
         t_work = inference_layer_bytes(teacher, c, tokens, setup.length) + tokens * c * teacher.hidden
-        if setup.objective == "feature":  # every hidden state of the teacher is kept for the loss
+        if setup.hidden_states:  # every hidden state of the teacher is kept for the loss
             t_work += (teacher.layers + 1) * tokens * c * teacher.hidden
         if setup.teacher == "offline":  # captured once, before the first step; gone during training
             capture = weights + t_weights + t_work + CHUNK_BUFFERS["ce"] * setup.loss_chunk * v * 4
@@ -456,7 +458,7 @@ def plan(cfg: RunConfig, gpus: dict[str, Gpu], *, world_size: int = 1, strategy:
         raise DistillError(f"--world-size {world_size} needs --strategy ddp or fsdp (none is one GPU)")
     where = cfg.source or "config"
     student = student or read_shape(cfg.models.student, f"{where}: models.student")
-    needs_teacher = cfg.train.objective != "sft"
+    needs_teacher = objectives.build(cfg.train).teacher() != "none"
     teacher = teacher or read_shape(cfg.models.teacher, f"{where}: models.teacher")
     train_gpu = gpus["train"]
     precision = resolve_precision(cfg.train.precision, train_gpu.name)

@@ -25,10 +25,10 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
-from distill.config import TrainConfig
 from distill.errors import DataError
 from distill.jsonl import iter_jsonl
 from distill.prompts import fill
+from distill.train_config import TrainConfig
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]

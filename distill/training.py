@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill import device as devices
-from distill.config import TrainConfig
+from distill import objectives
 from distill.distillation import IGNORE, Distiller, to_device
 from distill.errors import DistillError, writing
 from distill.integrity import (
@@ -58,6 +58,7 @@ from distill.layout import TrainPaths, complete_checkpoints, newest_checkpoint  
 from distill.modeling import load_student, save_final
 from distill.progress import progress_bar
 from distill.ranks import Ranks, accumulating, gathered, join, load_sharded, save_sharded, wrap
+from distill.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 DCP_METADATA = ".metadata"  # what torch.distributed.checkpoint writes beside the shards (fsdp)
@@ -77,14 +78,14 @@ class TrainResult:
 
 def tokenize_pairs(
     tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int,
-    teacher_prompt: Callable[[str], str] | None = None,
+    teacher_prompt: Callable[[str], str | None] | None = None,
 ) -> list[dict[str, list[int]]]:
     """(prompt, completion) -> ids with the prompt masked out of the loss.
 
     The completion ends with the end-of-sequence token so the student learns to stop.
-    Prompt and completion are tokenized apart so the mask boundary is exact. With
-    `teacher_prompt` (context distillation) each example also gets the teacher's sequence: its
-    own prompt, then the same completion tokens.
+    Prompt and completion are tokenized apart so the mask boundary is exact. Where
+    `teacher_prompt` gives the teacher a prompt of its own (context distillation), each example
+    also gets the teacher's sequence: that prompt, then the same completion tokens.
     """
     examples = []
     for prompt, completion in pairs:
@@ -94,8 +95,9 @@ def tokenize_pairs(
             continue
         ids = (p + c)[:max_length]
         example = {"input_ids": ids, "labels": ([IGNORE] * len(p) + c)[:max_length]}
-        if teacher_prompt is not None:
-            tp = tokenizer(teacher_prompt(prompt), add_special_tokens=False)["input_ids"]
+        own = teacher_prompt(prompt) if teacher_prompt is not None else None
+        if own is not None:
+            tp = tokenizer(own, add_special_tokens=False)["input_ids"]
             kept = c[: len(ids) - len(p)]
             example |= {"t_input_ids": tp + kept, "t_labels": [IGNORE] * len(tp) + kept}
         examples.append(example)
@@ -398,7 +400,7 @@ def train(
     device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train on (prompt, completion) pairs with `cfg.objective` (the teacher at `teacher_path`
-    for every objective but sft); resume from `out_dir/checkpoints` if any. `device` overrides
+    for an objective that needs one); resume from `out_dir/checkpoints` if any. `device` overrides
     the job's own choice (its GPU, else the CPU).
 
     Started by torchrun with `train.distributed` ddp or fsdp, this process is one rank of the
@@ -428,13 +430,11 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     ranks.barrier()
 
     model, tokenizer = load_student(model_path, cfg, place, attn_implementation)
-    context = cfg.kd.context_template.format if cfg.objective == "context" else None
-    examples = tokenize_pairs(tokenizer, pairs, cfg.max_length,
-                              teacher_prompt=(lambda p: context(prompt=p)) if context else None)
+    examples = tokenize_pairs(tokenizer, pairs, cfg.max_length, teacher_prompt=objectives.build(cfg).teacher_prompt)
     if not examples:
         raise ValueError("no training examples (all prompts longer than train.max_length?)")
     distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation, ranks)
-    distiller.attach_projections(model)
+    distiller.attach(model)
     net = wrap(model, distiller, ranks)  # the loss as a module: inside DDP, or sharded by FSDP, on several ranks
     steps = total_steps(cfg, len(examples))
     params = [p for p in net.parameters() if p.requires_grad]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from distill.config import KDConfig, LoraConfig, TrainConfig
+from distill.train_config import KDConfig, LoraConfig, TrainConfig
 from distill.training import newest_checkpoint, train
 from tests.test_training import pairs
 

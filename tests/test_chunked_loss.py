@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import objectives
+from distill import divergences
 from distill.chunked import CrossEntropy, full_head_loss, head_loss
-from distill.config import KDConfig, TrainConfig
 from distill.device import placement
 from distill.distillation import IGNORE, Distiller, completion_spans
 from distill.layout import TrainPaths
 from distill.modeling import load_student, load_teacher
+from distill.train_config import KDConfig, TrainConfig
 from distill.training import collate, tokenize_pairs
 from tests.test_training import pairs
 
@@ -29,12 +29,12 @@ def ce_loss(logits, rows):
 
 
 def kd_loss(kind, logits, rows):
-    div, _ = objectives.full_kd(logits, rows["t_logits"], kind, beta=0.3, temperature=1.7)
+    div, _ = divergences.full_kd(logits, rows["t_logits"], kind, beta=0.3, temperature=1.7)
     return ce_loss(logits, rows) + (div * rows["w"]).sum()
 
 
 def topk_loss(kind, logits, rows):
-    div, _ = objectives.topk_kd(logits, rows["ids"], rows["lps"], kind, beta=0.3, temperature=1.7)
+    div, _ = divergences.topk_kd(logits, rows["ids"], rows["lps"], kind, beta=0.3, temperature=1.7)
     return ce_loss(logits, rows) + (div * rows["w"]).sum()
 
 
@@ -92,7 +92,7 @@ def reference(cfg: TrainConfig, model, teacher, batch, store, vocab: int, n_targ
         for r, (i, (s0, n)) in enumerate(zip(batch["index"], completion_spans(batch["labels"]), strict=True)):
             row_ids, row_lp = store.rows(i)
             ids[r, s0 - 1 : s0 - 1 + n], lps[r, s0 - 1 : s0 - 1 + n] = row_ids[:n].long(), row_lp[:n].float()
-        div, t_ent = objectives.topk_kd(s_logits, ids, lps, kd.loss, beta=kd.beta, temperature=kd.temperature)
+        div, t_ent = divergences.topk_kd(s_logits, ids, lps, kd.loss, beta=kd.beta, temperature=kd.temperature)
     else:
         with torch.no_grad():
             if "t_input_ids" in batch:
@@ -103,16 +103,16 @@ def reference(cfg: TrainConfig, model, teacher, batch, store, vocab: int, n_targ
                     t_logits[r, s0 - 1 : s0 - 1 + n] = t_all[r, t0 - 1 : t0 - 1 + n]
             else:
                 t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab]
-        div, t_ent = objectives.full_kd(s_logits, t_logits, kd.loss, beta=kd.beta, temperature=kd.temperature)
+        div, t_ent = divergences.full_kd(s_logits, t_logits, kd.loss, beta=kd.beta, temperature=kd.temperature)
     mask = valid
     if cfg.objective == "ekd":
         if kd.score == "teacher_entropy":
             scores = t_ent
         else:
-            scores = objectives.entropy(F.log_softmax(s_logits.detach() / kd.temperature, dim=-1))
-        mask = (objectives.bucket_mask(scores, valid, *kd.bucket) if kd.bucket is not None
-                else objectives.top_fraction_mask(scores, valid, kd.top_k_percent))
-    return (1 - kd.alpha) * ce + kd.alpha * objectives.masked_mean(div, mask) * kd.temperature**2 / grad_accum
+            scores = divergences.entropy(F.log_softmax(s_logits.detach() / kd.temperature, dim=-1))
+        mask = (divergences.bucket_mask(scores, valid, *kd.bucket) if kd.bucket is not None
+                else divergences.top_fraction_mask(scores, valid, kd.top_k_percent))
+    return (1 - kd.alpha) * ce + kd.alpha * divergences.masked_mean(div, mask) * kd.temperature**2 / grad_accum
 
 
 REFERENCE_CASES = {

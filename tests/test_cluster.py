@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import TrainConfig
 from distill.errors import ConfigError
+from distill.train_config import TrainConfig
 from distill.training import newest_checkpoint, train
 from jobs.cluster import load_profile
 from jobs.driver import main as driver_main

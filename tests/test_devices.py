@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import KDConfig, LoraConfig, TrainConfig
 from distill.device import placement
 from distill.distillation import Distiller, to_device
 from distill.layout import TrainPaths
 from distill.modeling import freeze, output_head, prepare_student, student_dtype
+from distill.train_config import KDConfig, LoraConfig, TrainConfig
 from distill.training import collate, newest_checkpoint, pack, tokenize_pairs, train
 from tests.devicecheck import DeviceMismatch, MetaAccelerator
 from tests.test_objectives import OBJECTIVES

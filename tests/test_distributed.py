@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import LoraConfig, TrainConfig, check_train, load_config
+from distill.config import check_train, load_config
 from distill.errors import ConfigError, DistillError
 from distill.ranks import Ranks, join
+from distill.train_config import LoraConfig, TrainConfig
 from distill.training import newest_checkpoint
 from tests.conftest import ROOT
 

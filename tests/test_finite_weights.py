@@ -22,13 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from distill import pipeline
-from distill.config import TrainConfig
 from distill.errors import DistillError
 from distill.integrity import content_hash, nonfinite_tensor, seal
 from distill.layout import RunPaths, complete_checkpoints
 from distill.manifest import Manifest
 from distill.repair import recover_stage, repair
 from distill.runner import first_line
+from distill.train_config import TrainConfig
 from distill.training import model_record, nonfinite, train
 from tests.conftest import ROOT, run_stage_unit
 from tests.test_integrity import config, failure, finished_verify
@@ -122,7 +122,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    from distill.config import TrainConfig
+    from distill.train_config import TrainConfig
     from distill.errors import DistillError
     from distill.ranks import exit_rank
     from distill.training import train

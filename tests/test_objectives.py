@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from distill import objectives
-from distill.config import ConfigError, KDConfig, TrainConfig, load_config
+from distill import divergences
+from distill.config import ConfigError, load_config
 from distill.distillation import TopKStore
 from distill.errors import DistillError
+from distill.train_config import KDConfig, TrainConfig
 from distill.training import newest_checkpoint, train
 from tests.test_training import pairs
 
@@ -32,14 +34,14 @@ def kl(a: list[float], b: list[float]) -> float:
 
 def test_forward_and_reverse_kl_by_hand():
     # forward: 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln 2 + 0.5 ln(2/3)
-    assert objectives.divergence(logs(P), logs(Q), "forward_kl").item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    assert divergences.divergence(logs(P), logs(Q), "forward_kl").item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
     # reverse: 0.25 ln(0.25/0.5) + 0.75 ln(0.75/0.5)
-    assert objectives.divergence(logs(P), logs(Q), "reverse_kl").item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert divergences.divergence(logs(P), logs(Q), "reverse_kl").item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_generalised_jsd_by_hand(beta):
-    got = objectives.divergence(logs(P), logs(Q), "jsd", beta).item()
+    got = divergences.divergence(logs(P), logs(Q), "jsd", beta).item()
     if beta == 0.0:
         want = kl(P, Q)  # forward KL
     elif beta == 1.0:
@@ -54,8 +56,8 @@ def test_generalised_jsd_by_hand(beta):
 def test_temperature_divides_both_sides_logits():
     teacher = torch.tensor([[[0.0, math.log(3.0)]]])  # p = [0.25, 0.75] at T = 1
     student = torch.zeros(1, 1, 2)  # uniform at any T
-    d1, _ = objectives.full_kd(student, teacher, "forward_kl", temperature=1.0)
-    d2, ent2 = objectives.full_kd(student, teacher, "forward_kl", temperature=2.0)
+    d1, _ = divergences.full_kd(student, teacher, "forward_kl", temperature=1.0)
+    d2, ent2 = divergences.full_kd(student, teacher, "forward_kl", temperature=2.0)
     assert d1.item() == pytest.approx(kl([0.25, 0.75], [0.5, 0.5]), abs=1e-6)
     s3 = math.sqrt(3.0)  # at T = 2 the teacher's logits are [0, ln 3 / 2]: p = [1, √3] / (1 + √3)
     p2 = [1 / (1 + s3), s3 / (1 + s3)]
@@ -69,17 +71,17 @@ def test_topk_kd_equals_full_kd_when_k_is_the_vocabulary(kind):
     vocab = 7
     student, teacher = torch.randn(2, 5, vocab), torch.randn(2, 5, vocab)
     top = teacher.log_softmax(-1).topk(vocab, dim=-1)
-    full, full_ent = objectives.full_kd(student, teacher, kind, beta=0.3, temperature=1.5)
-    topk, topk_ent = objectives.topk_kd(student, top.indices, top.values, kind, beta=0.3, temperature=1.5)
+    full, full_ent = divergences.full_kd(student, teacher, kind, beta=0.3, temperature=1.5)
+    topk, topk_ent = divergences.topk_kd(student, top.indices, top.values, kind, beta=0.3, temperature=1.5)
     assert torch.allclose(full, topk, atol=1e-5) and torch.allclose(full_ent, topk_ent, atol=1e-5)
-    small, _ = objectives.topk_kd(student, top.indices[..., :3], top.values[..., :3], kind, beta=0.3, temperature=1.5)
+    small, _ = divergences.topk_kd(student, top.indices[..., :3], top.values[..., :3], kind, beta=0.3, temperature=1.5)
     assert not torch.allclose(full, small, atol=1e-3)  # truncation changes it
 
 
 def test_kd_gradient_reaches_only_the_student():
     student = torch.randn(1, 3, 5, requires_grad=True)
     teacher = torch.randn(1, 3, 5, requires_grad=True)
-    d, _ = objectives.full_kd(student, teacher, "forward_kl")
+    d, _ = divergences.full_kd(student, teacher, "forward_kl")
     d.sum().backward()
     assert student.grad is not None and teacher.grad is None
 
@@ -91,33 +93,34 @@ def test_top_fraction_selects_ceil_k_l_valid_positions_per_sequence():
     scores = torch.tensor([[9.0, 9.0, 1.0, 5.0, 3.0, 4.0, 2.0, 0.0],   # positions 0-1: prompt
                            [0.0, 1.0, 2.0, 3.0, 4.0, 9.0, 9.0, 9.0]])  # positions 5-7: padding
     valid = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    mask = objectives.top_fraction_mask(scores, valid, 0.25)
+    mask = divergences.top_fraction_mask(scores, valid, 0.25)
     # row 0: L = 6, ceil(1.5) = 2 -> positions 3 (5.0) and 5 (4.0); row 1: L = 5, ceil(1.25) = 2 -> 4, 3
     assert mask[0].nonzero().flatten().tolist() == [3, 5]
     assert mask[1].nonzero().flatten().tolist() == [3, 4]
     assert not (mask & ~valid).any()
-    assert objectives.top_fraction_mask(scores, valid, 1.0).equal(valid)
+    assert divergences.top_fraction_mask(scores, valid, 1.0).equal(valid)
 
 
 def test_bucket_keeps_the_positions_between_two_percentiles():
     scores = torch.tensor([[float(s) for s in (5, 0, 9, 1, 8, 2, 7, 3, 6, 4)] + [100.0, 100.0]])
     valid = torch.tensor([[True] * 10 + [False, False]])
     # ascending ranks 0..9 are percentiles 0, 10, ..., 90: [70, 80) is rank 7, the score 7 at position 6
-    assert objectives.bucket_mask(scores, valid, 70, 80).nonzero()[:, 1].tolist() == [6]
-    assert objectives.bucket_mask(scores, valid, 70, 90).nonzero()[:, 1].tolist() == [4, 6]  # scores 8 and 7
-    assert objectives.bucket_mask(scores, valid, 0, 100).equal(valid)
+    assert divergences.bucket_mask(scores, valid, 70, 80).nonzero()[:, 1].tolist() == [6]
+    assert divergences.bucket_mask(scores, valid, 70, 90).nonzero()[:, 1].tolist() == [4, 6]  # scores 8 and 7
+    assert divergences.bucket_mask(scores, valid, 0, 100).equal(valid)
 
 
 def test_masked_mean_excludes_unselected_positions():
     values = torch.tensor([[1.0, 100.0, 3.0]])
-    assert objectives.masked_mean(values, torch.tensor([[True, False, True]])).item() == 2.0
+    assert divergences.masked_mean(values, torch.tensor([[True, False, True]])).item() == 2.0
 
 
 # -- config ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["train.objective=distil"], "train.objective: expected one of sft, kd, ekd, context, feature, got 'distil'"),
+    (["train.objective=distil"], "train.objective: expected one of context, ekd, feature, kd, sft (or a module path "
+                                 "that defines OBJECTIVE), got 'distil'"),
     (["train.objective=ekd", "train.kd.bucket=[70, 80]"], "ekd needs exactly one of top_k_percent and bucket"),
     (["train.objective=ekd", "train.kd.top_k_percent=null", "train.kd.bucket=[80, 70]"], "train.kd.bucket: expected [lower, upper]"),
     (["train.kd.loss=kl"], "train.kd.loss: expected one of forward_kl, reverse_kl, jsd"),
@@ -126,7 +129,7 @@ def test_masked_mean_excludes_unselected_positions():
     (["train.quantize=4bit"], "train.quantize: 4bit trains LoRA adapters"),
 ])
 def test_objective_settings_are_checked_before_anything_runs(sets, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("configs/tiny.yaml", sets)
 
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from distill.__main__ import main
-from distill.config import LoraConfig, TrainConfig
 from distill.plan import (
     GB,
     Gpu,
@@ -28,6 +27,7 @@ from distill.plan import (
     read_shape,
     train_memory,
 )
+from distill.train_config import LoraConfig, TrainConfig
 from tests.conftest import ROOT
 
 HF = Path(__file__).parent / "data" / "hf-configs"

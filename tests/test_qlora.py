@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from distill.config import LoraConfig, TrainConfig
 from distill.errors import DistillError
+from distill.train_config import LoraConfig, TrainConfig
 from distill.training import newest_checkpoint, train
 from tests.test_training import pairs
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from distill.config import TrainConfig
+from distill.train_config import TrainConfig
 from distill.training import collate, micro_batch_indices, newest_checkpoint, pack, tokenize_pairs, train
 from tests.conftest import run_python, spawn_python
 
@@ -82,7 +82,7 @@ def test_packing_trains_the_same_steps_as_padding(tiny_world, tmp_path):
 
 
 TRAIN_CODE = """
-from distill.config import TrainConfig
+from distill.train_config import TrainConfig
 from distill.training import train
 from tests.test_training import pairs
 cfg = TrainConfig(lr=3e-3, max_steps=40, batch_size=4, save_steps=5, log_steps=1, max_length=64)
@@ -151,9 +151,9 @@ def test_a_quantized_student_is_merged_into_its_base_reloaded_in_bf16(tiny_world
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.config import LoraConfig
     from distill.device import placement
     from distill.modeling import load_student, save_final
+    from distill.train_config import LoraConfig
 
     cfg = TrainConfig(lora=LoraConfig(enabled=True, r=4, alpha=8), max_length=64)
     model, tokenizer = load_student(tiny_world.student, cfg, placement("fp32", "cpu"))
@@ -182,8 +182,8 @@ def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoin
     import torch
     from safetensors.torch import load_file, save_file
 
-    from distill.config import LoraConfig
     from distill.errors import DistillError
+    from distill.train_config import LoraConfig
 
     base = tmp_path / "student"
     shutil.copytree(tiny_world.student, base)
@@ -224,9 +224,9 @@ def test_lora_adapters_start_from_the_seed_and_leave_the_callers_random_state_al
     seed starts elsewhere; and building them does not move the global random stream."""
     import torch
 
-    from distill.config import LoraConfig
     from distill.device import placement
     from distill.modeling import load_student
+    from distill.train_config import LoraConfig
 
     def adapters(seed: int) -> dict:
         cfg = TrainConfig(seed=seed, lora=LoraConfig(enabled=True, r=4, alpha=8))

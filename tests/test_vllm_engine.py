@@ -202,7 +202,7 @@ def test_distill_eval_of_two_models_on_vllm_returns_and_leaves_no_engine(tmp_pat
 def test_a_qlora_student_merged_into_bf16_loads_in_vllm_and_generates(tiny_world, tmp_path, teacher):
     import torch
 
-    from distill.config import LoraConfig, TrainConfig
+    from distill.train_config import LoraConfig, TrainConfig
     from distill.training import train
     from tests.test_training import pairs
 
