@@ -14,7 +14,7 @@ TEACHER_STEPS ?= 1500
 RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER)) \
             $(if $(NO_PLAN_CHECK),--no-plan-check) $(if $(ACCEPT_DATA_CHANGE),--accept-data-change)
 
-.PHONY: help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults gpu-check
+.PHONY: config-reference help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -107,6 +107,9 @@ gpu-check: venv  ## every path that touches a model, on tiny models (CUDA rows s
 
 faults: venv  ## TRIALS random kills in every stage, each followed by a rerun; nothing may be lost or repeated
 	$(PY) bench/faults.py --trials $(TRIALS)
+
+config-reference: venv  ## regenerate docs/config-reference.md from the schema
+	$(PY) -m distill config-reference > docs/config-reference.md
 
 lint: venv  ## ruff
 	$(VENV)/bin/ruff check distill jobs tests bench

@@ -127,6 +127,20 @@ def cmd_repair(args: argparse.Namespace) -> None:
     print(f"-> {args.run / 'manifest.json'} rebuilt; `make iter` redoes only what is not done")
 
 
+def cmd_config_reference(args: argparse.Namespace) -> None:
+    from distill.config import RunConfig
+    from distill.config_reference import reference, rows
+
+    if not args.key:
+        print(reference(), end="")
+        return
+    found = [r for r in rows(RunConfig) if r[0] == args.key or r[0].startswith(args.key + ".")]
+    if not found:
+        raise DistillError(f"{args.key}: no such config key (python -m distill config-reference lists them)")
+    for key, tp, default, allowed, text in found:
+        print(f"{key}: {tp}{f', default {default}' if default else ''}{f', {allowed}' if allowed else ''}\n  {text}")
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from distill.config import load_config
     from distill.plan import DEFAULT_GPU_GB, Gpu, format_plan, gpu_from_profile, gpu_type, plan
@@ -237,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(run `make iter ITER=0` first), at equal steps, and evaluate each on the held-out split. "
                        f"Presets: {', '.join(objectives.presets())}; any objective by its name or module path.")
     p.add_argument("--config", default="configs/tiny.yaml", help="run config (default: %(default)s)")
-    p.add_argument("--objectives", default="sft,kd,ekd,context,feature", help="comma-separated (default: %(default)s)")
+    p.add_argument("--objectives", default=",".join(objectives.names()),
+                   help="comma-separated presets or objectives (default: every objective, %(default)s)")
     p.add_argument("--steps", type=int, help="optimizer steps per student (default: the config's train.max_steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -249,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "run. The old manifest is kept as manifest.json.before-repair.")
     p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
     p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("config-reference", help="every config key with its type, default, range and help",
+                       description="Print docs/config-reference.md as generated from the schema, or the keys "
+                       "under KEY (e.g. train.kd).")
+    p.add_argument("key", nargs="?", help="a key or section, e.g. train.lr or train.kd")
+    p.set_defaults(func=cmd_config_reference)
 
     p = sub.add_parser("plan", help="per-GPU memory of each stage of a run, from the models' config.json alone",
                        description="Weights, gradients, optimizer state, activations (gradient checkpointing off and "

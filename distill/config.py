@@ -42,7 +42,10 @@ from distill.typed_yaml import (
 class ModelsConfig:
     """Local model directories (a hub id works only where the hub is reachable)."""
 
+    # The teacher: a local model directory, or a hub ID `org/name[@revision]` resolved once by
+    # the driver into the Hugging Face cache (docs/configuration.md, "Models from the hub").
     teacher: str
+    # The student's base model, given the same way.
     student: str
     # Attention kernel of every model a job loads: sdpa (torch's, the default), eager, or
     # flash_attention_2 (CUDA with the flash-attn package; checked when the job starts).
@@ -60,13 +63,21 @@ class DataConfig:
     benchmark's splits. `train` is required unless `benchmark` provides it.
     """
 
+    # The problems the teacher writes rationales for: a file or a benchmark split.
     train: str | None = None
+    # Where UNDO mines the student's errors (undo.probe_split: validation).
     validation: str | None = None
+    # The held-out problems every student is evaluated on (eval.split: test).
     test: str | None = None
+    # The field of a user file that holds the question.
     question_field: str = "question"
+    # The field that holds the gold answer: plain (51), GSM8K-style (... #### 51) or \boxed{}.
     answer_field: str = "answer"
+    # The field that holds a problem's id (null: the line number).
     id_field: str | None = "id"
+    # Use only the first this many training problems.
     train_limit: int | None = None
+    # A benchmark (gsm8k, math500, svamp) whose splits fill those left unset.
     benchmark: str | None = compat(None)
     # auto: by suffix (.jsonl, .json, .parquet) or, for a directory, `datasets.load_from_disk`.
     format: Literal["auto", "jsonl", "json", "parquet", "datasets"] = compat("auto")
@@ -83,6 +94,9 @@ class DataConfig:
 
 @dataclass
 class PromptConfig:
+    """How a question becomes the prompt the teacher and the student answer."""
+
+    # The prompt, with the question in its {question} slot.
     template: str = "Question: {question}\nAnswer: "
     # Applied only when the tokenizer ships a chat template.
     use_chat_template: bool = True
@@ -96,17 +110,27 @@ class GenerationConfig:
     (backend, tensor_parallel_size, gpu_memory_utilization) are the teacher's wherever it runs,
     its evaluation included; the student's are under `eval`."""
 
+    # The engine: transformers (runs wherever torch does) or vllm (continuous batching).
     backend: Literal["transformers", "vllm"] = "transformers"
+    # Samples per problem (more than 1 needs temperature > 0).
     n: int = 1
+    # Sampling temperature; 0 is greedy.
     temperature: float = 0.0
+    # Nucleus sampling: the smallest set of tokens with this much probability.
     top_p: float = 1.0
+    # The longest rationale, in tokens.
     max_new_tokens: int = 256
+    # Prompts per generate call (vLLM takes larger chunks of prompts per call).
     batch_size: int = 16
+    # Shards the problems are cut into: one job (array task) each.
     num_shards: int = 1
+    # Sampling seed; a problem's samples depend on it and the problem, not on the shard.
     seed: int = 0
-    # vLLM only: GPUs per model replica, and top-k logprobs kept per generated token (0 = none).
+    # vLLM only: GPUs per model replica.
     tensor_parallel_size: int = compat(1)
+    # vLLM only: top-k logprobs kept per generated token (0 = none).
     logprobs: int = compat(0)
+    # vLLM on a GPU: the share of the GPU's memory the engine may take.
     gpu_memory_utilization: float = compat(0.9)
     # The precision the teacher computes in, on either backend: auto is bf16 on GPUs that have
     # it, fp16 on older ones, fp32 on a CPU.
@@ -125,6 +149,7 @@ class VerifyConfig:
     takes the median per problem, so no solved problem loses all its rationales.
     """
 
+    # Which correct rationales are kept: all, or those no longer than the median (overall or per problem).
     filter: Literal["none", "median_tokens", "problem_median_tokens"] = "none"
     # Fewer kept rationales than this is a warning in the driver's output and the report (a
     # student trained on a handful of examples says little); none at all stops the iteration
@@ -137,20 +162,27 @@ class EvalConfig:
     """Greedy answers of the student on the held-out split (and, in UNDO, the probe split).
     The engine keys are the student's: the teacher keeps `generation`'s when it is evaluated."""
 
+    # The held-out split every student is evaluated on.
     split: Literal["train", "validation", "test"] = "test"
+    # Evaluate on the first this many problems only.
     limit: int | None = None
+    # The longest answer, in tokens.
     max_new_tokens: int = 256
+    # Prompts per generate call.
     batch_size: int = 16
+    # Shards per evaluated model: one job (array task) each.
     num_shards: int = 1
     # Iteration 0 also evaluates the teacher and the untrained student, for reference.
     baselines: bool = True
-    # The student's engine: backend (default: generation.backend), vLLM's tensor_parallel_size
-    # and gpu_memory_utilization.
+    # The student's engine (null: generation.backend).
     backend: Literal["transformers", "vllm"] | None = compat(None)
+    # vLLM only: GPUs per student replica.
     tensor_parallel_size: int = compat(1)
+    # vLLM on a GPU: the share of the GPU's memory the student's engine may take.
     gpu_memory_utilization: float = compat(0.9)
-    # The student's precision (default: generation.dtype) and vLLM KV cache (see generation).
+    # The student's precision (null: generation.dtype).
     dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = compat(None)
+    # The student's vLLM KV cache in GiB (see generation.kv_cache_gib).
     kv_cache_gib: float | None = compat(None)
 
 
@@ -170,23 +202,31 @@ class UndoConfig:
 
     # Where errors are mined: the paper diagnoses on a validation split.
     probe_split: Literal["train", "validation"] = "validation"
+    # Probe only the first this many problems of the probe split.
     probe_limit: int | None = None
     # Slots: {question}, {previous} (the teacher's earlier rationale or "none"),
     # {student_answer}, {verdict}.
     template: str = DEFAULT_UNDO_TEMPLATE
+    # The teacher's samples per mined error.
     n: int = 4
+    # Their sampling temperature.
     temperature: float = 0.7
     # accumulate: D_N = D_{N-1} + new; replace: new rationales replace a problem's old ones.
     dataset: Literal["accumulate", "replace"] = "accumulate"
+    # At most this many rationales per problem in the training set.
     cap_per_problem: int = 4
     # base: retrain the student from the base model each iteration (as in the paper).
+    # previous: continue from the last iteration's student.
     init: Literal["base", "previous"] = "base"
+    # `make undo` runs iterations 1..max_iters at most.
     max_iters: int = 3
+    # ... and stops after this many iterations in a row without a better held-out accuracy.
     patience: int = 1
 
 
 @dataclass
 class RunConfig:
+    # The run's name: its directory is run_root/name.
     name: str
     models: ModelsConfig
     data: DataConfig
@@ -196,6 +236,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     undo: UndoConfig = field(default_factory=UndoConfig)
+    # Where run directories are made.
     run_root: str = "runs"
     # `soft` for filesystems without working flock (e.g. Lustre mounted without -o flock).
     lock: Literal["flock", "soft"] = "flock"

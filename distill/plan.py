@@ -48,7 +48,7 @@ CUDA_CONTEXT = 2**30
 # constant per 256 of those.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Live [loss_chunk, vocabulary] float32 buffers at the chunked loss's peak, measured with
-# bench/loss_memory.py (README, Performance): cross-entropy writes its gradient over the logits
+# bench/loss_memory.py (docs/performance.md): cross-entropy writes its gradient over the logits
 # but the previous chunk's gradient is still referenced when the next logits are made (2);
 # full-vocabulary KD takes its gradient through autograd (9); offline top-k KD (6).
 CHUNK_BUFFERS = {"ce": 2, "kd": 9, "kd_offline": 6}

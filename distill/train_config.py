@@ -15,10 +15,18 @@ from distill.typed_yaml import compat
 
 @dataclass
 class LoraConfig:
+    """LoRA adapters (peft): train low-rank updates of some linear layers instead of every
+    weight; the saved model has them merged into the base."""
+
+    # Train adapters instead of every weight.
     enabled: bool = False
+    # The adapters' rank.
     r: int = 8
+    # Their scale is alpha / r.
     alpha: int = 16
+    # Dropout on the adapters' input.
     dropout: float = 0.0
+    # The linear layers that get adapters, by module name.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -32,16 +40,23 @@ class KDConfig:
     logprobs per token beside the checkpoints and trains without it (kd and ekd only).
     """
 
+    # The divergence: forward KL(teacher || student), reverse KL, or generalised JSD (TRL's GKD).
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    # jsd's mixture weight: 0 is forward KL, 1 reverse KL.
     beta: float = 0.5
+    # Both sides' logits are divided by it; the term is multiplied by its square.
     temperature: float = 1.0
+    # The divergence's weight; the cross-entropy gets 1 - alpha.
     alpha: float = 0.5
+    # online: the teacher in memory; offline: its top_k logprobs stored once (kd and ekd).
     teacher: Literal["online", "offline"] = "online"
+    # Logprobs per token the offline teacher stores.
     top_k: int = 20
-    # ekd: the top_k_percent highest-scoring completion positions of each sequence, or the
-    # positions between two score percentiles (bucket: [70, 80]); score: whose entropy.
+    # ekd: the share of each sequence's completion positions with the highest score.
     top_k_percent: float | None = 0.2
+    # ekd: instead, the positions between two score percentiles, e.g. [70, 80].
     bucket: list[float] | None = None
+    # ekd: whose entropy scores a position.
     score: Literal["teacher_entropy", "student_entropy"] = "teacher_entropy"
     # context: the teacher's prompt, with the student's prompt in the {prompt} slot.
     context_template: str = "Solve step by step and end with the answer in \\boxed{{}}.\n{prompt}"
@@ -53,8 +68,11 @@ class FeatureConfig:
     (student width -> teacher width), one pair [student layer, teacher layer] per entry
     (hidden_states indices: 0 = embeddings, -1 = last layer), plus CE weighted 1 - alpha."""
 
+    # [student layer, teacher layer] pairs, as hidden_states indices.
     layers: list[list[int]] = field(default_factory=lambda: [[-1, -1]])
+    # The distance between projected student and teacher states.
     loss: Literal["mse", "cosine"] = "mse"
+    # Its weight; the cross-entropy gets 1 - alpha.
     alpha: float = 0.5
 
 
@@ -65,23 +83,36 @@ class TrainConfig:
     # A module of distill/objectives (sft, kd, ekd, context, feature; docs/objectives) or the
     # dotted path of a module elsewhere that defines OBJECTIVE.
     objective: str = "sft"
+    # AdamW's peak learning rate.
     lr: float = 2e-5
+    # Passes over the training set (max_steps, when set, wins).
     epochs: float = 1.0
+    # Optimizer steps; null: as many as `epochs` take.
     max_steps: int | None = None
+    # Examples per micro-batch.
     batch_size: int = 8
+    # Micro-batches per optimizer step.
     grad_accum: int = 1
+    # Tokens per example, prompt and completion; longer completions are cut, longer prompts dropped.
     max_length: int = 2048
+    # The share of the steps the learning rate warms up over.
     warmup_ratio: float = 0.0
+    # AdamW's weight decay.
     weight_decay: float = 0.0
+    # The learning rate after warm-up.
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    # A checkpoint every this many steps (and at a stop signal): where a requeued job resumes.
     save_steps: int = 100
+    # Checkpoints kept on disk, newest first.
     keep_checkpoints: int = 2
+    # Log the loss every this many steps.
     log_steps: int = 10
+    # Seeds the data order, the initial weights of anything new, and dropout.
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
     kd: KDConfig = compat(default_factory=KDConfig)
     feature: FeatureConfig = compat(default_factory=FeatureConfig)
-    # QLoRA: load the student in 4 bit (bitsandbytes, CUDA only) and train LoRA adapters on it.
+    # QLoRA: load the student in 4-bit NF4 (bitsandbytes) and train LoRA adapters on it.
     quantize: Literal["none", "4bit"] = compat("none")
     # Pack each micro-batch's examples into rows of up to max_length tokens (attention kept
     # within each example) instead of padding every example to the longest; sft only.
