@@ -240,6 +240,9 @@ class RunConfig:
     run_root: str = "runs"
     # `soft` for filesystems without working flock (e.g. Lustre mounted without -o flock).
     lock: Literal["flock", "soft"] = "flock"
+    # Modules imported whenever this config loads, in every process of the run: a module that
+    # registers a stage (distill.pipeline.register) adds it to the plans, on every launcher.
+    plugins: list[str] = compat(default_factory=list)
     source: str = field(default="", metadata={"internal": True})
 
     @property
@@ -313,7 +316,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     cfg.source = str(path)
     labels = tuple((key, override_label(item)) for (key, _), item in zip(pairs, items, strict=True))
     _check_values(cfg, Origin(str(path), labels))
+    import_plugins(cfg.plugins, Origin(str(path), labels))
     return cfg
+
+
+def import_plugins(modules: list[str], at: Origin) -> None:
+    """Import the config's `plugins` (each once per process; importing registers their stages)."""
+    import importlib
+
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not name.startswith(exc.name):
+                raise
+            raise ConfigError(f"{at('plugins')}[{i}]: no module {name!r} to import") from None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import submitit
 from filelock import FileLock, SoftFileLock
 from tqdm import tqdm
 
-from distill import pipeline
+from distill import pipeline, undo
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError, NotReady, not_permitted
 from distill.hub import local_models, record_models, resolve_models
@@ -457,18 +457,9 @@ class Driver:
         self.run_plan(iteration, plan, only)
         if only is not None and not all(self.manifest.is_done(iteration, s.name) for s in plan):
             return False
-        acc = self.student_accuracy(iteration)
-        if iteration == 0:
-            say(f"iter 0: all stages done; student accuracy {acc:.3f} ({self.paths.root})")
-            return True
-        before = self.student_accuracy(iteration - 1)
-        improved = acc > before
-        verdict = "improved on" if improved else "did NOT improve on"
-        say(f"iter {iteration}: student accuracy {acc:.3f} {verdict} iteration {iteration - 1} ({before:.3f})")
-        return improved
-
-    def student_accuracy(self, iteration: int) -> float:
-        return self.manifest.stage(iteration, "evaluate")["results"]["student"]["accuracy"]
+        result = undo.verdict(self.manifest, iteration)
+        say(result.line(self.paths.root))
+        return result.improved
 
     def run_baseline(self, iteration: int) -> None:
         """One-step distillation at the same student compute as iterations 0..`iteration`."""
@@ -476,21 +467,21 @@ class Driver:
         self.run_plan(iteration, pipeline.baseline_plan())
 
     def run_undo(self) -> int:
-        """Iterations until `undo.max_iters` or `undo.patience` iterations without improvement."""
+        """Iterations 0, 1, ... as long as `distill.undo.next_iteration` says; the last one run."""
         self.run_iteration(0)
-        last, misses = 0, 0
-        for it in range(1, self.cfg.undo.max_iters + 1):
+        last = 0
+        while True:
+            it, why = undo.next_iteration(self.cfg, self.manifest, last)
+            if it is None:
+                if why:
+                    say(why)
+                return last
             try:
-                improved = self.run_iteration(it)
+                self.run_iteration(it)
             except NotReady as exc:
                 say(f"undo: stopping before iteration {it}'s training: {exc}")
-                break
+                return last
             last = it
-            misses = 0 if improved else misses + 1
-            if misses >= self.cfg.undo.patience:
-                say(f"undo: stopping after iteration {it}: no improvement for {misses} iteration(s)")
-                break
-        return last
 
 
 def _parse_stages(text: str, iteration: int) -> list[str]:

@@ -9,7 +9,7 @@ checkpoint) and the process exits with status 3; the script then requeues its jo
 `--max-requeues` times.
 
 Distributed training (`train.distributed: ddp|fsdp`) in a job of several tasks (`sbatch
---nodes=2 --ntasks-per-node=1 --gres=gpu:H100:4 slurm/train.sbatch ...`): the script starts this
+--nodes=2 --ntasks-per-node=1 --gres=gpu:H100:4 slurm/unit.sbatch train ...`): the script starts this
 command in every task with srun (which forwards USR2 to each). Every task makes the same checks
 (done, submitted elsewhere: reads of the manifest and squeue; the run's creation, which only a
 first use writes, atomically) and then runs torchrun, a process a GPU of its node, the ranks
@@ -31,6 +31,7 @@ a later run resumes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -133,9 +134,39 @@ def prepare(cfg: RunConfig, it: int, accept_data: bool = False) -> None:
     print(f"{cfg.run_dir}: ready" + "".join(f"; models.{k}: {v['path']}" for k, v in models.items()))
 
 
+def chain(cfg: RunConfig, it: int, baseline: bool) -> list[str]:
+    """The plan of iteration `it` (or its one-shot baseline) as the sbatch chain submits it, one
+    line per stage: its name, how many units it has, whether they run as an array (then a merge
+    follows), and the cluster-profile section whose settings its jobs take."""
+    plan = pipeline.baseline_plan() if baseline else pipeline.iteration_plan(it)
+    return [f"{s.name} {len(s.units(cfg, it)) if s.sharded else 1} {int(s.sharded)} {s.resource_section}" for s in plan]
+
+
+def next_iteration(cfg: RunConfig, it: int) -> str:
+    """For slurm/undo.sh after iteration `it`'s chain: the next iteration, or nothing."""
+    from distill import undo
+
+    manifest = manifest_of(cfg)
+    for stage in pipeline.iteration_plan(it):
+        if not manifest.is_done(it, stage.name):
+            raise DistillError(f"iteration {it}: {stage.name} is not done; the chain did not finish")
+    print(undo.verdict(manifest, it).line(cfg.run_dir), file=sys.stderr)
+    following, why = undo.next_iteration(cfg, manifest, it)
+    if following is None:
+        print(why or f"undo: iteration {it} is undo.max_iters", file=sys.stderr)
+        return ""
+    return str(following)
+
+
 def run(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.command == "prepare":
         prepare(cfg, args.iteration, args.accept_data_change)
+        return 0
+    if args.command == "chain":
+        print("\n".join(chain(cfg, args.iteration, args.baseline)))
+        return 0
+    if args.command == "next":
+        print(next_iteration(cfg, args.iteration))
         return 0
     it, stage = args.iteration, chosen_stage(args)
     if args.command == "count":
@@ -191,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stops after this many requeues fail the unit (default: $DISTILL_MAX_REQUEUES or 3)")
     sub = parser.add_subparsers(dest="command", required=True)
     names = pipeline.names()
-    for stage in pipeline.STAGES:
-        if stage.name.startswith("baseline_") and stage.name.removeprefix("baseline_") in names:
-            continue  # run as `<stage> --baseline`
+    for stage in pipeline.STAGES:  # a baseline stage also runs as `<stage> --baseline`
         doc = (stage.run.__doc__ or stage.name).strip().splitlines()[0]
         p = sub.add_parser(stage.name, parents=[common], help=doc)
         if stage.sharded:
@@ -206,13 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
                        ("count", "print how many array tasks a stage has")):
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("what", choices=sharded)
+    p = sub.add_parser("chain", parents=[common], help="the stages of an iteration as slurm/iteration.sh submits them")
+    p.add_argument("--baseline", action="store_true", help="the one-shot baseline's stages")
+    sub.add_parser("next", parents=[common], help="after an iteration: the UNDO iteration to run next (slurm/undo.sh)")
     p = sub.add_parser("prepare", parents=[common], help="check inputs, resolve hub models, create the run (login node)")
     p.add_argument("--accept-data-change", action="store_true",
                    help="go on although a data file differs from what the run recorded (recorded in its history)")
     return parser
 
 
+def import_plugins(argv: list[str] | None) -> None:
+    """Load the config once before the parser is built, for its `plugins`: a stage they
+    register is then a subcommand like the others. Errors wait for the real load."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--set", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        with contextlib.suppress(DistillError):
+            load_config(known.config, known.set)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import_plugins(argv)
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, list(args.set) + ([f"name={args.run}"] if args.run is not None else []))

@@ -1,56 +1,60 @@
 #!/usr/bin/env bash
-# Submit one iteration as a chain of plain sbatch jobs, no driver needed:
+# Submit one iteration as a chain of plain sbatch jobs, no driver needed: every stage of the
+# iteration's plan (python -m jobs.stage chain: the registered stages, in order), each a job of
+# slurm/unit.sbatch, a sharded one an array followed by slurm/merge.sbatch; each job starts only
+# when the one before ended well (--dependency=afterok; a job whose dependency failed is
+# cancelled, not left pending). Units the manifest lists as done exit at once, so submitting
+# the chain again resumes it. The last line printed is the chain's last job.
 #
-#   [mine] -> generate array -> merge generate -> verify -> train -> evaluate array -> merge evaluate
+#   slurm/iteration.sh CONFIG ITER [--baseline] [sbatch flags for every job, e.g. -A gts-pi -q embers]
 #
-# each step starting only when the previous one ended well (--dependency=afterok). Units the
-# manifest already lists as done exit at once, so submitting the chain again resumes it.
-#
-#   slurm/iteration.sh CONFIG ITER [sbatch flags for every job, e.g. -A gts-pi -q embers]
-#
-# Per-stage flags: $DISTILL_SBATCH_<STAGE> (MINE, GENERATE, VERIFY, TRAIN, EVALUATE, MERGE), e.g.
-#   DISTILL_SBATCH_GENERATE="--gres=gpu:H100:1 --cpus-per-task=8"
+# Per-stage flags, by the cluster-profile section a stage takes its resources from
+# (MINE, GENERATE, VERIFY, TRAIN, EVALUATE; MERGE for merges), e.g.
+#   DISTILL_SBATCH_GENERATE="--gres=gpu:H100:1 --cpus-per-task=8 --time=04:00:00"
 #   DISTILL_SBATCH_TRAIN="--nodes=2 --ntasks-per-node=1 --gres=gpu:H100:4 --cpus-per-task=16"
-#     (train.distributed: ddp or fsdp: torchrun on each node, see slurm/train.sbatch)
-# Array parallelism: $DISTILL_ARRAY_PARALLELISM (default 4). Prints the job ids.
+#     (train.distributed: ddp or fsdp: torchrun on each node, see slurm/unit.sbatch)
+# Array parallelism: $DISTILL_ARRAY_PARALLELISM (default 4).
 set -euo pipefail
-config="$(realpath "${1:?usage: slurm/iteration.sh CONFIG ITER [sbatch flags...]}")"
-iter="${2:?usage: slurm/iteration.sh CONFIG ITER [sbatch flags...]}"
+usage="usage: slurm/iteration.sh CONFIG ITER [--baseline] [sbatch flags...]"
+config="$(realpath "${1:?$usage}")"
+iter="${2:?$usage}"
 # The jobs run in the submission directory: the project root, where `jobs` and relative paths are.
 cd "$(dirname "$0")/.."
 shift 2
+plan=()
+if [[ "${1:-}" == "--baseline" ]]; then
+    plan=(--baseline)
+    shift
+fi
 python="${PYTHON:-python}"
 par="${DISTILL_ARRAY_PARALLELISM:-4}"
-
-# submit STAGE DEPENDENCY SBATCH-ARGS...: the job id of the submitted job.
-submit() {
-    local stage=$1 dep=$2 var
-    shift 2
-    var="DISTILL_SBATCH_${stage^^}"
-    # shellcheck disable=SC2086
-    sbatch --parsable ${dep:+--dependency=afterok:$dep} "${common[@]}" ${!var:-} "$@"
-}
 common=("$@")
+
+# submit SECTION DEPENDENCY SBATCH-ARGS...: the job id of the submitted job.
+submit() {
+    local section=$1 dep=$2 var
+    shift 2
+    var="DISTILL_SBATCH_${section^^}"
+    # shellcheck disable=SC2086
+    sbatch --parsable --kill-on-invalid-dep=yes ${dep:+--dependency=afterok:$dep} "${common[@]}" ${!var:-} "$@"
+}
 
 # Inputs checked, hub models resolved into the Hugging Face cache, the run created: here, on
 # the login node, before any job is queued.
-"$python" -m jobs.stage prepare --config "$config" --iter "$iter" >&2
-dep=""
-if (( iter > 0 )); then
-    dep=$(submit mine "" slurm/mine.sbatch "$config" "$iter")
-    echo "mine      $dep"
+if (( ${#plan[@]} == 0 )); then
+    "$python" -m jobs.stage prepare --config "$config" --iter "$iter" >&2
 fi
-n=$("$python" -m jobs.stage count generate --config "$config" --iter "$iter")
-gen=$(submit generate "$dep" --array="0-$((n - 1))%$par" slurm/generate.sbatch "$config" "$iter")
-echo "generate  $gen (array of $n)"
-merge_gen=$(submit merge "$gen" slurm/merge.sbatch "$config" "$iter" generate)
-echo "merge     $merge_gen"
-ver=$(submit verify "$merge_gen" slurm/verify.sbatch "$config" "$iter")
-echo "verify    $ver"
-train=$(submit train "$ver" slurm/train.sbatch "$config" "$iter")
-echo "train     $train"
-n=$("$python" -m jobs.stage count evaluate --config "$config" --iter "$iter")
-ev=$(submit evaluate "$train" --array="0-$((n - 1))%$par" slurm/evaluate.sbatch "$config" "$iter")
-echo "evaluate  $ev (array of $n)"
-merge_ev=$(submit merge "$ev" slurm/merge.sbatch "$config" "$iter" evaluate)
-echo "merge     $merge_ev"
+stages=$("$python" -m jobs.stage chain --config "$config" --iter "$iter" "${plan[@]}")
+dep=""
+while read -r stage units sharded section; do
+    if (( sharded )); then
+        dep=$(submit "$section" "$dep" --job-name="distill-$stage" --array="0-$((units - 1))%$par" \
+            slurm/unit.sbatch "$stage" "$config" "$iter")
+        printf '%-17s %s (array of %s)\n' "$stage" "$dep" "$units"
+        dep=$(submit merge "$dep" slurm/merge.sbatch "$config" "$iter" "$stage")
+        printf '%-17s %s\n' merge "$dep"
+    else
+        dep=$(submit "$section" "$dep" --job-name="distill-$stage" slurm/unit.sbatch "$stage" "$config" "$iter")
+        printf '%-17s %s\n' "$stage" "$dep"
+    fi
+done <<< "$stages"

@@ -73,12 +73,12 @@ def test_it_trains_in_the_driver_and_on_the_plain_sbatch_path(slurm, tiny_world,
     assert driver_main(["--config", str(cfg), "--executor", "local", "--stages", "generate,verify,train"]) == 0
     first = Manifest(run).stage(0, "train")
     assert first["state"] == "done" and first["metrics"]["step"] == 4
-    # Train again as a plain sbatch job (slurm/train.sbatch -> python -m jobs.stage), which
+    # Train again as a plain sbatch job (slurm/unit.sbatch train -> python -m jobs.stage), which
     # imports the objective by its module path in a process of its own.
     with Manifest(run).update() as data:
         del data["iterations"]["0"]["stages"]["train"]
     (run / "iter-0" / "train").rename(tmp_path / "driver-train")
-    status = sbatch_wait("slurm/train.sbatch", str(cfg), "0", out=tmp_path / "train-%j.out")
+    status = sbatch_wait("slurm/unit.sbatch", "train", str(cfg), "0", out=tmp_path / "train-%j.out")
     text = "".join(p.read_text() for p in tmp_path.glob("train-*.out"))
     assert status == 0, text[-3000:]
     again = Manifest(run).stage(0, "train")

@@ -1,4 +1,4 @@
-"""Distributed training through plain sbatch (slurm/train.sbatch -> srun -> python -m jobs.stage
+"""Distributed training through plain sbatch (slurm/unit.sbatch train -> srun -> python -m jobs.stage
 in every task -> torchrun) on the REAL local cluster: two srun tasks on its one node, each
 running a one-rank torchrun, as two nodes would; no driver."""
 
@@ -29,8 +29,8 @@ DATA = ROOT / "data" / "tiny" / "train.jsonl"
 
 
 def train_args(cfg: Path, run: str, sets: list[str]) -> list[str]:
-    """slurm/train.sbatch's arguments for iteration 0 of `cfg` as run `run`."""
-    return ["slurm/train.sbatch", str(cfg), "0", "--run", run, *[a for s in sets for a in ("--set", s)]]
+    """slurm/unit.sbatch's arguments for iteration 0 of `cfg` as run `run`."""
+    return ["slurm/unit.sbatch", "train", str(cfg), "0", "--run", run, *[a for s in sets for a in ("--set", s)]]
 
 
 @pytest.fixture

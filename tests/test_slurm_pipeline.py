@@ -334,14 +334,14 @@ def config_file(tmp_path: Path, tiny_world, name: str, **values) -> Path:
 
 @pytest.mark.slow
 def test_sbatch_scripts_requeue_generation_and_merge_after_the_array(slurm, cleanup, tmp_path, tiny_world):
-    """slurm/generate.sbatch as an array, task 0 requeued by `scontrol requeue`, task 1 sent USR2
+    """slurm/unit.sbatch generate as an array, task 0 requeued by `scontrol requeue`, task 1 sent USR2
     the way `--signal=B:USR2@90` sends it (to the batch shell); merge.sbatch waits on afterok."""
     runs, _ = cleanup
     n_records = 3200
     cfg = config_file(tmp_path, tiny_world, "plain", data__train_limit=n_records, generation__batch_size=16)
     run = tmp_path / "runs" / "plain"
     runs.append(run)
-    array = sbatch("--array=0-1", "--time=10", "slurm/generate.sbatch", str(cfg), "0", out=tmp_path / "gen-%A_%a.out")
+    array = sbatch("--array=0-1", "--time=10", "slurm/unit.sbatch", "generate", str(cfg), "0", out=tmp_path / "gen-%A_%a.out")
     tasks = [f"{array}_0", f"{array}_1"]
     merge = sbatch(f"--dependency=afterok:{array}", "slurm/merge.sbatch", str(cfg), "0", "generate",
                    out=tmp_path / "merge-%j.out")
@@ -373,7 +373,7 @@ def test_sbatch_scripts_requeue_generation_and_merge_after_the_array(slurm, clea
 
 @pytest.mark.slow
 def test_sbatch_training_requeues_itself_at_the_time_limit(slurm, cleanup, tmp_path, tiny_world):
-    """slurm/train.sbatch with a 1-minute limit and `--signal=B:USR2@15`: the trap forwards USR2,
+    """slurm/unit.sbatch train with a 1-minute limit and `--signal=B:USR2@15`: the trap forwards USR2,
     training stops after the current step and saves, the script requeues the job; the result
     matches an uninterrupted run."""
     runs, _ = cleanup
@@ -384,9 +384,9 @@ def test_sbatch_training_requeues_itself_at_the_time_limit(slurm, cleanup, tmp_p
         runs.append(tmp_path / "runs" / name)
         write_verified(runs[-1], ROOT / "data" / "tiny" / "train.jsonl", 400)
     # 15-45 s allocations for an 80 s run: up to 6 of them.
-    limited = sbatch("--time=1", "--signal=B:USR2@15", "slurm/train.sbatch", str(cfgs["limited"]), "0",
+    limited = sbatch("--time=1", "--signal=B:USR2@15", "slurm/unit.sbatch", "train", str(cfgs["limited"]), "0",
                      out=tmp_path / "limited.out", DISTILL_MAX_REQUEUES="8")
-    reference = sbatch("--time=10", "slurm/train.sbatch", str(cfgs["reference"]), "0", out=tmp_path / "reference.out")
+    reference = sbatch("--time=10", "slurm/unit.sbatch", "train", str(cfgs["reference"]), "0", out=tmp_path / "reference.out")
     released: set[str] = set()
     try:
         wait_for(lambda: release_all([limited], released)

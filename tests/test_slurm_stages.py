@@ -1,5 +1,5 @@
 """A unit that fails, for every stage, on the plain sbatch path of the REAL local cluster
-(slurm/*.sbatch -> python -m jobs.stage): recorded failed with one line, redone alone."""
+(slurm/unit.sbatch -> python -m jobs.stage): recorded failed with one line, redone alone."""
 
 from __future__ import annotations
 
@@ -40,11 +40,9 @@ def test_a_failing_unit_is_recorded_and_redone_alone_through_plain_sbatch(slurm,
 
     def launch(it: int, stage_name: str, expect_ok: bool) -> str:
         stage = pipeline.stage(stage_name)
-        script = f"slurm/{stage_name.removeprefix('baseline_')}.sbatch"
-        extra = ["--baseline"] if stage_name.startswith("baseline_") else []
         logs = tmp_path / f"{stage_name}-{'ok' if expect_ok else 'fail'}"
         array = [f"--array=0-{len(stage.units(config, it)) - 1}"] if stage.sharded else []
-        status = sbatch_wait(*array, script, str(cfg), str(it), *extra, out=Path(f"{logs}-%A_%a.out"))
+        status = sbatch_wait(*array, "slurm/unit.sbatch", stage_name, str(cfg), str(it), out=Path(f"{logs}-%A_%a.out"))
         if status == 0 and stage.sharded:
             status = sbatch_wait("slurm/merge.sbatch", str(cfg), str(it), stage_name, out=Path(f"{logs}-merge.out"))
         text = "".join(p.read_text() for p in sorted(tmp_path.glob(f"{logs.name}-*.out")))
