@@ -5,7 +5,7 @@ multi-node recipe launch them.
 The job has `nodes` x `tasks_per_node` srun tasks (submitit starts this callable in each; on
 the plain sbatch path, slurm/common.sh starts `python -m jobs.stage` in each); each task starts
 `torchrun --nnodes <tasks> --nproc_per_node <gpus_per_node> --rdzv_backend c10d
---rdzv_endpoint <first host>:<port>`, whose ranks run the unit (`python -m jobs.launch <unit
+--rdzv_endpoint <first host>:<port>`, whose ranks run the unit (`python -m jobs.rank <unit
 file>`: the config and stage the task handed over).
 Rank 0 keeps the manifest (`distill.runner`); the task of global rank 0 reads the outcome when
 its ranks have ended and, for a unit stopped by the time limit or a preemption, hands over to
@@ -16,10 +16,8 @@ agree on the step to stop at (`distill.training`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -28,9 +26,9 @@ from pathlib import Path
 
 from distill.config import RunConfig
 from distill.layout import RunPaths
-from distill.runner import Outcome, leads, manifest_of, run_unit, unit_entry
+from distill.runner import Outcome, manifest_of, unit_entry
 from distill.stage import Stage
-from jobs.allocation import first_task, gpus_on_node, job_id, set_threads, step_tasks
+from jobs.allocation import first_task, gpus_on_node, job_id, step_tasks
 from jobs.signals import STOP_SIGNAL, StopOnSignal
 
 
@@ -79,7 +77,7 @@ def torchrun_command(ranks: Ranks, unit_file: Path, job: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(ranks.tasks),
             "--nproc_per_node", str(ranks.procs), "--rdzv_backend", "c10d",
             "--rdzv_endpoint", f"{first_host()}:{rendezvous_port(job)}", "--rdzv_id", job.split("_")[0],
-            "-m", "jobs.launch", str(unit_file)]
+            "-m", "jobs.rank", str(unit_file)]
 
 
 def write_unit(cfg: RunConfig, it: int, stage: Stage, key: str, job: str) -> Path:
@@ -141,26 +139,3 @@ def run_distributed(cfg: RunConfig, it: int, stage: Stage, key: str, ranks: Rank
     state = entry.get("state", "pending")
     return Outcome({"done": "done", "pending": "stopped"}.get(state, "failed"), entry,
                    entry.get("error") or f"its ranks ended with the unit {state}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One rank of a distributed unit (started by torchrun; see the module's docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.launch", description=main.__doc__)
-    parser.add_argument("unit", type=Path, help="the unit file its srun task wrote (write_unit)")
-    args = parser.parse_args(argv)
-    with open(args.unit, "rb") as f:
-        cfg, it, stage, key = pickle.load(f)
-    set_threads(None)
-    with StopOnSignal(stage.stops_anywhere, (STOP_SIGNAL, signal.SIGTERM)) as stop:
-        outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested, progress=leads())
-    if outcome.state == "failed":
-        print(f"error: {stage.describe(key)}: {outcome.error}", file=sys.stderr)
-    # A stop at a safe point is not a failure: torchrun would report it as one, with a traceback,
-    # on every requeue. The task reads the outcome from the manifest, not from this status.
-    return 1 if outcome.state == "failed" else 0
-
-
-if __name__ == "__main__":
-    from distill.ranks import exit_rank
-
-    exit_rank(main())

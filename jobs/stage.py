@@ -51,14 +51,14 @@ from distill.runner import (
     merge_stage,
     open_run,
     requeued_unit,
-    run_unit,
     unit_done,
 )
 from distill.stage import Stage
 from jobs.allocation import first_task, job_id, set_threads, step_tasks
-from jobs.launch import Ranks, ranks_in_step, run_distributed
+from jobs.launch import Ranks, ranks_in_step
 from jobs.queue import in_flight, queue_states
-from jobs.signals import STOP_SIGNAL, StopOnSignal
+from jobs.signals import STOP_SIGNAL
+from jobs.stoppable import WITH_SIGTERM, run_stoppable
 
 REQUEUE = 3
 TERMINATED = 128 + signal.SIGTERM
@@ -187,15 +187,12 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
             print(f"{stage.describe(key)}: already done")
         return 0
     refuse_if_submitted(cfg, it, stage, key)
-    if ranks is not None:  # this task's torchrun ranks, with every other task's (jobs.launch)
-        with StopOnSignal(False, (STOP_SIGNAL, signal.SIGTERM)) as stop:
-            outcome = run_distributed(cfg, it, stage, key, ranks, stop)
-        if outcome is None:
-            return 0  # not task 0: task 0 reports for the job
-    else:
+    if ranks is None:
         set_threads(None)
-        with StopOnSignal(stage.stops_anywhere, (STOP_SIGNAL, signal.SIGTERM)) as stop:
-            outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)
+    # With ranks: this task's torchrun ranks, with every other task's (jobs.launch).
+    outcome, stop = run_stoppable(cfg, it, stage, key, ranks, WITH_SIGTERM)
+    if outcome is None:
+        return 0  # not task 0: task 0 reports for the job
     if outcome.state == "stopped" and stop.received == signal.SIGTERM:
         # Cancelled (or preempted, which SLURM requeues itself): stopped, not requeued by us.
         print(f"{stage.describe(key)}: stopped by SIGTERM at a safe point; run again to resume", file=sys.stderr)

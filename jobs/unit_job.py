@@ -15,11 +15,11 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from distill.config import RunConfig
-from distill.runner import fail_unit, requeued_unit, run_unit, unit_done
+from distill.runner import fail_unit, requeued_unit, unit_done
 from distill.stage import Stage
-from jobs.allocation import job_id, set_threads
-from jobs.launch import Ranks, run_distributed
-from jobs.signals import StopOnSignal
+from jobs.allocation import set_threads
+from jobs.launch import Ranks
+from jobs.stoppable import run_stoppable
 
 TOO_MANY_TIMEOUTS = ("timed out more often than the cluster profile's max_num_timeout allows; raise "
                      "time_min (or max_num_timeout) and run again: the work done so far is kept")
@@ -35,14 +35,9 @@ class UnitJob(submitit.helpers.Checkpointable):
         if unit_done(cfg, it, stage, key):  # e.g. requeued by a signal that came as it finished
             return {}
         set_threads(threads)
-        if ranks is not None:  # every srun task of the job runs torchrun (jobs.launch)
-            with StopOnSignal(False) as stop:
-                outcome = run_distributed(cfg, it, stage, key, ranks, stop)
-            if outcome is None:  # not the task of global rank 0: rank 0's task reports
-                return {}
-        else:
-            with StopOnSignal(stage.stops_anywhere) as stop:
-                outcome = run_unit(cfg, it, stage, key, job_id=job_id(), should_stop=stop.requested)
+        outcome, stop = run_stoppable(cfg, it, stage, key, ranks)  # with ranks: torchrun in every srun task
+        if outcome is None:  # not the task of global rank 0: rank 0's task reports
+            return {}
         if outcome.state == "stopped":
             try:
                 stop.hand_over()  # submitit's handler: checkpoint, requeue, exit
