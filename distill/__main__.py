@@ -143,10 +143,18 @@ def cmd_config_reference(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from distill.config import load_config
-    from distill.plan import DEFAULT_GPU_GB, Gpu, format_plan, gpu_from_profile, gpu_type, plan
+    from distill.plan import (
+        DEFAULT_GPU_GB,
+        PLANNED_SECTIONS,
+        Gpu,
+        format_plan,
+        gpu_from_profile,
+        gpu_type,
+        plan,
+    )
 
     cfg = load_config(args.config, args.set)
-    sections = ("train", "generate", "evaluate")
+    sections = PLANNED_SECTIONS
     gpus = {s: Gpu("GPU", DEFAULT_GPU_GB, source="no --cluster: assumed") for s in sections}
     world, notes = None, []
     if args.cluster:

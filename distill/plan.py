@@ -51,6 +51,9 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # bench/loss_memory.py (docs/performance.md): cross-entropy writes its gradient over the logits
 # but the previous chunk's gradient is still referenced when the next logits are made (2);
 # full-vocabulary KD takes its gradient through autograd (9); offline top-k KD (6).
+# The cluster-profile sections whose GPUs the plan covers: training, the teacher's generation,
+# and evaluation (the student's, mining's and, in iteration 0, the teacher's).
+PLANNED_SECTIONS = ("train", "generate", "evaluate")
 CHUNK_BUFFERS = {"ce": 2, "kd": 9, "kd_offline": 6}
 # Characters per token when a prompt's length is known only in characters: Qwen's tokenizer
 # averages 3-4 on English math text (every digit is a token); 3 errs on the long side.

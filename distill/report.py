@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
+from distill.evaluation import BASELINE_EVALUATE, EVALUATE
 from distill.jsonl import atomic_write_text, write_json
 from distill.layout import RunPaths
 from distill.manifest import Manifest
+from distill.mining import MINE
+from distill.rationales import VERIFY
+from distill.student import BASELINE_TRAIN, TRAIN
 
 COLUMNS = [
     ("model", "model"), ("iteration", "iter"), ("accuracy", "test acc"), ("train_rationales", "train rationales"),
@@ -36,30 +40,30 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     iters = sorted(data.get("iterations", {}), key=int)
     rows: list[dict[str, Any]] = []
     for label, name in (("teacher", "teacher"), ("base", "student (untrained)")):
-        res = _result(data, "0", "evaluate", label)
+        res = _result(data, "0", EVALUATE.name, label)
         if res:
             rows.append({"model": name, "iteration": None, "accuracy": res["accuracy"], "tokens_mean": res["tokens_mean"]})
     steps = 0
     for it in iters:
-        res = _result(data, it, "evaluate", "student")
+        res = _result(data, it, EVALUATE.name, "student")
         if res is None:
             continue
-        steps += _metrics(data, it, "train").get("step", 0)
+        steps += _metrics(data, it, TRAIN.name).get("step", 0)
         rows.append({
             "model": "student (UNDO)" if int(it) > 0 else "student (distilled)",
             "iteration": int(it),
             "accuracy": res["accuracy"],
-            "train_rationales": _metrics(data, it, "train").get("examples"),
-            "errors_mined": _metrics(data, it, "mine").get("errors") if int(it) > 0 else None,
-            "regenerated": _metrics(data, it, "verify").get("kept"),
-            "teacher_unsolved": _metrics(data, it, "verify").get("problems_unsolved"),
+            "train_rationales": _metrics(data, it, TRAIN.name).get("examples"),
+            "errors_mined": _metrics(data, it, MINE.name).get("errors") if int(it) > 0 else None,
+            "regenerated": _metrics(data, it, VERIFY.name).get("kept"),
+            "teacher_unsolved": _metrics(data, it, VERIFY.name).get("problems_unsolved"),
             "student_steps": steps,
             "tokens_mean": res["tokens_mean"],
         })
     for it in iters:
-        res = _result(data, it, "baseline_evaluate", "oneshot")
+        res = _result(data, it, BASELINE_EVALUATE.name, "oneshot")
         if res:
-            train = _metrics(data, it, "baseline_train")
+            train = _metrics(data, it, BASELINE_TRAIN.name)
             rows.append({"model": "one-shot (same steps)", "iteration": int(it), "accuracy": res["accuracy"],
                          "train_rationales": train.get("examples"), "student_steps": train.get("step"),
                          "tokens_mean": res["tokens_mean"]})

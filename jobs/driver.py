@@ -26,12 +26,13 @@ from tqdm import tqdm
 from distill import pipeline, undo
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError, NotReady, not_permitted
+from distill.evaluation import EVALUATE
 from distill.hub import local_models, record_models, resolve_models
 from distill.interrupts import ignore_sigint, stopped
 from distill.layout import RunPaths
 from distill.lease import LeaseLost, RunLease, holding
 from distill.manifest import format_table, running_figures
-from distill.plan import DEFAULT_GPU_GB, Gpu, gpu_of, misfits, plan
+from distill.plan import DEFAULT_GPU_GB, PLANNED_SECTIONS, Gpu, gpu_of, misfits, plan
 from distill.preflight import check_inputs
 from distill.progress import describe, fraction
 from distill.runner import (
@@ -47,6 +48,7 @@ from distill.runner import (
     unit_holder,
 )
 from distill.stage import Stage
+from distill.student import TRAIN
 from jobs.cluster import ClusterProfile, load_profile
 from jobs.executors import (
     SubmitRefused,
@@ -236,7 +238,7 @@ class Driver:
             sections = list(dict.fromkeys(s.resource_section for s in stages))
             check_submission(self.cluster, sections, f"distill-{self.cfg.name}-check")
         self.models = resolve_models(self.cfg, self.manifest.read().get("models", {}), say)
-        self.check_memory(stages, teacher_eval=needs is None and any(s.name == "evaluate" for s in stages))
+        self.check_memory(stages, teacher_eval=needs is None and EVALUATE in stages)
 
     def check_memory(self, stages: Sequence[Stage], teacher_eval: bool) -> None:
         """Refuse a stage whose jobs `distill plan` says cannot fit the GPUs the profile gives
@@ -246,11 +248,11 @@ class Driver:
         if self.kind != "slurm" or not self.plan_check:
             return
         profile = self.cluster or ClusterProfile()
-        gpus = {s: gpu_of(profile.resources(s).gres, profile.source)[0] for s in ("train", "generate", "evaluate")}
+        gpus = {s: gpu_of(profile.resources(s).gres, profile.source)[0] for s in PLANNED_SECTIONS}
         sections = [s for s in dict.fromkeys(st.resource_section for st in stages) if gpus.get(s)]
         if not sections:
             return
-        ranks = self.ranks(pipeline.stage("train"))
+        ranks = self.ranks(TRAIN)
         world = ranks.world if ranks else 1
         p = plan(local_models(self.cfg, self.models), {s: g or Gpu("GPU", DEFAULT_GPU_GB) for s, g in gpus.items()},
                  world_size=world, strategy=self.cfg.train.distributed if world > 1 else "none")
