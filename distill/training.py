@@ -432,7 +432,8 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     model, tokenizer = load_student(model_path, cfg, place, attn_implementation)
     examples = tokenize_pairs(tokenizer, pairs, cfg.max_length, teacher_prompt=objectives.build(cfg).teacher_prompt)
     if not examples:
-        raise ValueError("no training examples (all prompts longer than train.max_length?)")
+        raise DistillError(f"train: no training examples: all {len(pairs)} prompts are at least train.max_length "
+                           f"({cfg.max_length}) tokens long; raise train.max_length")
     distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation, ranks)
     distiller.attach(model)
     net = wrap(model, distiller, ranks)  # the loss as a module: inside DDP, or sharded by FSDP, on several ranks

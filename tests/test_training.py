@@ -242,3 +242,12 @@ def test_lora_adapters_start_from_the_seed_and_leave_the_callers_random_state_al
     assert first and first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert not any(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_prompts_that_all_exceed_max_length_are_one_line(tiny_world, tmp_path):
+    from distill.errors import DistillError
+
+    cfg = TrainConfig(max_steps=1, batch_size=2, max_length=4)
+    with pytest.raises(DistillError, match=r"^train: no training examples: all 3 prompts are at least "
+                                           r"train.max_length \(4\) tokens long; raise train.max_length$"):
+        train(tiny_world.student, pairs()[:3], cfg, tmp_path / "out", progress=False)
