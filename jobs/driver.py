@@ -60,7 +60,7 @@ from jobs.executors import (
     refusal_line,
     resolve_kind,
 )
-from jobs.launch import Ranks, ranks_for
+from jobs.launch import RankLayout, ranks_for
 from jobs.queue import in_flight, queue_states
 from jobs.unit_job import UnitJob
 
@@ -281,7 +281,7 @@ class Driver:
         return make_executor(self.kind, self.paths.logs, name=f"distill-{self.cfg.name}-{stage.name}",
                              profile=self.cluster, stage=stage.resource_section)
 
-    def ranks(self, stage: Stage) -> Ranks | None:
+    def ranks(self, stage: Stage) -> RankLayout | None:
         """The torchrun layout of a distributed stage's SLURM job (None: one process). Local
         executors run every unit as one process."""
         if self.kind != "slurm":

@@ -33,7 +33,7 @@ from jobs.signals import STOP_SIGNAL, StopOnSignal
 
 
 @dataclass(frozen=True)
-class Ranks:
+class RankLayout:
     """How a distributed unit's processes are laid out in its job."""
 
     tasks: int  # srun tasks in the job: torchrun's --nnodes
@@ -44,16 +44,16 @@ class Ranks:
         return self.tasks * self.procs
 
 
-def ranks_for(cfg: RunConfig, stage: Stage, nodes: int, tasks_per_node: int, gpus_per_node: int | None) -> Ranks | None:
+def ranks_for(cfg: RunConfig, stage: Stage, nodes: int, tasks_per_node: int, gpus_per_node: int | None) -> RankLayout | None:
     """The layout of `stage`'s job, or None where it runs as one process (not distributed, or a
     world of one)."""
     if not stage.distributed(cfg):
         return None
-    ranks = Ranks(nodes * tasks_per_node, gpus_per_node or 1)
+    ranks = RankLayout(nodes * tasks_per_node, gpus_per_node or 1)
     return ranks if ranks.world > 1 else None
 
 
-def ranks_in_step(cfg: RunConfig, stage: Stage) -> Ranks | None:
+def ranks_in_step(cfg: RunConfig, stage: Stage) -> RankLayout | None:
     """The layout of `stage` in the srun step this process is a task of (slurm/common.sh starts
     one task a node): torchrun on every task, a process a GPU of its node; None: one process."""
     return ranks_for(cfg, stage, step_tasks(), 1, gpus_on_node())
@@ -73,7 +73,7 @@ def rendezvous_port(job: str) -> int:
     return 20000 + int(digits) % 20000
 
 
-def torchrun_command(ranks: Ranks, unit_file: Path, job: str) -> list[str]:
+def torchrun_command(ranks: RankLayout, unit_file: Path, job: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(ranks.tasks),
             "--nproc_per_node", str(ranks.procs), "--rdzv_backend", "c10d",
             "--rdzv_endpoint", f"{first_host()}:{rendezvous_port(job)}", "--rdzv_id", job.split("_")[0],
@@ -126,7 +126,7 @@ def run_ranks(command: list[str], stop: StopOnSignal) -> int:
     return proc.wait()
 
 
-def run_distributed(cfg: RunConfig, it: int, stage: Stage, key: str, ranks: Ranks,
+def run_distributed(cfg: RunConfig, it: int, stage: Stage, key: str, ranks: RankLayout,
                     stop: StopOnSignal) -> Outcome | None:
     """Run the unit's ranks from this srun task. The task of global rank 0 returns the unit's
     outcome as rank 0 recorded it in the manifest (a rank's own exit status does not come

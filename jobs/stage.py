@@ -55,7 +55,7 @@ from distill.runner import (
 )
 from distill.stage import Stage
 from jobs.allocation import first_task, job_id, set_threads, step_tasks
-from jobs.launch import Ranks, ranks_in_step
+from jobs.launch import RankLayout, ranks_in_step
 from jobs.queue import in_flight, queue_states
 from jobs.signals import STOP_SIGNAL
 from jobs.stoppable import WITH_SIGTERM, run_stoppable
@@ -101,7 +101,7 @@ def refuse_if_submitted(cfg: RunConfig, it: int, stage: Stage, key: str) -> None
                            f"not started twice: wait for it, or `scancel {recorded}` first")
 
 
-def ranks_of(cfg: RunConfig, stage: Stage) -> Ranks | None:
+def ranks_of(cfg: RunConfig, stage: Stage) -> RankLayout | None:
     """The unit's torchrun layout in this job (None: one process). A stage that runs as one
     process refuses a job of several tasks: each would run the whole unit again."""
     tasks = step_tasks()

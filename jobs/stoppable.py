@@ -11,13 +11,13 @@ from distill.config import RunConfig
 from distill.runner import Outcome, run_unit
 from distill.stage import Stage
 from jobs.allocation import job_id
-from jobs.launch import Ranks, run_distributed
+from jobs.launch import RankLayout, run_distributed
 from jobs.signals import STOP_SIGNAL, StopOnSignal
 
 WITH_SIGTERM = (STOP_SIGNAL, signal.SIGTERM)
 
 
-def run_stoppable(cfg: RunConfig, it: int, stage: Stage, key: str, ranks: Ranks | None = None,
+def run_stoppable(cfg: RunConfig, it: int, stage: Stage, key: str, ranks: RankLayout | None = None,
                   signums: tuple[int, ...] = (STOP_SIGNAL,), progress: bool = True) -> tuple[Outcome | None, StopOnSignal]:
     """Run the unit with `signums` caught, in this process, or as torchrun ranks from this srun
     task (`ranks`; the signal is forwarded to them and they agree on the step to stop at).

@@ -18,7 +18,7 @@ from distill.config import RunConfig
 from distill.runner import fail_unit, requeued_unit, unit_done
 from distill.stage import Stage
 from jobs.allocation import set_threads
-from jobs.launch import Ranks
+from jobs.launch import RankLayout
 from jobs.stoppable import run_stoppable
 
 TOO_MANY_TIMEOUTS = ("timed out more often than the cluster profile's max_num_timeout allows; raise "
@@ -31,7 +31,7 @@ class UnitFailed(RuntimeError):
 
 class UnitJob(submitit.helpers.Checkpointable):
     def __call__(self, cfg: RunConfig, it: int, stage: Stage, key: str, threads: int | None = None,
-                 ranks: Ranks | None = None) -> dict[str, Any]:
+                 ranks: RankLayout | None = None) -> dict[str, Any]:
         if unit_done(cfg, it, stage, key):  # e.g. requeued by a signal that came as it finished
             return {}
         set_threads(threads)

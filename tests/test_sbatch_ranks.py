@@ -17,7 +17,7 @@ from distill.config import load_config
 from distill.errors import DistillError
 from distill.manifest import Manifest
 from distill.training import complete_checkpoints, newest_checkpoint
-from jobs.launch import Ranks
+from jobs.launch import RankLayout
 from jobs.stage import ranks_of
 from tests.conftest import ROOT, run_stage_unit
 from tests.test_driver import demo_config
@@ -136,9 +136,9 @@ def test_a_job_of_two_tasks_is_refused_in_one_line_when_training_is_not_distribu
 
 
 @pytest.mark.parametrize(("mode", "env", "expected"), [
-    ("ddp", {"SLURM_STEP_NUM_TASKS": "2"}, Ranks(2, 1)),  # two nodes, no GPU
-    ("fsdp", {"SLURM_STEP_NUM_TASKS": "2", "SLURM_GPUS_ON_NODE": "4"}, Ranks(2, 4)),
-    ("ddp", {"SLURM_GPUS_ON_NODE": "4"}, Ranks(1, 4)),  # one task (the batch script), one node's GPUs
+    ("ddp", {"SLURM_STEP_NUM_TASKS": "2"}, RankLayout(2, 1)),  # two nodes, no GPU
+    ("fsdp", {"SLURM_STEP_NUM_TASKS": "2", "SLURM_GPUS_ON_NODE": "4"}, RankLayout(2, 4)),
+    ("ddp", {"SLURM_GPUS_ON_NODE": "4"}, RankLayout(1, 4)),  # one task (the batch script), one node's GPUs
     ("ddp", {"SLURM_GPUS_ON_NODE": "1"}, None),  # one process, as without ranks
     ("none", {"SLURM_GPUS_ON_NODE": "4"}, None),
 ])
