@@ -14,7 +14,7 @@ TEACHER_STEPS ?= 1500
 RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER)) \
             $(if $(NO_PLAN_CHECK),--no-plan-check) $(if $(ACCEPT_DATA_CHANGE),--accept-data-change)
 
-.PHONY: config-reference help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter bench faults gpu-check
+.PHONY: config-reference help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -122,6 +122,9 @@ slurm-down:  ## stop the local SLURM cluster
 
 sbatch-iter: venv  ## submit iteration ITER of CONFIG as plain sbatch jobs chained by afterok (no driver)
 	PYTHON=$(abspath $(PY)) slurm/iteration.sh $(CONFIG) $(ITER)
+
+sbatch-undo: venv  ## the UNDO loop of CONFIG as plain sbatch chains, each iteration's last job submitting the next (no driver)
+	PYTHON=$(abspath $(PY)) slurm/undo.sh $(CONFIG)
 
 # `make eval`: MODEL is one or more `[label=]path` (space-separated) compared in one report.
 BENCH     ?= gsm8k
