@@ -70,15 +70,6 @@ def check_vocabularies(student_tokenizer: Any, teacher_path: str | Path, objecti
         )
 
 
-def completion_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
-    """Per row, (first completion position, completion length) in the unshifted sequence."""
-    spans = []
-    for row in labels:
-        idx = (row != IGNORE).nonzero().squeeze(-1)
-        spans.append((int(idx[0]), int(idx.numel())) if idx.numel() else (0, 0))
-    return spans
-
-
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """Flat indices into [rows × (length - 1)] of the positions whose next token is a target,
     in row-major order (host side, so the device never waits on a data-dependent shape)."""

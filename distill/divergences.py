@@ -92,9 +92,3 @@ def bucket_mask(scores: torch.Tensor, valid: torch.Tensor, lower: float, upper: 
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
     pct = rank.to(torch.float64) * 100.0 / valid.sum(-1, keepdim=True).clamp(min=1).to(torch.float64)
     return valid & (pct >= lower) & (pct < upper)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ m·v / Σ m (0 when nothing is selected)."""
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp(min=1.0)

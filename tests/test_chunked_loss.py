@@ -16,12 +16,32 @@ import torch.nn.functional as F
 from distill import divergences
 from distill.chunked import CrossEntropy, full_head_loss, head_loss
 from distill.device import placement
-from distill.distillation import IGNORE, Distiller, completion_spans
+from distill.distillation import IGNORE, Distiller
 from distill.layout import TrainPaths
 from distill.modeling import load_student, load_teacher
 from distill.train_config import KDConfig, TrainConfig
 from distill.training import collate, tokenize_pairs
 from tests.test_training import pairs
+
+
+def completion_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
+    """Per row, (first completion position, completion length) in the unshifted sequence."""
+    spans = []
+    for row in labels:
+        idx = (row != IGNORE).nonzero().squeeze(-1)
+        spans.append((int(idx[0]), int(idx.numel())) if idx.numel() else (0, 0))
+    return spans
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ m·v / Σ m (0 when nothing is selected)."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp(min=1.0)
+
+
+def test_masked_mean_excludes_unselected_positions():
+    values = torch.tensor([[1.0, 100.0, 3.0]])
+    assert masked_mean(values, torch.tensor([[True, False, True]])).item() == 2.0
 
 
 def ce_loss(logits, rows):
@@ -112,7 +132,7 @@ def reference(cfg: TrainConfig, model, teacher, batch, store, vocab: int, n_targ
             scores = divergences.entropy(F.log_softmax(s_logits.detach() / kd.temperature, dim=-1))
         mask = (divergences.bucket_mask(scores, valid, *kd.bucket) if kd.bucket is not None
                 else divergences.top_fraction_mask(scores, valid, kd.top_k_percent))
-    return (1 - kd.alpha) * ce + kd.alpha * divergences.masked_mean(div, mask) * kd.temperature**2 / grad_accum
+    return (1 - kd.alpha) * ce + kd.alpha * masked_mean(div, mask) * kd.temperature**2 / grad_accum
 
 
 REFERENCE_CASES = {

@@ -110,11 +110,6 @@ def test_bucket_keeps_the_positions_between_two_percentiles():
     assert divergences.bucket_mask(scores, valid, 0, 100).equal(valid)
 
 
-def test_masked_mean_excludes_unselected_positions():
-    values = torch.tensor([[1.0, 100.0, 3.0]])
-    assert divergences.masked_mean(values, torch.tensor([[True, False, True]])).item() == 2.0
-
-
 # -- config ----------------------------------------------------------------------------------------
 
 
