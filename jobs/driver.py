@@ -495,7 +495,7 @@ def _parse_stages(text: str, iteration: int) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.driver",
         description="Run the stages of one distillation iteration that the run's manifest lacks.",
@@ -526,7 +526,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plan-check", action="store_true",
                         help="submit stages even where `python -m distill plan` says they do not fit the profile's "
                              "GPUs (make: NO_PLAN_CHECK=1)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def planned(args: argparse.Namespace, driver: Driver, only: list[str] | None) -> tuple[int | None, list[Stage]]:
+    """What the command will run: the iteration that must be finished first (None: none) and
+    the stages whose jobs the start-up checks look at (what is done is not submitted again)."""
+    if args.undo:
+        stages = pipeline.iteration_plan(0) + pipeline.iteration_plan(1)
+        return None, stages + (pipeline.baseline_plan() if args.with_baseline else [])
+    if args.baseline:
+        needs, stages = args.iteration, pipeline.baseline_plan()
+    else:
+        needs = args.iteration - 1 if args.iteration > 0 else None
+        stages = [s for s in pipeline.iteration_plan(args.iteration) if only is None or s.name in only]
+    return needs, [s for s in stages if not driver.manifest.is_done(args.iteration, s.name)]
+
+
+def run(args: argparse.Namespace, driver: Driver, only: list[str] | None) -> None:
+    """The command itself, under the run's lease."""
+    with RunLease(driver.paths.root, soft_lock=driver.cfg.lock == "soft") as driver.lease:
+        driver.open()
+        driver.manifest.check_lock()
+        if args.undo:
+            last = driver.run_undo()
+            if args.with_baseline:
+                driver.run_baseline(last)
+        elif args.baseline:
+            driver.run_baseline(args.iteration)
+        else:
+            driver.run_iteration(args.iteration, only)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     driver: Driver | None = None
     try:
         overrides = list(args.set) + ([f"name={args.run}"] if args.run is not None else [])
@@ -539,28 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                          (("RUN", args.run), ("CLUSTER", args.cluster), ("EXECUTOR", args.executor)) if v])
         driver = Driver(cfg, args.executor, cluster, again, args.progress_every, plan_check=not args.no_plan_check,
                         accept_data=args.accept_data_change)
-        if args.undo:
-            needs, stages = None, pipeline.iteration_plan(0) + pipeline.iteration_plan(1)
-            stages += pipeline.baseline_plan() if args.with_baseline else []
-        elif args.baseline:
-            needs, stages = args.iteration, pipeline.baseline_plan()
-        else:
-            needs = args.iteration - 1 if args.iteration > 0 else None
-            stages = [s for s in pipeline.iteration_plan(args.iteration) if only is None or s.name in only]
-        if not args.undo:  # what is done is not submitted again, so its jobs need no check
-            stages = [s for s in stages if not driver.manifest.is_done(args.iteration, s.name)]
-        driver.check(needs, stages)
-        with RunLease(driver.paths.root, soft_lock=cfg.lock == "soft") as driver.lease:
-            driver.open()
-            driver.manifest.check_lock()
-            if args.undo:
-                last = driver.run_undo()
-                if args.with_baseline:
-                    driver.run_baseline(last)
-            elif args.baseline:
-                driver.run_baseline(args.iteration)
-            else:
-                driver.run_iteration(args.iteration, only)
+        driver.check(*planned(args, driver, only))
+        run(args, driver, only)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
