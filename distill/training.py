@@ -419,8 +419,6 @@ def train(
 def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainConfig, out: TrainPaths,
            place: devices.Placement, ranks: Ranks, should_stop: Callable[[], bool] | None, progress: bool,
            teacher_path: str | Path | None, attn_implementation: str) -> TrainResult:
-    from transformers import get_scheduler
-
     ckpt_dir = out.checkpoints
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if ranks.main:
@@ -439,12 +437,7 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     net = wrap(model, distiller, ranks)  # the loss as a module: inside DDP, or sharded by FSDP, on several ranks
     steps = total_steps(cfg, len(examples))
     params = [p for p in net.parameters() if p.requires_grad]
-    # fused: one kernel per step instead of a Python loop over the parameters, where the device has it
-    fused = place.device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps
-    )
+    optimizer, scheduler = _optimizer(params, cfg, place, steps)
     scaler = place.grad_scaler()
     state: dict[str, Any] = {"step": 0, "total_steps": steps, "n_examples": len(examples), "history": []}
     resumed_from = None
@@ -461,14 +454,7 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
                        disable=not progress or not ranks.main)
     while state["step"] < steps:
         step = state["step"]
-        indices = [micro_batch_indices(len(examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + j)
-                   for j in range(cfg.grad_accum)]
-        # This rank's part of each micro-batch (all of it on one rank), and whether it counts.
-        parts = [ranks.part(idx) for idx in indices]
-        micro_batches = [pack([examples[i] for i in idx], tokenizer.pad_token_id, cfg.max_length, idx) if cfg.packing
-                         else collate([examples[i] for i in idx], tokenizer.pad_token_id, idx) for idx, _ in parts]
-        n_target = ranks.total(sum(int((b["labels"][:, 1:] != IGNORE).sum())
-                                   for b, (_, counted) in zip(micro_batches, parts, strict=True) if counted))
+        indices, parts, micro_batches, n_target = _micro_batches(examples, cfg, step, ranks, tokenizer.pad_token_id)
         total = torch.zeros((), device=place.device)
         ce_total = torch.zeros((), device=place.device)
         for j, (batch, (_, counted)) in enumerate(zip(micro_batches, parts, strict=True)):
@@ -483,15 +469,9 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
             ce_total += ce_sum
         # The step's one wait for the device, which also brings the last update's weights check.
         loss_value, ce_value, bad = ranks.sum(torch.stack([total, ce_total, weights_bad])).tolist()
-        if bad:
+        if bad or not math.isfinite(loss_value):
             bar.close()
-            raise nonfinite_weights(step, ckpt_dir)
-        if not math.isfinite(loss_value):
-            bar.close()
-            kept = last_finite_checkpoint(ckpt_dir)
-            raise DistillError(f"train: loss is {loss_value} at step {step + 1}: stopped before the update; "
-                               f"{f'the last good checkpoint is {kept}' if kept else 'no checkpoint was written yet'} "
-                               "(lower train.lr, or check the model and data)")
+            raise nonfinite_weights(step, ckpt_dir) if bad else nonfinite_loss(loss_value, step, ckpt_dir)
         tokens += sum(len(examples[i]["input_ids"]) for idx in indices for i in idx)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -519,6 +499,15 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
             bar.close()
             return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
     bar.close()
+    return _finish(model_path, cfg, out, place, ranks, model, tokenizer, params, ckpt, state, steps, resumed_from,
+                   loss_value, _rate(tokens, start))
+
+
+def _finish(model_path: str | Path, cfg: TrainConfig, out: TrainPaths, place: devices.Placement, ranks: Ranks,
+            model: torch.nn.Module, tokenizer: Any, params: list[torch.Tensor], ckpt: Path, state: dict[str, Any],
+            steps: int, resumed_from: int | None, loss_value: float | None, rate: float) -> TrainResult:
+    """The finished run's model: saved from the final checkpoint `ckpt` (or, on a rerun, the
+    one already saved from it, once checked)."""
     if resumed_from == steps and out.model.is_dir():
         # Finished before and saved (a model is renamed into place only when complete): a rerun
         # changes nothing on disk, once the model is the one saved from this checkpoint.
@@ -531,7 +520,7 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     # Weights loaded from the final checkpoint were never checked by this loop (one written
     # before such checks, say); the loop checked its own before sealing them.
     if resumed_from == steps and any_nonfinite(nonfinite(params), ranks):
-        raise nonfinite_weights(state["step"], ckpt_dir)
+        raise nonfinite_weights(state["step"], out.checkpoints)
     # fsdp: the shards gathered into a plain copy of the student on rank 0's host.
     final = gathered(model, ranks, lambda: load_student(model_path, cfg, devices.Placement(torch.device("cpu"),
                                                                                           place.precision))[0])
@@ -539,8 +528,43 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     with writing(out.model):
         ranks.together(lambda: saved.append(save_model(final, tokenizer, out, ckpt, place, model_path,
                                                        cfg.quantize == "4bit")) if ranks.main else None)
-    return TrainResult(True, state["step"], steps, state.get("loss", loss_value), _rate(tokens, start), resumed_from,
+    return TrainResult(True, state["step"], steps, state.get("loss", loss_value), rate, resumed_from,
                        out.model, ranks.broadcast(saved[0] if saved else None))
+
+
+def _optimizer(params: list[torch.Tensor], cfg: TrainConfig, place: devices.Placement, steps: int) -> tuple[Any, Any]:
+    """AdamW over the trained parameters and the learning-rate schedule of `steps` steps."""
+    from transformers import get_scheduler
+
+    # fused: one kernel per step instead of a Python loop over the parameters, where the device has it
+    fused = place.device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps
+    )
+    return optimizer, scheduler
+
+
+def _micro_batches(examples: list[dict[str, list[int]]], cfg: TrainConfig, step: int, ranks: Ranks,
+                   pad_id: int) -> tuple[list[list[int]], list[tuple[list[int], bool]], list[dict[str, Any]], int]:
+    """Step `step`'s micro-batches: their example indices, this rank's part of each (all of it on
+    one rank) and whether it counts, the collated (or packed) parts, and the step's target count
+    over every rank."""
+    indices = [micro_batch_indices(len(examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + j)
+               for j in range(cfg.grad_accum)]
+    parts = [ranks.part(idx) for idx in indices]
+    micro_batches = [pack([examples[i] for i in idx], pad_id, cfg.max_length, idx) if cfg.packing
+                     else collate([examples[i] for i in idx], pad_id, idx) for idx, _ in parts]
+    n_target = ranks.total(sum(int((b["labels"][:, 1:] != IGNORE).sum())
+                               for b, (_, counted) in zip(micro_batches, parts, strict=True) if counted))
+    return indices, parts, micro_batches, n_target
+
+
+def nonfinite_loss(loss_value: float, step: int, ckpt_dir: Path) -> DistillError:
+    kept = last_finite_checkpoint(ckpt_dir)
+    return DistillError(f"train: loss is {loss_value} at step {step + 1}: stopped before the update; "
+                        f"{f'the last good checkpoint is {kept}' if kept else 'no checkpoint was written yet'} "
+                        "(lower train.lr, or check the model and data)")
 
 
 def _saved_model(out: TrainPaths, ckpt: Path) -> tuple[str, str | None]:
