@@ -1,5 +1,5 @@
 """`python -m jobs.stage`: one unit of one stage (a shard, or a whole single-unit stage) in this
-process, for running an iteration with plain sbatch scripts (slurm/*.sbatch) instead of the driver.
+process, for running an iteration with plain sbatch scripts (slurm/unit.sbatch) instead of the driver.
 
 It keeps the driver's rules: the run's manifest says what is done (a done unit exits at once),
 every unit resumes from what it left on disk, and the merge refuses incomplete shards. On the
@@ -22,6 +22,8 @@ a job of several tasks (status 2), and one task with one GPU (or none) trains as
     python -m jobs.stage merge generate --config C --iter N
     python -m jobs.stage count evaluate --config C --iter N     # -> array size, e.g. 3
     python -m jobs.stage prepare --config C --iter N            # on the login node, first
+    python -m jobs.stage chain --config C --iter N              # the stages slurm/iteration.sh submits
+    python -m jobs.stage next --config C --iter N               # after iteration N: the next one, or nothing
 
 Exit status: 0 done, 1 failed, 2 bad input, 3 stopped by the signal: requeue me, 143 stopped
 by SIGTERM (recorded as stopped; a later run resumes), 130 stopped by Ctrl-C (recorded failed;
