@@ -189,15 +189,14 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return main(args.out, names)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="print a run's manifest as a table, with the progress of running units")
     add_run_arguments(p)
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.set_defaults(func=cmd_status)
 
+
+def _add_grade(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grade", help="grade a JSONL file of responses against gold answers",
                        description="Adds `pred_answer` and `correct` to every record (math-verify equivalence).")
     p.add_argument("--input", required=True, type=Path, help="JSONL with gold and response fields")
@@ -207,10 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="grading processes (default: one per CPU)")
     p.set_defaults(func=cmd_grade)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write report.md/.json/.png for a run from its manifest")
     add_run_arguments(p)
     p.set_defaults(func=cmd_report)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="evaluate models on a benchmark or problem file (sharded, resumable), with a token report",
         description="Greedy answers from each --model, graded with math-verify; writes <out>/tokens.md/.json/.png. "
@@ -247,11 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_tokens(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokens", help="token-efficiency report of a pipeline run's evaluated models")
     p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
     p.add_argument("--iter", type=int, default=0, help="iteration whose eval/ to read (default: %(default)s)")
     p.set_defaults(func=cmd_tokens)
 
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
     from distill import objectives
 
     p = sub.add_parser("compare", help="one student per distillation objective at equal steps, evaluated side by side",
@@ -266,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_repair(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("repair", help="rebuild a run's manifest from the outputs on disk",
                        description="For a manifest that was deleted or damaged: every unit whose outputs are complete "
                        "and sound on disk is recorded done (sharded stages merged again); the rest is left for the next "
@@ -273,12 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
     p.set_defaults(func=cmd_repair)
 
+
+def _add_config_reference(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config-reference", help="every config key with its type, default, range and help",
                        description="Print docs/config-reference.md as generated from the schema, or the keys "
                        "under KEY (e.g. train.kd).")
     p.add_argument("key", nargs="?", help="a key or section, e.g. train.lr or train.kd")
     p.set_defaults(func=cmd_config_reference)
 
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="per-GPU memory of each stage of a run, from the models' config.json alone",
                        description="Weights, gradients, optimizer state, activations (gradient checkpointing off and "
                        "on), the loss chunk and the teacher of the training stage, and the weights and KV cache of "
@@ -297,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output (bytes)")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gpu-check", help="exercise every GPU path on tiny models built here; a table of what passed",
                        description="Training in the job's precision with a kill and resume, every objective, LoRA and "
                        "QLoRA, the chunked loss at a 151,936-token vocabulary, transformers and vLLM generation (tensor "
@@ -305,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", help="comma-separated objectives whose checks to run, by name or module path "
                    "(default: every objective in distill/objectives)")
     p.set_defaults(func=cmd_gpu_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_status, _add_grade, _add_report, _add_eval, _add_tokens, _add_compare, _add_repair, _add_config_reference, _add_plan, _add_gpu_check):
+        add(sub)
     return parser
 
 

@@ -461,51 +461,9 @@ def plan(cfg: RunConfig, gpus: dict[str, Gpu], *, world_size: int = 1, strategy:
         raise DistillError(f"--world-size {world_size} needs --strategy ddp or fsdp (none is one GPU)")
     where = cfg.source or "config"
     student = student or read_shape(cfg.models.student, f"{where}: models.student")
-    needs_teacher = objectives.build(cfg.train).teacher() != "none"
     teacher = teacher or read_shape(cfg.models.teacher, f"{where}: models.teacher")
-    train_gpu = gpus["train"]
-    precision = resolve_precision(cfg.train.precision, train_gpu.name)
-    training = {}
-    for checkpointing in (False, True):
-        setup = Setup.from_config(cfg.train, precision, world_size=world_size, strategy=strategy,
-                                  checkpointing=checkpointing)
-        est = train_memory(student, setup, teacher if needs_teacher else None)
-        est |= verdict(est["peak"], train_gpu)
-        training["on" if checkpointing else "off"] = est
+    precision = resolve_precision(cfg.train.precision, gpus["train"].name)
     setup = Setup.from_config(cfg.train, precision, world_size=world_size, strategy=strategy)
-    notes = []
-    share = compute_bytes(precision) * teacher.params
-    if needs_teacher and setup.teacher == "online" and share > 0.5 * train_gpu.bytes:  # distill.modeling.TEACHER_SHARE
-        where = f"over the job's {train_gpu.count} GPUs" if train_gpu.count > 1 else "partly into CPU memory (slow)"
-        notes.append(f"the teacher ({share / GB:.1f} GB) is over half the GPU: distill spreads it {where} "
-                     "(device_map=auto); counted here whole on the training GPU")
-
-    g, e, u = cfg.generation, cfg.eval, cfg.undo
-    gen_precision = resolve_precision("auto", gpus["generate"].name)
-    undo_extra = g.max_new_tokens + e.max_new_tokens if u.max_iters > 0 else 0
-    gen_n = max(g.n, u.n if u.max_iters > 0 else 1)
-    stages = {
-        "generate": ("teacher", gpus["generate"], generation_memory(
-            teacher, gpus["generate"], precision=gen_precision, backend=g.backend, batch=g.batch_size, n=gen_n,
-            prompt=prompt_tokens(cfg, u.template if undo_extra else cfg.prompt.template, undo_extra),
-            new_tokens=g.max_new_tokens, tensor_parallel=g.tensor_parallel_size,
-            utilization=g.gpu_memory_utilization)),
-        "evaluate, mine": ("student", gpus["evaluate"], generation_memory(
-            student, gpus["evaluate"], precision=resolve_precision("auto", gpus["evaluate"].name),
-            backend=e.backend or g.backend, batch=e.batch_size, n=1, prompt=prompt_tokens(cfg, cfg.prompt.template),
-            new_tokens=e.max_new_tokens, tensor_parallel=e.tensor_parallel_size,
-            utilization=e.gpu_memory_utilization)),
-        "evaluate (iteration 0)": ("teacher", gpus["evaluate"], generation_memory(
-            teacher, gpus["evaluate"], precision=resolve_precision("auto", gpus["evaluate"].name),
-            backend=g.backend, batch=e.batch_size, n=1, prompt=prompt_tokens(cfg, cfg.prompt.template),
-            new_tokens=e.max_new_tokens, tensor_parallel=g.tensor_parallel_size,
-            utilization=g.gpu_memory_utilization)),
-    }
-    lines = {}
-    for name, (role, gpu, est) in stages.items():
-        est |= verdict(est["peak"], gpu)
-        est["fits"] = est["fits"] and est.pop("fits_extra")
-        lines[name] = {"model": role, "gpu": f"{gpu.name}, {gpu.gb:g} GB", **est}
     return {
         "config": cfg.source, "run": cfg.name,
         "student": {"ref": student.ref, "params": student.params, "model_type": student.model_type},
@@ -513,9 +471,63 @@ def plan(cfg: RunConfig, gpus: dict[str, Gpu], *, world_size: int = 1, strategy:
         "gpus": {k: {"name": v.name, "gb": v.gb, "count": v.count, "source": v.source} for k, v in gpus.items()},
         "world_size": world_size, "strategy": strategy, "max_question_chars": cfg.data.max_question_chars,
         "train": {"setup": describe_training(setup), "precision": precision,
-                  "checkpointing": "on" if setup.checkpointing else "off", **training, "notes": notes},
-        "stages": lines,
+                  "checkpointing": "on" if setup.checkpointing else "off",
+                  **training_lines(cfg, student, teacher, gpus["train"], precision, world_size, strategy)},
+        "stages": generation_lines(cfg, student, teacher, gpus),
     }
+
+
+def training_lines(cfg: RunConfig, student: ModelShape, teacher: ModelShape, gpu: Gpu, precision: str,
+                   world_size: int, strategy: str) -> dict[str, Any]:
+    """The training stage's estimate with gradient checkpointing off and on, and notes on the
+    teacher's share of the GPU."""
+    needs_teacher = objectives.build(cfg.train).teacher() != "none"
+    lines: dict[str, Any] = {}
+    for checkpointing in (False, True):
+        setup = Setup.from_config(cfg.train, precision, world_size=world_size, strategy=strategy,
+                                  checkpointing=checkpointing)
+        est = train_memory(student, setup, teacher if needs_teacher else None)
+        lines["on" if checkpointing else "off"] = est | verdict(est["peak"], gpu)
+    notes = []
+    share = compute_bytes(precision) * teacher.params
+    if needs_teacher and setup.teacher == "online" and share > 0.5 * gpu.bytes:  # distill.modeling.TEACHER_SHARE
+        where = f"over the job's {gpu.count} GPUs" if gpu.count > 1 else "partly into CPU memory (slow)"
+        notes.append(f"the teacher ({share / GB:.1f} GB) is over half the GPU: distill spreads it {where} "
+                     "(device_map=auto); counted here whole on the training GPU")
+    return {**lines, "notes": notes}
+
+
+def generation_lines(cfg: RunConfig, student: ModelShape, teacher: ModelShape,
+                     gpus: dict[str, Gpu]) -> dict[str, Any]:
+    """Weights and KV cache of the teacher's generation and of the student's and the teacher's
+    evaluation, each against the GPU of its resource section."""
+    g, e, u = cfg.generation, cfg.eval, cfg.undo
+    undo_extra = g.max_new_tokens + e.max_new_tokens if u.max_iters > 0 else 0
+    gen_n = max(g.n, u.n if u.max_iters > 0 else 1)
+    plain = prompt_tokens(cfg, cfg.prompt.template)
+    eval_precision = resolve_precision("auto", gpus["evaluate"].name)
+    lines = {
+        "generate": ("teacher", gpus["generate"], generation_memory(
+            teacher, gpus["generate"], precision=resolve_precision("auto", gpus["generate"].name),
+            backend=g.backend, batch=g.batch_size, n=gen_n,
+            prompt=prompt_tokens(cfg, u.template if undo_extra else cfg.prompt.template, undo_extra),
+            new_tokens=g.max_new_tokens, tensor_parallel=g.tensor_parallel_size,
+            utilization=g.gpu_memory_utilization)),
+        "evaluate, mine": ("student", gpus["evaluate"], generation_memory(
+            student, gpus["evaluate"], precision=eval_precision, backend=e.backend or g.backend,
+            batch=e.batch_size, n=1, prompt=plain, new_tokens=e.max_new_tokens,
+            tensor_parallel=e.tensor_parallel_size, utilization=e.gpu_memory_utilization)),
+        "evaluate (iteration 0)": ("teacher", gpus["evaluate"], generation_memory(
+            teacher, gpus["evaluate"], precision=eval_precision, backend=g.backend, batch=e.batch_size, n=1,
+            prompt=plain, new_tokens=e.max_new_tokens, tensor_parallel=g.tensor_parallel_size,
+            utilization=g.gpu_memory_utilization)),
+    }
+    out = {}
+    for name, (role, gpu, est) in lines.items():
+        est |= verdict(est["peak"], gpu)
+        est["fits"] = est["fits"] and est.pop("fits_extra")
+        out[name] = {"model": role, "gpu": f"{gpu.name}, {gpu.gb:g} GB", **est}
+    return out
 
 
 def misfits(p: dict[str, Any], sections: list[str], *, checkpointing: bool,

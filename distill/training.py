@@ -419,14 +419,7 @@ def train(
 def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainConfig, out: TrainPaths,
            place: devices.Placement, ranks: Ranks, should_stop: Callable[[], bool] | None, progress: bool,
            teacher_path: str | Path | None, attn_implementation: str) -> TrainResult:
-    ckpt_dir = out.checkpoints
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if ranks.main:
-        # Left by a killed save (this unit is the only writer of its directory).
-        for stale in [*ckpt_dir.glob(".tmp-*"), *out.root.glob(".tmp-*")]:
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    ranks.barrier()
-
+    _clear_stale(out, ranks)
     model, tokenizer = load_student(model_path, cfg, place, attn_implementation)
     examples = tokenize_pairs(tokenizer, pairs, cfg.max_length, teacher_prompt=objectives.build(cfg).teacher_prompt)
     if not examples:
@@ -438,69 +431,100 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     steps = total_steps(cfg, len(examples))
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(params, cfg, place, steps)
-    scaler = place.grad_scaler()
+    stepper = _Stepper(net, distiller, examples, cfg, place, ranks, optimizer, scheduler, place.grad_scaler(), params,
+                       tokenizer.pad_token_id, out.checkpoints)
     state: dict[str, Any] = {"step": 0, "total_steps": steps, "n_examples": len(examples), "history": []}
     resumed_from = None
-    ckpt = ranks.broadcast(resumable_checkpoint(ckpt_dir) if ranks.main else None)  # later: the newest one saved
+    ckpt = ranks.broadcast(resumable_checkpoint(out.checkpoints) if ranks.main else None)  # later: the newest saved
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, ranks)
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, stepper.scaler, ranks)
         resumed_from = state["step"]
         log.info("resumed from %s (step %d of %d)", ckpt, state["step"], steps)
 
     model.train()
     tokens, start, loss_value = 0, time.perf_counter(), None
     weights_bad = torch.zeros((), device=place.device)  # the last update's `nonfinite`, read with the next loss
-    bar = progress_bar(total=steps, initial=state["step"], desc="train", unit="step",
-                       disable=not progress or not ranks.main)
-    while state["step"] < steps:
-        step = state["step"]
-        indices, parts, micro_batches, n_target = _micro_batches(examples, cfg, step, ranks, tokenizer.pad_token_id)
-        total = torch.zeros((), device=place.device)
-        ce_total = torch.zeros((), device=place.device)
-        for j, (batch, (_, counted)) in enumerate(zip(micro_batches, parts, strict=True)):
-            batch = to_device(distiller.prepare(batch), place.device)
-            with accumulating(net, last=j == cfg.grad_accum - 1):
-                with place.autocast():
-                    loss, ce_sum = net(batch, n_target, cfg.grad_accum, counted)
-                # DDP and FSDP average gradients over the ranks; this rank's share of the loss,
-                # times the world size, averages to the whole step's (distill.ranks).
-                scaler.scale(loss * ranks.world).backward()
-            total += loss.detach()
-            ce_total += ce_sum
-        # The step's one wait for the device, which also brings the last update's weights check.
-        loss_value, ce_value, bad = ranks.sum(torch.stack([total, ce_total, weights_bad])).tolist()
-        if bad or not math.isfinite(loss_value):
-            bar.close()
-            raise nonfinite_weights(step, ckpt_dir) if bad else nonfinite_loss(loss_value, step, ckpt_dir)
-        tokens += sum(len(examples[i]["input_ids"]) for idx in indices for i in idx)
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        weights_bad = nonfinite(params)
-        state["step"] = step + 1
-        if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
-            state["history"].append({"step": state["step"], "loss": round(loss_value, 6),
-                                     "ce": round(ce_value / max(n_target, 1), 6), "lr": scheduler.get_last_lr()[0]})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        # A stop asked of any rank (USR2 reaches one process first) stops every rank at this step.
-        stop = ranks.any(should_stop is not None and should_stop())
-        if state["step"] % cfg.save_steps == 0 or state["step"] == steps or stop:
-            if any_nonfinite(weights_bad, ranks):
-                bar.close()
-                raise nonfinite_weights(state["step"], ckpt_dir)
-            state["loss"] = loss_value
-            ckpt = save_checkpoint(ckpt_dir, state["step"], model, optimizer, scheduler, state, cfg.keep_checkpoints,
-                                   scaler, ranks)
-        if stop and state["step"] < steps:
-            bar.close()
-            return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
-    bar.close()
+    with progress_bar(total=steps, initial=state["step"], desc="train", unit="step",
+                      disable=not progress or not ranks.main) as bar:
+        while state["step"] < steps:
+            loss_value, ce_value, step_tokens, weights_bad = stepper.step(state["step"], weights_bad)
+            tokens += step_tokens
+            state["step"] += 1
+            if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
+                state["history"].append({"step": state["step"], "loss": round(loss_value, 6),
+                                         "ce": round(ce_value, 6), "lr": scheduler.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            # A stop asked of any rank (USR2 reaches one process first) stops every rank at this step.
+            stop = ranks.any(should_stop is not None and should_stop())
+            if state["step"] % cfg.save_steps == 0 or state["step"] == steps or stop:
+                if any_nonfinite(weights_bad, ranks):
+                    raise nonfinite_weights(state["step"], out.checkpoints)
+                state["loss"] = loss_value
+                ckpt = save_checkpoint(out.checkpoints, state["step"], model, optimizer, scheduler, state,
+                                       cfg.keep_checkpoints, stepper.scaler, ranks)
+            if stop and state["step"] < steps:
+                return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
     return _finish(model_path, cfg, out, place, ranks, model, tokenizer, params, ckpt, state, steps, resumed_from,
                    loss_value, _rate(tokens, start))
+
+
+def _clear_stale(out: TrainPaths, ranks: Ranks) -> None:
+    """Remove what a killed save left (this unit is the only writer of its directory)."""
+    out.checkpoints.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        for stale in [*out.checkpoints.glob(".tmp-*"), *out.root.glob(".tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    ranks.barrier()
+
+
+@dataclass
+class _Stepper:
+    """What one optimizer step uses, built once by `_train`."""
+
+    net: torch.nn.Module
+    distiller: Distiller
+    examples: list[dict[str, list[int]]]
+    cfg: TrainConfig
+    place: devices.Placement
+    ranks: Ranks
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    params: list[torch.Tensor]
+    pad_id: int
+    ckpt_dir: Path
+
+    def step(self, step: int, weights_bad: torch.Tensor) -> tuple[float, float, int, torch.Tensor]:
+        """Optimizer step `step`: the loss summed over its micro-batches and ranks, the
+        cross-entropy per target token, the tokens it saw, and whether the update made a weight
+        non-finite (read with the next step's loss, so a step waits for the device once).
+        Raises before the update when the loss, or the last update's weights, are not finite."""
+        cfg, ranks, device = self.cfg, self.ranks, self.place.device
+        indices, parts, micro_batches, n_target = _micro_batches(self.examples, cfg, step, ranks, self.pad_id)
+        total = torch.zeros((), device=device)
+        ce_total = torch.zeros((), device=device)
+        for j, (batch, (_, counted)) in enumerate(zip(micro_batches, parts, strict=True)):
+            batch = to_device(self.distiller.prepare(batch), device)
+            with accumulating(self.net, last=j == cfg.grad_accum - 1):
+                with self.place.autocast():
+                    loss, ce_sum = self.net(batch, n_target, cfg.grad_accum, counted)
+                # DDP and FSDP average gradients over the ranks; this rank's share of the loss,
+                # times the world size, averages to the whole step's (distill.ranks).
+                self.scaler.scale(loss * ranks.world).backward()
+            total += loss.detach()
+            ce_total += ce_sum
+        loss_value, ce_value, bad = ranks.sum(torch.stack([total, ce_total, weights_bad])).tolist()
+        if bad or not math.isfinite(loss_value):
+            raise nonfinite_weights(step, self.ckpt_dir) if bad else nonfinite_loss(loss_value, step, self.ckpt_dir)
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(len(self.examples[i]["input_ids"]) for idx in indices for i in idx)
+        return loss_value, ce_value / max(n_target, 1), tokens, nonfinite(self.params)
 
 
 def _finish(model_path: str | Path, cfg: TrainConfig, out: TrainPaths, place: devices.Placement, ranks: Ranks,
