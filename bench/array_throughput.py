@@ -45,7 +45,8 @@ def run_layout(work: Path, name: str, shards: int, cpus: int, problems: int, sam
     profile_path = work / f"{name}.yaml"
     profile_path.write_text(yaml.safe_dump(profile))
     sets = [f"run_root={work / 'runs'}", f"data.train_limit={problems}", f"generation.num_shards={shards}",
-            "generation.batch_size=32", f"generation.n={samples}", f"generation.temperature={0.7 if samples > 1 else 0}"]
+            "generation.batch_size=32", f"generation.n={samples}",
+            f"generation.temperature={0.7 if samples > 1 else 0}"]
     cmd = [sys.executable, "-m", "jobs.driver", "--config", "configs/tiny.yaml", "--executor", "slurm",
            "--cluster", str(profile_path), "--stages", "generate", "--run", name]
     cmd += [a for s in sets for a in ("--set", s)]
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| layout | driver s | records/s | vs 1x1 | tokens/s in jobs | vs 1x1 |\n|---|---|---|---|---|---|")
     for layout, times in seconds.items():
         rate, tok = records / statistics.median(times), statistics.median(tokens[layout])
-        print(f"| {layout} | {statistics.median(times):.1f} | {rate:.0f} | {rate / base:.2f}x | {tok:.0f} | {tok / base_tok:.2f}x |")
+        print(f"| {layout} | {statistics.median(times):.1f} | {rate:.0f} | {rate / base:.2f}x | {tok:.0f} "
+              f"| {tok / base_tok:.2f}x |")
     write_json(args.out, {"problems": args.problems, "samples": args.samples, "driver_seconds": seconds,
                           "job_tokens_per_s": tokens, "goal_2x1_vs_1x1": 1.7})
     return 0

@@ -280,7 +280,8 @@ def trial(bench: Bench, kind: str, rng: random.Random) -> dict[str, Any]:
             steps_after = entry["step"] - stage_entry.get("resumed_from", 0)
             row["redone"] = steps_after - (ref_entry["step"] - row["on_disk"])
         if entry["step"] != ref_entry["step"] or abs(entry["loss"] - ref_entry["loss"]) > 1e-6:
-            row["problems"].append(f"final step/loss {entry['step']}/{entry['loss']} vs {ref_entry['step']}/{ref_entry['loss']}")
+            row["problems"].append(f"final step/loss {entry['step']}/{entry['loss']} "
+                                   f"vs {ref_entry['step']}/{ref_entry['loss']}")
         row["loss_diff"] = abs(entry["loss"] - ref_entry["loss"])
         weights = paths.student(0) / "model.safetensors"
         row["same_weights"] = sha256_file(weights) == sha256_file(ref / weights.relative_to(run))
@@ -387,7 +388,8 @@ def second_driver_trial(bench: Bench) -> dict[str, Any]:
     if first.returncode != 0:
         row["problems"].append(f"the first driver failed: {err.strip()[-300:]}")
     if second.returncode != 2 or "another driver works on this run" not in second.stderr:
-        row["problems"].append(f"the second driver did not refuse: exit {second.returncode} {second.stderr.strip()[-300:]}")
+        row["problems"].append(f"the second driver did not refuse: exit {second.returncode} "
+                               f"{second.stderr.strip()[-300:]}")
     row["silent"] = int("submitted" in second.stdout)
     row["on_disk"] = sum(1 for line in out.splitlines() if "submitted" in line)
     for shard in range(2):
@@ -395,7 +397,8 @@ def second_driver_trial(bench: Bench) -> dict[str, Any]:
         if len(got) != len(set(got)):
             row["problems"].append(f"shard {shard}: {len(got) - len(set(got))} duplicate records")
     bench.run_to_end("merge", "generate")
-    if lines(bench.paths.generations(0)) != lines(bench.work / "reference" / bench.paths.generations(0).relative_to(bench.run)):
+    reference = bench.work / "reference" / bench.paths.generations(0).relative_to(bench.run)
+    if lines(bench.paths.generations(0)) != lines(reference):
         row["problems"].append("generations.jsonl differs from the uninterrupted run")
     return row
 
@@ -523,14 +526,16 @@ def lease_takeover_trial(bench: Bench) -> dict[str, Any]:
             first.wait()
     a_out = a_log.read_text()
     b_out = second.stdout
-    row["on_disk"] = "B waited" if "waiting for" in b_out and "another process runs" in b_out else "A's jobs ended first"
+    row["on_disk"] = ("B waited" if "waiting for" in b_out and "another process runs" in b_out
+                      else "A's jobs ended first")
     if second.returncode != 0:
         row["problems"].append(f"driver B failed: exit {second.returncode} {(second.stderr or b_out).strip()[-300:]}")
     if "submitted" in b_out:
         row["problems"].append("driver B submitted jobs for units A's jobs ran: "
                                + next(line for line in b_out.splitlines() if "submitted" in line).strip())
     if first.returncode != 2 or "lease was taken over" not in a_out:
-        row["problems"].append(f"driver A did not stop on the lost lease: exit {first.returncode} {a_out.strip()[-300:]}")
+        row["problems"].append(f"driver A did not stop on the lost lease: exit {first.returncode} "
+                               f"{a_out.strip()[-300:]}")
     wrote = "merged" in a_out or paths.manifest.read_bytes() != manifest_after_b
     row["silent"] = int(wrote)
     if wrote:
@@ -578,8 +583,8 @@ def nan_model_repair_trial(bench: Bench) -> dict[str, Any]:
     """The final model's weights turned NaN (one element of every tensor) and the manifest lost:
     `distill repair` must not record training done; the next train run saves the model again
     from its sealed checkpoint, finite and equal to the reference model. In every other trial (the
-    first, the third, ...) the model's record (`model.source.json`) is rewritten to the NaN model's hash, as if it had been
-    saved so: then only the finiteness check stands between it and "done"."""
+    first, the third, ...) the model's record (`model.source.json`) is rewritten to the NaN model's
+    hash, as if it had been saved so: then only the finiteness check stands between it and "done"."""
     bench.restore("evaluate")
     run, paths = bench.run, bench.paths
     model = paths.student(0) / "model.safetensors"
@@ -707,15 +712,18 @@ def manifest_trial(bench: Bench, rng: random.Random) -> dict[str, Any]:
 def time_manifest_stream(bench: Bench) -> None:
     run = bench.work / "manifest-trial"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", MANIFEST_WRITER.format(n=MANIFEST_UPDATES), str(run), "0"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", MANIFEST_WRITER.format(n=MANIFEST_UPDATES), str(run), "0"],
+                   cwd=ROOT, check=True)
     bench.durations["manifest"] = time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=20, help=f"kills in all, spread over {', '.join(KINDS)} (default: %(default)s)")
+    parser.add_argument("--trials", type=int, default=20,
+                        help=f"kills in all, spread over {', '.join(KINDS)} (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random kill moments (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "faults.json", help="JSON results (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "faults.json",
+                        help="JSON results (default: %(default)s)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="trial kinds, comma-separated (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
@@ -736,22 +744,28 @@ def main(argv: list[str] | None = None) -> int:
             row = trial(bench, kinds[t % len(kinds)], rng)
             row["seconds"] = round(time.perf_counter() - began, 1)
             rows.append(row)
-            verdict = ("ok" if not row["problems"] else "FAILED: " + "; ".join(row["problems"])) if "skipped" not in row \
-                else f"skipped: {row['skipped']}"
-            print(f"trial {t:2d} {row['kind']:<20} kill at {row['kill_s']:5.2f} s  on disk {row.get('on_disk', '-')!s:>4}"
+            verdict = ("ok" if not row["problems"] else "FAILED: " + "; ".join(row["problems"])) \
+                if "skipped" not in row else f"skipped: {row['skipped']}"
+            print(f"trial {t:2d} {row['kind']:<20} kill at {row['kill_s']:5.2f} s  "
+                  f"on disk {row.get('on_disk', '-')!s:>4}"
                   f"  redone {row.get('redone', '-')!s:>3}  {verdict}", flush=True)
         failed = [r for r in rows if r["problems"]]
         skipped = sum("skipped" in r for r in rows)
-        print(f"\n{len(rows)} trials in {time.perf_counter() - start:.0f} s, {sum(r['killed'] for r in rows)} killed mid-run, "
+        print(f"\n{len(rows)} trials in {time.perf_counter() - start:.0f} s, "
+              f"{sum(r['killed'] for r in rows)} killed mid-run, "
               f"{len(failed)} failed, {sum(r.get('silent', 0) for r in rows)} silent uses of bad data"
               + (f", {skipped} skipped" if skipped else ""))
         g, t = SETTINGS["generation"], SETTINGS["train"]
         in_flight = {"generate": f"{g['batch_size'] * g['n']} records (a batch)", "verify": "the stage (one pass)",
-                     "train": f"{t['save_steps'] - 1} steps (save_steps - 1)", "evaluate": f"{SETTINGS['eval']['batch_size']} records (a batch)",
+                     "train": f"{t['save_steps'] - 1} steps (save_steps - 1)",
+                     "evaluate": f"{SETTINGS['eval']['batch_size']} records (a batch)",
                      "manifest": "1 update", "requeue": "0 steps (saved at the stop)",
-                     "corrupt-checkpoint": f"{t['save_steps']} steps (one checkpoint)", "corrupt-model": "0 (saved again)",
-                     "corrupt-jsonl": "0 (verify again)", "second-driver": "0", "data-edit": "0 (refused before running)",
-                     "lease-takeover": "0 (B waits for A's jobs)", "nan-model-repair": "0 (saved again from the last checkpoint)",
+                     "corrupt-checkpoint": f"{t['save_steps']} steps (one checkpoint)",
+                     "corrupt-model": "0 (saved again)",
+                     "corrupt-jsonl": "0 (verify again)", "second-driver": "0",
+                     "data-edit": "0 (refused before running)",
+                     "lease-takeover": "0 (B waits for A's jobs)",
+                     "nan-model-repair": "0 (saved again from the last checkpoint)",
                      "shard-lost-line": f"the lost line (+ at most {g['n'] - 1} samples of its problem)"}
         print("| trial | trials | killed mid-run | failed | on disk at the kill (records / checkpoint step / updates) "
               "| done again although on disk | lost in flight, at most | silent uses of bad data |")
@@ -765,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
                 on_disk = ", ".join(str(r.get("on_disk", "-")) for r in mine)
                 redone = ", ".join(str(r["redone"]) for r in mine if "redone" in r) or "-"
                 silent = sum(r["silent"] for r in mine) if "silent" in mine[0] else "-"
-                print(f"| {kind} | {len(mine)} | {sum(r['killed'] for r in mine)} | {sum(bool(r['problems']) for r in mine)} "
+                print(f"| {kind} | {len(mine)} | {sum(r['killed'] for r in mine)} "
+                      f"| {sum(bool(r['problems']) for r in mine)} "
                       f"| {on_disk} | {redone} | {in_flight[kind]} | {silent} |")
         write_json(args.out, {"settings": SETTINGS, "durations": bench.durations, "trials": rows})
         return 1 if failed else 0

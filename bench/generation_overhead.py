@@ -42,11 +42,13 @@ def plain_loop(model, tokenizer, prompts: list[str], batch_size: int, max_new_to
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "tiny" / "teacher"), help="model directory (default: the demo teacher)")
+    parser.add_argument("--model", default=str(ROOT / "models" / "tiny" / "teacher"),
+                        help="model directory (default: the demo teacher)")
     parser.add_argument("--problems", type=int, default=800, help="prompts per measurement (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=100, help="(default: %(default)s, the demo config's)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=6, help="rounds, each running both in alternating order (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="rounds, each running both in alternating order (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "generation_overhead.json")
     args = parser.parse_args(argv)
 
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     plain = rates["plain model.generate loop"]
     # The ratio of each round's pair, then the median: a slow spell of a shared machine moves
     # both sides of a pair, not one median.
-    ratio = {name: statistics.median(a / b for a, b in zip(values, plain, strict=True)) for name, values in rates.items()}
+    ratio = {name: statistics.median(a / b for a, b in zip(values, plain, strict=True))
+             for name, values in rates.items()}
     print(f"\n{len(tasks)} prompts, batch {args.batch_size}, greedy, {args.max_new_tokens} new tokens at most, "
           f"median of {args.repeats} rounds; same texts: {same}")
     print("| path | records/s | vs plain (median of the rounds' ratios) |\n|---|---|---|")

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             rates[name].append(rate)
             print(f"round {r}: {name}: {rate:.0f} answers/s ({correct}/{total} correct)", flush=True)
     base = statistics.median(rates["in process (workers=1)"])
-    print(f"\n{total} answers (MATH-500 + GSM8K test gold solutions), median of {args.repeats}, each in a fresh process")
+    print(f"\n{total} answers (MATH-500 + GSM8K test gold solutions), "
+          f"median of {args.repeats}, each in a fresh process")
     print("| layout | answers/s | vs in process |\n|---|---|---|")
     for name, values in rates.items():
         print(f"| {name} | {statistics.median(values):.0f} | {statistics.median(values) / base:.2f}x |")

@@ -48,7 +48,8 @@ SPIN = "while True:\n    pass\n"
 def trainings(threads: int, steps: int, count: int, tmp: Path) -> list[float]:
     """tokens/s of `count` trainings run at once, each at `threads` torch threads."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(threads), str(steps), str(tmp / f"{time.time_ns()}-{i}")],
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(threads), str(steps),
+                               str(tmp / f"{time.time_ns()}-{i}")],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for i in range(count)]
     return [json.loads(p.communicate()[0].strip().splitlines()[-1])["tokens_per_s"] for p in procs]
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {r}: {scenario}, {t} thread(s): {rate:.0f} tokens/s", flush=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {cores} cores; demo student, batch 32, {args.steps} steps, median of "
           f"{args.repeats} rounds (tokens/s of one training)")
-    print("| scenario | " + " | ".join(f"{t} thread(s)" for t in counts) + " | 1 vs most |\n|---|" + "---|" * (len(counts) + 1))
+    print("| scenario | " + " | ".join(f"{t} thread(s)" for t in counts) + " | 1 vs most |\n|---|"
+          + "---|" * (len(counts) + 1))
     for scenario in scenarios:
         med = {t: statistics.median(v) for t, v in rates[scenario].items()}
         print(f"| {scenario} | " + " | ".join(f"{med[t]:.0f}" for t in counts) + f" | {med[1] / med[counts[-1]]:.2f} |")

@@ -83,7 +83,8 @@ def build(case: str, out: Path) -> Path:
     build_model(out / "tokenizer", out / "warm", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                 intermediate_size=32, max_position_embeddings=positions)
     return build_model(out / "tokenizer", out / "model", hidden_size=shape["hidden"], num_layers=shape["layers"],
-                       num_heads=shape["heads"], num_kv_heads=shape["kv_heads"], intermediate_size=shape["intermediate"],
+                       num_heads=shape["heads"], num_kv_heads=shape["kv_heads"],
+                       intermediate_size=shape["intermediate"],
                        max_position_embeddings=positions)
 
 

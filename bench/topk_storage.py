@@ -27,7 +27,8 @@ from distill.training import tokenize_pairs  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", default=str(ROOT / "models" / "tiny" / "teacher"), help="(default: the demo teacher)")
+    parser.add_argument("--teacher", default=str(ROOT / "models" / "tiny" / "teacher"),
+                        help="(default: the demo teacher)")
     parser.add_argument("--examples", type=int, default=1000, help="training rationales (default: %(default)s)")
     parser.add_argument("--k", type=int, nargs="+", default=[20, 64], help="(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "topk_storage.json")

@@ -50,7 +50,8 @@ def run_trainer(model_path: str, examples: list[dict[str, list[int]]], cfg: Trai
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     args = TrainingArguments(
         output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), max_grad_norm=1.0,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), max_grad_norm=1.0,
         save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
         dataloader_num_workers=0, seed=cfg.seed, remove_unused_columns=False,
     )
@@ -63,10 +64,12 @@ def run_trainer(model_path: str, examples: list[dict[str, list[int]]], cfg: Trai
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "tiny" / "student"), help="model directory (default: the demo student)")
+    parser.add_argument("--model", default=str(ROOT / "models" / "tiny" / "student"),
+                        help="model directory (default: the demo student)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per measurement (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s, the demo config's)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds, each running both in alternating order (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds, each running both in alternating order (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "training_throughput.json")
     args = parser.parse_args(argv)
 
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     records = read_jsonl(ROOT / "data" / "tiny" / "train.jsonl")
     pairs = [(build_prompt(tokenizer, PromptConfig(), r["question"]), r["solution"]) for r in records]
-    cfg = TrainConfig(lr=0.01, max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.05, lr_scheduler="cosine",
-                      save_steps=args.steps, log_steps=50, max_length=128)
+    cfg = TrainConfig(lr=0.01, max_steps=args.steps, batch_size=args.batch_size, warmup_ratio=0.05,
+                      lr_scheduler="cosine", save_steps=args.steps, log_steps=50, max_length=128)
     examples = tokenize_pairs(tokenizer, pairs, cfg.max_length)
     rates: dict[str, list[float]] = {"transformers.Trainer": [], "distill train": [], "distill train, packed": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     base = rates["transformers.Trainer"]
     # The ratio of each round's pair, then the median: a slow spell of a shared machine moves
     # both sides of a pair, not one median.
-    ratio = {name: statistics.median(a / b for a, b in zip(values, base, strict=True)) for name, values in rates.items()}
+    ratio = {name: statistics.median(a / b for a, b in zip(values, base, strict=True))
+             for name, values in rates.items()}
     print(f"\n{len(examples)} examples, batch {args.batch_size}, {args.steps} steps, median of {args.repeats} rounds")
     print("| loop | tokens/s | vs Trainer (median of the rounds' ratios) |\n|---|---|---|")
     for name, values in rates.items():

@@ -36,11 +36,14 @@ PLAIN, OURS, HF = "vLLM LLM.generate", "distill generate_shard (vLLM)", "distill
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "tiny" / "teacher"), help="(default: the demo teacher)")
+    parser.add_argument("--model", default=str(ROOT / "models" / "tiny" / "teacher"),
+                        help="(default: the demo teacher)")
     parser.add_argument("--problems", type=int, default=800, help="prompts per measurement (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=100, help="transformers batch (default: %(default)s, the demo's)")
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="transformers batch (default: %(default)s, the demo's)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
-    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"], help="both backends (default: %(default)s)")
+    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"],
+                        help="both backends (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=4, help="rounds (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "vllm_generation.json")
     args = parser.parse_args(argv)
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                         outputs = engine.llm.generate(prompts, engine.sampling_params(spec, 0), use_tqdm=False)
                         texts[name] = [o.outputs[0].text for o in outputs]
                     else:
-                        generate_shard(engine if name == OURS else hf, tasks, out, spec, args.batch_size, progress=False)
+                        generate_shard(engine if name == OURS else hf, tasks, out, spec, args.batch_size,
+                                       progress=False)
                     seconds = time.perf_counter() - start
                     if name != PLAIN:
                         texts[name] = [rec["response"] for rec in read_jsonl(out)]
