@@ -40,7 +40,8 @@ def cmd_status(args: argparse.Namespace) -> None:
 
     args.run = run_dir(args)
     data = Manifest(args.run).read()
-    print(json.dumps(data, indent=2) if args.json else f"run {data.get('run', args.run)}  config {data.get('config_hash')}\n"
+    print(json.dumps(data, indent=2) if args.json
+          else f"run {data.get('run', args.run)}  config {data.get('config_hash')}\n"
           + format_table(data, pipeline.names(), Path(args.run)))
 
 
@@ -221,10 +222,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     src = p.add_argument_group("problems")
     src.add_argument("--bench", help="benchmark: gsm8k, gsm8k:train, math500, svamp (data/benchmarks)")
     src.add_argument("--data", type=Path, help="problem file instead: .jsonl, .json array, .parquet or a datasets dir")
-    src.add_argument("--prompt-col", "--prompt_col", default="question", help="question field of --data (default: %(default)s)")
-    src.add_argument("--answer-col", "--answer_col", default="answer", help="gold field of --data (default: %(default)s)")
+    src.add_argument("--prompt-col", "--prompt_col", default="question",
+                     help="question field of --data (default: %(default)s)")
+    src.add_argument("--answer-col", "--answer_col", default="answer",
+                     help="gold field of --data (default: %(default)s)")
     src.add_argument("--id-col", "--id_col", default="id", help="id field of --data, if present (default: %(default)s)")
-    src.add_argument("--meta-col", "--meta_col", action="append", help="field of --data to group the report by (repeatable)")
+    src.add_argument("--meta-col", "--meta_col", action="append",
+                     help="field of --data to group the report by (repeatable)")
     src.add_argument("--format", default="auto", choices=["auto", "jsonl", "json", "parquet", "datasets"])
     src.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
@@ -237,13 +241,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="precision of every model (default: auto: bf16 on GPUs that have it, fp16 on others, fp32 on CPU)")
+                   help="precision of every model "
+                        "(default: auto: bf16 on GPUs that have it, fp16 on others, fp32 on CPU)")
     p.add_argument("--kv-cache-gib", type=float, help="vLLM's KV cache in GiB (default: gpu_memory_utilization 0.9 "
                    "on a GPU, 1 GiB on a CPU)")
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
                    help="transformers backend only (default: %(default)s)")
     p.add_argument("--template", help="prompt template with a {question} slot (default: the config default)")
-    p.add_argument("--no-chat-template", action="store_true", help="plain prompt even if the tokenizer has a chat template")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="plain prompt even if the tokenizer has a chat template")
     p.add_argument("--chat-template-arg", action="append", metavar="KEY=VALUE",
                    help="chat template argument, repeatable, e.g. enable_thinking=false for Qwen3")
     p.add_argument("--workers", type=int, help="grading processes (default: one per CPU)")
@@ -277,7 +283,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 def _add_repair(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("repair", help="rebuild a run's manifest from the outputs on disk",
                        description="For a manifest that was deleted or damaged: every unit whose outputs are complete "
-                       "and sound on disk is recorded done (sharded stages merged again); the rest is left for the next "
+                       "and sound on disk is recorded done (sharded stages merged again); "
+                       "the rest is left for the next "
                        "run. The old manifest is kept as manifest.json.before-repair.")
     p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
     p.set_defaults(func=cmd_repair)
@@ -314,8 +321,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gpu-check", help="exercise every GPU path on tiny models built here; a table of what passed",
                        description="Training in the job's precision with a kill and resume, every objective, LoRA and "
-                       "QLoRA, the chunked loss at a 151,936-token vocabulary, transformers and vLLM generation (tensor "
-                       "parallel with 2+ GPUs). CUDA-only checks are skipped without CUDA. Exit status 1 if any failed.")
+                       "QLoRA, the chunked loss at a 151,936-token vocabulary, transformers and vLLM generation "
+                       "(tensor parallel with 2+ GPUs). CUDA-only checks are skipped without CUDA. "
+                       "Exit status 1 if any failed.")
     p.add_argument("--out", type=Path, default=Path("runs/gpu-check"), help="work directory (default: %(default)s)")
     p.add_argument("--objectives", help="comma-separated objectives whose checks to run, by name or module path "
                    "(default: every objective in distill/objectives)")
@@ -325,7 +333,8 @@ def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_status, _add_grade, _add_report, _add_eval, _add_tokens, _add_compare, _add_repair, _add_config_reference, _add_plan, _add_gpu_check):
+    for add in (_add_status, _add_grade, _add_report, _add_eval, _add_tokens, _add_compare, _add_repair,
+                _add_config_reference, _add_plan, _add_gpu_check):
         add(sub)
     return parser
 

@@ -88,7 +88,8 @@ class CrossEntropy:
             self.ce_sum += ce.detach()
         return ce * self.weight
 
-    def value_and_grad(self, logits: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_grad(self, logits: torch.Tensor,
+                       rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         target = rows["target"]
         picked = logits.gather(-1, target[:, None]).squeeze(-1)
         top = logits.max(-1, keepdim=True).values

@@ -36,7 +36,8 @@ def overrides_for(name: str) -> list[str]:
     return [f"train.objective={name}"]
 
 
-def compare(config: str | Path, names: list[str], overrides: list[str], steps: int | None, progress: bool = True) -> str:
+def compare(config: str | Path, names: list[str], overrides: list[str], steps: int | None,
+            progress: bool = True) -> str:
     from transformers import AutoTokenizer
 
     from distill.evaluation import EvalSettings, read_json_or_none, run_eval
@@ -53,7 +54,8 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     paths = RunPaths(base.run_dir)
     verified = paths.verified(0)
     if not verified.exists():
-        raise DistillError(f"{verified}: not found; run iteration 0 first (make iter ITER=0) for the rationales to train on")
+        raise DistillError(f"{verified}: not found; run iteration 0 first (make iter ITER=0) "
+                           "for the rationales to train on")
     records = read_jsonl(verified)
     steps = steps or base.train.max_steps
     if steps is None:
@@ -71,10 +73,12 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
                        attn_implementation=cfg.models.attn_implementation)
         models[name] = str(result.model_dir)
         if result.resumed_from is None:  # trained start to finish in this call: a time worth keeping
-            write_json(out.timing, {"train_s": round(time.perf_counter() - start, 3), "tokens_per_s": result.tokens_per_s})
+            write_json(out.timing, {"train_s": round(time.perf_counter() - start, 3),
+                                    "tokens_per_s": result.tokens_per_s})
         timing = read_json_or_none(out.timing) or {"train_s": None, "tokens_per_s": None}
         topk = read_json_or_none(out.topk_info)
-        rows[name] = {"settings": objectives.build(cfg.train).describe(), "steps": result.step, "loss": result.loss, **timing,
+        rows[name] = {"settings": objectives.build(cfg.train).describe(), "steps": result.step,
+                      "loss": result.loss, **timing,
                       "topk_bytes_per_token": topk and round(int(topk["file_bytes"]) / int(topk["tokens"]), 1)}
     split = base.eval.split
     settings = EvalSettings(source=str(getattr(base.data, split)), limit=base.eval.limit,
@@ -83,7 +87,8 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     summaries = run_eval(settings, models, root / "eval", batch_size=base.eval.batch_size, progress=progress)
     for name, s in summaries.items():
         rows[name] |= {"accuracy": s["accuracy"], "n": s["n"], "tokens_mean": s["tokens_mean"]}
-    table = ["| objective | settings | steps | test acc | mean tokens | train s | bytes/token stored |", "|---|---|---|---|---|---|---|"]
+    table = ["| objective | settings | steps | test acc | mean tokens | train s | bytes/token stored |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         stored = f"{r['topk_bytes_per_token']}" if r["topk_bytes_per_token"] else "-"
         train_s = "-" if r["train_s"] is None else f"{r['train_s']:.1f}"

@@ -525,7 +525,8 @@ def check_train(t: TrainConfig, where: str | Origin) -> None:
     # Whether the job's machine has CUDA and bitsandbytes is checked when the job starts
     # (distill.device): the login node that loads this config usually has no GPU.
     if t.quantize == "4bit" and not t.lora.enabled:
-        raise ConfigError(f"{at('train.quantize', 'train.lora')}: 4bit trains LoRA adapters; set train.lora.enabled: true")
+        raise ConfigError(f"{at('train.quantize', 'train.lora')}: 4bit trains LoRA adapters; "
+                          "set train.lora.enabled: true")
     if t.distributed == "fsdp" and t.quantize == "4bit":
         raise ConfigError(f"{at('train.distributed', 'train.quantize')}: fsdp cannot shard 4-bit (QLoRA) weights; "
                           "use ddp, or quantize: none")
@@ -554,7 +555,8 @@ def _resolve_benchmark(cfg: RunConfig, origin: Origin) -> None:
     for split in ("train", "validation", "test"):
         value = getattr(data, split)
         if value is not None and ":" in value and value.split(":", 1)[0] in BENCHMARKS and not find_benchmark(value):
-            raise ConfigError(f"{origin(f'data.{split}', 'data.benchmark')}: unknown benchmark split {value!r} (known: {', '.join(split_names())})")
+            raise ConfigError(f"{origin(f'data.{split}', 'data.benchmark')}: unknown benchmark split {value!r} "
+                              f"(known: {', '.join(split_names())})")
     if data.train is None:
         extra = f" (benchmark {data.benchmark} has no train split)" if data.benchmark else ""
         raise ConfigError(f"{origin('data.train', 'data.benchmark')}: required key missing{extra}")

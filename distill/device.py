@@ -118,7 +118,8 @@ def check_attention(attn_implementation: str, device: torch.device) -> None:
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Every generator a training step draws from, the device's own included."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state

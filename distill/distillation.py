@@ -48,8 +48,8 @@ def vocabulary_relation(student_tokenizer: Any, teacher_tokenizer: Any) -> str:
     student, teacher = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if student == teacher:
         return "same"
-    if all(teacher.get(token) == i for token, i in student.items()) and all(i >= len(student) for t, i in teacher.items()
-                                                                          if t not in student):
+    if (all(teacher.get(token) == i for token, i in student.items())
+            and all(i >= len(student) for t, i in teacher.items() if t not in student)):
         return "prefix"
     return "different"
 
@@ -93,7 +93,8 @@ class TopKStore:
         tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
         try:
             with writing(path):
-                save_file({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}, str(tmp), metadata=meta)
+                save_file({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}, str(tmp),
+                          metadata=meta)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -78,17 +78,21 @@ def top_fraction_mask(scores: torch.Tensor, valid: torch.Tensor, fraction: float
     of that row); ties go to the earlier position. Whole-tensor operations, no per-row loop,
     so it stays on the device without a host round trip."""
     ranked = scores.float().masked_fill(~valid, float("-inf"))
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
+    rank = _rank_of(torch.sort(ranked, dim=-1, descending=True, stable=True).indices)
     keep = torch.ceil(fraction * valid.sum(-1, keepdim=True).to(torch.float64))
     return valid & (rank < keep)
+
+
+def _rank_of(order: torch.Tensor) -> torch.Tensor:
+    """Each position's place in `order` (the indices a sort returned), as a tensor of their shape."""
+    positions = torch.arange(order.size(-1), device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def bucket_mask(scores: torch.Tensor, valid: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
     """Per row, the valid positions whose score percentile lies in [lower, upper): a position of
     ascending rank r among L valid ones is at percentile 100·r/L."""
     ranked = scores.float().masked_fill(~valid, float("inf"))
-    order = torch.sort(ranked, dim=-1, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
+    rank = _rank_of(torch.sort(ranked, dim=-1, stable=True).indices)
     pct = rank.to(torch.float64) * 100.0 / valid.sum(-1, keepdim=True).clamp(min=1).to(torch.float64)
     return valid & (pct >= lower) & (pct < upper)

@@ -137,7 +137,8 @@ def group_tables(summaries: dict[str, dict[str, Any]]) -> str:
         for v in values:
             cells = [summaries[lb]["by"].get(f, {}).get(v) for lb in labels]
             n = next((c["n"] for c in cells if c), 0)
-            lines.append("| " + " | ".join([v, str(n), *(f"{100 * c['accuracy']:.1f}%" if c else "-" for c in cells)]) + " |")
+            shown = (f"{100 * c['accuracy']:.1f}%" if c else "-" for c in cells)
+            lines.append("| " + " | ".join([v, str(n), *shown]) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

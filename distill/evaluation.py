@@ -178,7 +178,8 @@ def _merge(baseline: bool) -> Callable[[RunConfig, int, RunPaths, dict[str, Any]
             results[label] = summarize(merge_model(ev, label, problems, [f"{label}:{s}" for s in range(num)]))
             write_json(ev.metrics(label), results[label])
             artifacts[label] = artifact(ev.graded(label), paths.root)
-        return {"num_shards": num * len(results), "metrics": {f"{label}_acc": m["accuracy"] for label, m in results.items()},
+        return {"num_shards": num * len(results),
+                "metrics": {f"{label}_acc": m["accuracy"] for label, m in results.items()},
                 "results": results, "artifacts": artifacts}
     return merge
 

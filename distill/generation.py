@@ -108,13 +108,15 @@ class TransformersBackend:
         self.device = place.device
         self.tokenizer = load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"
-        self.model = load_causal_lm(model_path, dtype=place.dtype, device_map=device_map_for(model_path, place, share=0.8),
+        self.model = load_causal_lm(model_path, dtype=place.dtype,
+                                    device_map=device_map_for(model_path, place, share=0.8),
                                     attn_implementation=attn_implementation)
         self.model.eval()
         own = self.model.generation_config
         eos = own.eos_token_id if own.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None})
-        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids,
+                                                        pad_token_id=self.tokenizer.pad_token_id,
                                                         bos_token_id=own.bos_token_id)
 
     def generate(self, prompts: Sequence[str], spec: SamplingSpec, seed: int) -> list[list[Completion]]:
@@ -287,7 +289,8 @@ def cpu_worker_binding(workers: int) -> str:
     workers than nodes, and a one-socket machine has one."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < workers:
-        raise DistillError(f"tensor_parallel_size {workers} on the CPU needs a CPU per worker; this job has {len(cpus)}")
+        raise DistillError(f"tensor_parallel_size {workers} on the CPU needs a CPU per worker; "
+                           f"this job has {len(cpus)}")
     per = len(cpus) // workers
     return "|".join(",".join(str(c) for c in cpus[i * per : (i + 1) * per]) for i in range(workers))
 
@@ -377,7 +380,8 @@ def generate_shard(
     new_tokens = 0
     start = time.perf_counter()
     step = max(batch_size, getattr(backend, "prompts_per_call", 0))
-    bar = progress_bar(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="problem", disable=not progress)
+    bar = progress_bar(total=len(tasks), initial=len(tasks) - len(todo), desc=desc, unit="problem",
+                       disable=not progress)
     for i in range(0, len(todo), step):
         batch = todo[i : i + step]
         outputs = backend.generate([t["prompt"] for t in batch], spec, batch_seed(spec.seed, batch[0]["id"]))

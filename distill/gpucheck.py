@@ -65,7 +65,8 @@ class GpuCheck:
         import importlib.util
 
         why = ("no CUDA device" if needs_cuda and not self.cuda
-               else f"{needs_module} is not installed" if needs_module and importlib.util.find_spec(needs_module) is None
+               else f"{needs_module} is not installed"
+               if needs_module and importlib.util.find_spec(needs_module) is None
                else f"{self.gpus} GPU(s) visible, needs {needs_gpus}" if self.gpus < needs_gpus else "")
         if why:
             row = Row(name, "skip", detail=why)
@@ -128,7 +129,8 @@ class GpuCheck:
 
         place = placement("auto")
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(self.gpus)) or "no GPU"
-        return f"torch {torch.__version__}, CUDA {torch.version.cuda}, {names}; precision auto -> {place.precision}", None
+        return (f"torch {torch.__version__}, CUDA {torch.version.cuda}, {names}; "
+                f"precision auto -> {place.precision}"), None
 
     def objective(self, label: str, **kw: Any) -> Callable[[], tuple[str, float]]:
         name = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
@@ -143,8 +145,8 @@ class GpuCheck:
         end must match an uninterrupted run's step and loss."""
         cfg = self.train_cfg(60, save_steps=10, gradient_checkpointing=True)
         whole = self.train("sft-whole", cfg)
-        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; from distill.gpucheck import "
-                f"GpuCheck; c = GpuCheck(Path({str(self.out)!r})); c.build(); "
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+                f"from distill.gpucheck import GpuCheck; c = GpuCheck(Path({str(self.out)!r})); c.build(); "
                 "c.train('sft-killed', c.train_cfg(60, save_steps=10, gradient_checkpointing=True))")
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         ckpt = self.out / "train" / "sft-killed" / "checkpoints" / "step-00000020"
@@ -172,8 +174,8 @@ class GpuCheck:
         merged = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.bfloat16)
         if any("lora" in n for n, _ in merged.named_parameters()):
             raise RuntimeError("the saved model still has LoRA weights")
-        return (f"4-bit NF4 + LoRA, merged into the base reloaded in the compute dtype ({saved_dtype(result.model_dir)}), "
-                "reloaded"), result.tokens_per_s
+        return (f"4-bit NF4 + LoRA, merged into the base reloaded in the compute dtype "
+                f"({saved_dtype(result.model_dir)}), reloaded"), result.tokens_per_s
 
     def chunked_loss(self) -> tuple[str, None]:
         """Peak GPU memory of forward + backward of SFT cross-entropy at V 151,936, L 4096,
@@ -227,8 +229,8 @@ class GpuCheck:
         same = ""
         if hf.exists():
             texts = json.loads(hf.read_text())
-            same = f"; greedy text equal to transformers' for {sum(a == b for a, b in zip(texts, result['texts'], strict=False))}/" \
-                   f"{len(texts)} prompts"
+            equal = sum(a == b for a, b in zip(texts, result["texts"], strict=False))
+            same = f"; greedy text equal to transformers' for {equal}/{len(texts)} prompts"
         return (f"tp {tensor_parallel_size}: {len(result['texts'])} prompts, top-5 logprobs on every token{same}",
                 result["tokens_per_s"])
 

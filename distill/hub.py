@@ -61,7 +61,8 @@ def resolve(ref: str, where: str, revision: str | None = None) -> dict[str, str]
         raise ConfigError(f"{where}: {ref} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub "
                           f"cannot be reached{offline}: {download_hint(repo)}") from None
     except OSError as exc:
-        raise ConfigError(f"{where}: {ref}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
+        said = str(exc).strip()
+        raise ConfigError(f"{where}: {ref}: {said.splitlines()[0] if said else exc!r}") from None
     return {"ref": ref, "revision": Path(path).name, "path": str(path)}
 
 
@@ -96,7 +97,8 @@ def local_models(cfg: RunConfig, recorded: dict[str, Any]) -> RunConfig:
                                "the driver (make iter) or `python -m jobs.stage prepare`")
         if not Path(rec["path"]).is_dir():
             raise DistillError(f"models.{key}: {rec['path']}, the snapshot of {ref} this run uses, is gone (scratch "
-                               f"purged, or another HF_HOME?): rerun the driver to fetch commit {rec['revision']} again")
+                               f"purged, or another HF_HOME?): rerun the driver to fetch commit "
+                               f"{rec['revision']} again")
         paths[key] = rec["path"]
     return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, **paths)) if paths else cfg
 

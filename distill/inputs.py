@@ -56,7 +56,8 @@ def refuse_changed_data(cfg: RunConfig, run_dir: Path, changes: dict[str, tuple[
     key, (old, new) = next(iter(changes.items()))
     more = f" (and {len(changes) - 1} more file(s))" if len(changes) > 1 else ""
     path = source_path(getattr(cfg.data, key.removeprefix("data.")))
-    what = "is missing" if new == "missing" else f"changed since {run_dir} started (sha256 {old[:12]}... -> {new[:12]}...)"
+    what = ("is missing" if new == "missing"
+            else f"changed since {run_dir} started (sha256 {old[:12]}... -> {new[:12]}...)")
     raise DistillError(f"{path}: {key} {what}{more}; restore the file, start another run (RUN=<new name>), or "
                        "accept the change with --accept-data-change (recorded in the manifest's history)")
 

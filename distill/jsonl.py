@@ -41,7 +41,8 @@ def iter_jsonl_numbered(
                 record = json.loads(text)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 if not raw.endswith(b"\n"):
-                    raise DataError(f"{path}:{lineno}: last line cut short mid-record (an interrupted write?)", path) from None
+                    raise DataError(f"{path}:{lineno}: last line cut short mid-record (an interrupted write?)",
+                                    path) from None
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc})", path) from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}", path)

@@ -82,7 +82,9 @@ class EvalPaths:
 
     def merged_labels(self) -> list[str]:
         """The labels whose answers are merged (`graded.jsonl`), by name."""
-        return sorted(p.name for p in self.root.iterdir() if self.graded(p.name).is_file()) if self.root.is_dir() else []
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if self.graded(p.name).is_file())
 
     @property
     def meta(self) -> Path:

@@ -166,7 +166,8 @@ def format_table(data: dict[str, Any], order: Sequence[str] = (), run_dir: Path 
             state = shown_state(entry)
             progress = describe(running_figures(run_dir, int(it), name, entry)) if run_dir else ""
             detail = progress or entry.get("error") or _summary(entry.get("metrics", {}))
-            started = entry.get("started") or min((s["started"] for s in shards.values() if "started" in s), default="-")
+            started = entry.get("started") or min((s["started"] for s in shards.values() if "started" in s),
+                                                  default="-")
             rows.append((it, name, state, shard_text, started, entry.get("ended", "-"), detail))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []

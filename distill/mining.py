@@ -28,7 +28,8 @@ def mine(unit: Unit) -> Result:
     """Probe the previous student greedily; its wrong answers become the teacher's next tasks."""
     cfg, it, paths = unit.cfg, unit.iteration, unit.paths
     out, spec = paths.mine_responses(it), SamplingSpec(max_new_tokens=cfg.eval.max_new_tokens)
-    bind(out, {"model": unit.model_identity(paths.student(it - 1)), "prompt": asdict(cfg.prompt), "sampling": asdict(spec)})
+    bind(out, {"model": unit.model_identity(paths.student(it - 1)), "prompt": asdict(cfg.prompt),
+               "sampling": asdict(spec)})
     with LazyBackend(engine_for(cfg, "student"), paths.student(it - 1)) as student:
         backend = student.get()
         tasks = [task(p, build_prompt(backend.tokenizer, cfg.prompt, p["question"])) for p in probe_problems(cfg)]
@@ -60,5 +61,6 @@ def recover_mine(unit: Unit) -> Result | None:
 MINE = Stage(
     "mine", mine, plans=(UNDO,), recover=recover_mine,
     inputs=lambda cfg, it: [Input(it - 1, "train", "model"), Input(it - 1, "train", "train_data")],
-    summary=lambda e: f"the previous student: {e['metrics']['errors']} errors on {e['metrics']['probed']} probe problems",
+    summary=lambda e: (f"the previous student: {e['metrics']['errors']} errors "
+                       f"on {e['metrics']['probed']} probe problems"),
 )

@@ -53,7 +53,8 @@ def student_dtype(cfg: TrainConfig, place: Placement) -> torch.dtype:
     return place.dtype if cfg.lora.enabled else torch.float32
 
 
-def load_student(path: str | Path, cfg: TrainConfig, place: Placement, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+def load_student(path: str | Path, cfg: TrainConfig, place: Placement,
+                 attn_implementation: str = "sdpa") -> tuple[Any, Any]:
     """The student on the job's device, in `student_dtype` (4-bit NF4 for QLoRA), ready to train."""
     tokenizer = load_tokenizer(path)
     device_map = {"": place.device}

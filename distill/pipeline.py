@@ -69,6 +69,11 @@ def require_finished(manifest: dict[str, Any], run: str, it: int, again: str) ->
                                f"is {state}: run `{again}` first")
 
 
+def distributed_sections() -> list[str]:
+    """The cluster-profile sections of the stages that may run as several torchrun ranks."""
+    return [s for s in resource_sections() if any(t.distributed for t in STAGES if t.resource_section == s)]
+
+
 def resource_sections() -> list[str]:
     """The cluster-profile sections the stages' jobs draw their resources from, in order."""
     out: list[str] = []

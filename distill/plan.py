@@ -174,7 +174,8 @@ def gpu_type(name: str) -> tuple[float, str]:
             if family in SMALLER and named and int(named.group(2)) == SMALLER[family]:
                 return SMALLER[family], ""
             if family in SMALLER and not (named and int(named.group(2)) == gb):
-                return gb, f"{name}: taken as the {gb} GB model (the {SMALLER[family]} GB one: name it {family}-{SMALLER[family]})"
+                return gb, (f"{name}: taken as the {gb} GB model "
+                            f"(the {SMALLER[family]} GB one: name it {family}-{SMALLER[family]})")
             return gb, ""
     return DEFAULT_GPU_GB, f"unknown GPU type {name!r}: assumed {DEFAULT_GPU_GB} GB"
 
@@ -613,8 +614,8 @@ def format_plan(p: dict[str, Any]) -> str:
                    f"{_gb(other) if other else '-':>8}{_gb(s['peak']):>8}  {_fit(s)} on {s['gpu']}")
         out += [f"{'':<33}{n}" for n in s["notes"]]
     out.append(f"prompts: the longest data.max_question_chars allows ({p['max_question_chars']} characters at "
-               f"{CHARS_PER_TOKEN} a token) in the template;\ngenerate: UNDO's prompts (with the previous rationale and "
-               "the student's answer) and max(generation.n, undo.n) samples")
+               f"{CHARS_PER_TOKEN} a token) in the template;\ngenerate: UNDO's prompts "
+               "(with the previous rationale and the student's answer) and max(generation.n, undo.n) samples")
     return "\n".join(out)
 
 

@@ -144,7 +144,8 @@ def join(mode: str, device: torch.device) -> Iterator[Ranks]:
     if mode == "none":
         if world > 1:
             raise DistillError(f"train.distributed: none, but this process is rank {os.environ['RANK']} of "
-                               f"WORLD_SIZE={world} (torchrun): set train.distributed: ddp or fsdp, or start one process")
+                               f"WORLD_SIZE={world} (torchrun): set train.distributed: ddp or fsdp, "
+                               "or start one process")
         yield Ranks(device=device)
         return
     joined = not dist.is_initialized()

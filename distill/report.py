@@ -42,7 +42,8 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     for label, name in (("teacher", "teacher"), ("base", "student (untrained)")):
         res = _result(data, "0", EVALUATE.name, label)
         if res:
-            rows.append({"model": name, "iteration": None, "accuracy": res["accuracy"], "tokens_mean": res["tokens_mean"]})
+            rows.append({"model": name, "iteration": None, "accuracy": res["accuracy"],
+                         "tokens_mean": res["tokens_mean"]})
     steps = 0
     for it in iters:
         res = _result(data, it, EVALUATE.name, "student")

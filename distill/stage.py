@@ -3,9 +3,10 @@
 A `Stage` says which units an iteration has (one, or one per shard), how one unit runs, which
 recorded artifacts of earlier stages it reads, how the units' outputs merge once all are done,
 what a unit's job needs (the cluster profile section that holds its resources) and in which
-plans it takes part. The stages themselves are defined beside their work (`distill.rationales`, `distill.student`, `distill.evaluation`, ...) and
-listed in pipeline order by `distill.pipeline`; the driver, the submitit jobs and the sbatch
-scripts run them through `distill.runner` without knowing any of them by name.
+plans it takes part. The stages themselves are defined beside their work (`distill.rationales`,
+`distill.student`, `distill.evaluation`, ...) and listed in pipeline order by `distill.pipeline`;
+the driver, the submitit jobs and the sbatch scripts run them through `distill.runner` without
+knowing any of them by name.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ class Stage:
     # Where an interrupted unit picks up when run again, for the driver's Ctrl-C line
     # ("train resumes from step 200"); "" where there is nothing worth saying.
     resume_point: Callable[[RunPaths, int], str] = lambda paths, it: ""
-    # Whether a unit runs as several processes (torchrun ranks) when its job has several.
-    distributed: Callable[[RunConfig], bool] = lambda cfg: False
+    # Whether a unit runs as several processes (torchrun ranks) when its job has several; None
+    # for a stage that never does (its profile section may not ask for several nodes or tasks).
+    distributed: Callable[[RunConfig], bool] | None = None
     # Why the stage cannot start from what earlier stages recorded (the manifest), or None: asked
     # before its jobs are submitted and again when a unit starts, whichever launcher started it.
     ready: Callable[[RunConfig, int, dict[str, Any]], str | None] = lambda cfg, it, manifest: None
@@ -115,6 +117,9 @@ class Stage:
     @property
     def resource_section(self) -> str:
         return self.resources or self.name
+
+    def runs_distributed(self, cfg: RunConfig) -> bool:
+        return self.distributed is not None and self.distributed(cfg)
 
     def describe(self, key: str) -> str:
         return f"{self.name} shard {key}" if self.sharded else self.name

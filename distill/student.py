@@ -142,7 +142,8 @@ def _recover(out: Any, *extra: tuple[str, Any]) -> Callable[[Unit], Result | Non
 
 def _summary(entry: dict[str, Any]) -> str:
     m = entry.get("metrics", {})
-    return f"step {m.get('step')} of {m.get('total_steps')}, loss {m.get('loss')}, {entry.get('allocations', 1)} allocation(s)"
+    return (f"step {m.get('step')} of {m.get('total_steps')}, loss {m.get('loss')}, "
+            f"{entry.get('allocations', 1)} allocation(s)")
 
 
 def _distributed(cfg: RunConfig) -> bool:
@@ -154,7 +155,8 @@ def _resume_point(name: str, out: TrainPaths) -> str:
     return f"{name} resumes from step {int(CKPT_RE.match(ckpt.name).group(1))}" if ckpt else ""
 
 
-TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False, ready=rationales_kept,
+TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False,
+              ready=rationales_kept,
               summary=_summary, recover=_recover(RunPaths.train, ("train_data", RunPaths.train_data)),
               resume_point=lambda paths, it: _resume_point("train", paths.train(it)), distributed=_distributed)
 BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,),

@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="model init seed (default 0)")
     parser.add_argument("--teacher-steps", type=int, default=0,
-                        help="if > 0, also train OUT/teacher from teacher-init on the gold solutions for this many steps")
+                        help="if > 0, also train OUT/teacher from teacher-init on the gold solutions "
+                             "for this many steps")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
 

@@ -331,8 +331,9 @@ def last_finite_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def nonfinite_weights(step: int, ckpt_dir: Path) -> DistillError:
     kept = last_finite_checkpoint(ckpt_dir)
-    return DistillError(f"train: weights are not finite after step {step}: stopped before saving them; "
-                        f"{f'the last checkpoint with finite weights is {kept}' if kept else 'no checkpoint with finite weights was written yet'} "
+    last = (f"the last checkpoint with finite weights is {kept}" if kept
+            else "no checkpoint with finite weights was written yet")
+    return DistillError(f"train: weights are not finite after step {step}: stopped before saving them; {last} "
                         "(lower train.lr, or check the model and data)")
 
 
@@ -378,7 +379,8 @@ def save_model(final: Any, tokenizer: Any, out: TrainPaths, ckpt: Path, place: d
     if bad is not None:
         set_aside(out.model)
         raise DistillError(f"train: {out.model}: {bad} is not finite once saved in {place.dtype}, though the trained "
-                           f"weights are (an overflow in the cast or the LoRA merge): set aside as {out.model.name}.damaged")
+                           f"weights are (an overflow in the cast or the LoRA merge): "
+                           f"set aside as {out.model.name}.damaged")
     digest = content_hash(out.model)
     record_model(out, ckpt, digest)
     return digest

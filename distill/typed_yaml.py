@@ -148,7 +148,8 @@ def check_key_path(schema: type, dotted: str, where: str) -> Any:
         elif typing.get_origin(tp) is dict:
             tp = typing.get_args(tp)[1]
         elif tp is not Any:
-            raise ConfigError(f"{where}: {printable('.'.join(keys[:depth]))} is not a mapping, so it has no key {key!r}")
+            raise ConfigError(f"{where}: {printable('.'.join(keys[:depth]))} is not a mapping, "
+                              f"so it has no key {key!r}")
     return tp
 
 

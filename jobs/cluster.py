@@ -164,11 +164,15 @@ def _check_values(p: ClusterProfile) -> None:
         check_one_line(line, f"{where}: setup[{i}]")
         if PLACEHOLDER.search(line):
             raise ConfigError(f"{where}: setup[{i}]: fill in {PLACEHOLDER.search(line).group(0)} in {line!r}")
+    ranked = pipeline.distributed_sections()
     for prefix, section in sections:
-        if section is not None and prefix not in ("", "stages.train.") and (section.nodes or 1) * (section.tasks_per_node or 1) > 1:
+        if section is None or prefix in ("", *(f"stages.{s}." for s in ranked)):
+            continue
+        if (section.nodes or 1) * (section.tasks_per_node or 1) > 1:
             key = "nodes" if (section.nodes or 1) > 1 else "tasks_per_node"
-            raise ConfigError(f"{where}: {prefix}{key}: only the train stage runs on several nodes or tasks (torchrun "
-                              "ranks); other stages scale by shards")
+            which = f"the {ranked[0]} stage runs" if len(ranked) == 1 else f"the stages {', '.join(ranked)} run"
+            raise ConfigError(f"{where}: {prefix}{key}: only {which} on several nodes or tasks (torchrun ranks); "
+                              "other stages scale by shards")
     for name in known:
         r = p.resources(name)
         count = parse_gres(r.gres)[1]  # gpu:a100 is one GPU, as sbatch reads it

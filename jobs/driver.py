@@ -270,7 +270,8 @@ class Driver:
         open_run(self.cfg, record=True, accept_data=self.accept_data)
         for key, rec in self.manifest.read().get("data", {}).items():
             if key in data_before and data_before[key]["sha256"] != rec["sha256"]:
-                say(f"{key}: {rec['path']} changed; accepted (--accept-data-change) and recorded in the manifest's history")
+                say(f"{key}: {rec['path']} changed; accepted (--accept-data-change) "
+                    "and recorded in the manifest's history")
         record_models(self.manifest, self.models)
         for key, rec in self.models.items():
             say(f"models.{key}: {rec['ref']} -> {rec['path']}")
@@ -360,8 +361,8 @@ class Driver:
                 ex = self.executor(stage)
                 try:
                     with controller_stderr(self.kind, self.paths.logs), ex.batch():
-                        submitted = [ex.submit(UnitJob(), self.cfg, self.iteration, stage, k, threads, self.ranks(stage))
-                                     for k in new]
+                        submitted = [ex.submit(UnitJob(), self.cfg, self.iteration, stage, k, threads,
+                                               self.ranks(stage)) for k in new]
                 except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as exc:
                     raise SubmitRefused(refusal_line(self.cluster, stage.name, str(exc))) from None
                 jobs = dict(zip(new, submitted, strict=True))
@@ -392,7 +393,8 @@ class Driver:
             job = jobs.get(key)
             if job is not None and job.job_id in failed:
                 recorded = entry.get("error") if entry.get("state") == "failed" else None
-                why = f"job {job.job_id} failed: {recorded} (log: {job.paths.stderr})" if recorded else failed[job.job_id]
+                why = (f"job {job.job_id} failed: {recorded} (log: {job.paths.stderr})" if recorded
+                       else failed[job.job_id])
                 raise DistillError(f"{stage.describe(key)}: {why}")
             detail = entry.get("error") or _stopped_at(entry) or f"state {entry.get('state', 'pending')}"
             raise DistillError(f"{stage.describe(key)}: not done after its job ended: {detail}; run again to resume")

@@ -64,7 +64,8 @@ def refusal_line(profile: ClusterProfile | None, stage: str, sbatch_said: str) -
     """One line for a refused submission: the profile key to fix (when sbatch's words name one),
     the stage, and sbatch's own reason."""
     lines = [ln.strip() for ln in sbatch_said.splitlines() if ln.strip()]
-    said = [ln for ln in lines if ln.startswith(("sbatch: error:", "allocation failure:"))] or lines[-1:] or ["no reason"]
+    said = ([ln for ln in lines if ln.startswith(("sbatch: error:", "allocation failure:"))]
+            or lines[-1:] or ["no reason"])
     reason = "; ".join(dict.fromkeys(re.sub(r"^(sbatch: )?(error: )?(allocation failure: )?", "", ln) for ln in said))
     profile = profile or ClusterProfile()
     where = profile.source or "the default cluster settings (give a profile with CLUSTER=/--cluster)"

@@ -9,9 +9,9 @@ the plain sbatch path, slurm/common.sh starts `python -m jobs.stage` in each); e
 file>`: the config and stage the task handed over).
 Rank 0 keeps the manifest (`distill.runner`); the task of global rank 0 reads the outcome when
 its ranks have ended and, for a unit stopped by the time limit or a preemption, hands over to
-submitit's requeue like any other unit (or exits 3 for the sbatch script's requeue). The stop signal SLURM sends a task is forwarded to its
-ranks (torchrun runs in a session of its own, its agent ignoring the signal), and the ranks
-agree on the step to stop at (`distill.training`).
+submitit's requeue like any other unit (or exits 3 for the sbatch script's requeue). The stop
+signal SLURM sends a task is forwarded to its ranks (torchrun runs in a session of its own, its
+agent ignoring the signal), and the ranks agree on the step to stop at (`distill.training`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ class RankLayout:
         return self.tasks * self.procs
 
 
-def ranks_for(cfg: RunConfig, stage: Stage, nodes: int, tasks_per_node: int, gpus_per_node: int | None) -> RankLayout | None:
+def ranks_for(cfg: RunConfig, stage: Stage, nodes: int, tasks_per_node: int,
+              gpus_per_node: int | None) -> RankLayout | None:
     """The layout of `stage`'s job, or None where it runs as one process (not distributed, or a
     world of one)."""
-    if not stage.distributed(cfg):
+    if not stage.runs_distributed(cfg):
         return None
     ranks = RankLayout(nodes * tasks_per_node, gpus_per_node or 1)
     return ranks if ranks.world > 1 else None

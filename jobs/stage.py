@@ -107,7 +107,7 @@ def ranks_of(cfg: RunConfig, stage: Stage) -> RankLayout | None:
     """The unit's torchrun layout in this job (None: one process). A stage that runs as one
     process refuses a job of several tasks: each would run the whole unit again."""
     tasks = step_tasks()
-    if tasks > 1 and not stage.distributed(cfg):
+    if tasks > 1 and not stage.runs_distributed(cfg):
         raise DistillError(f"{stage.name}: this job has {tasks} tasks, but {stage.name} runs as one process (only "
                            "training runs on several, with train.distributed: ddp or fsdp): each task would run it "
                            "again; submit it with one task")
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chain", parents=[common], help="the stages of an iteration as slurm/iteration.sh submits them")
     p.add_argument("--baseline", action="store_true", help="the one-shot baseline's stages")
     sub.add_parser("next", parents=[common], help="after an iteration: the UNDO iteration to run next (slurm/undo.sh)")
-    p = sub.add_parser("prepare", parents=[common], help="check inputs, resolve hub models, create the run (login node)")
+    p = sub.add_parser("prepare", parents=[common],
+                       help="check inputs, resolve hub models, create the run (login node)")
     p.add_argument("--accept-data-change", action="store_true",
                    help="go on although a data file differs from what the run recorded (recorded in its history)")
     return parser

@@ -18,7 +18,8 @@ WITH_SIGTERM = (STOP_SIGNAL, signal.SIGTERM)
 
 
 def run_stoppable(cfg: RunConfig, it: int, stage: Stage, key: str, ranks: RankLayout | None = None,
-                  signums: tuple[int, ...] = (STOP_SIGNAL,), progress: bool = True) -> tuple[Outcome | None, StopOnSignal]:
+                  signums: tuple[int, ...] = (STOP_SIGNAL,),
+                  progress: bool = True) -> tuple[Outcome | None, StopOnSignal]:
     """Run the unit with `signums` caught, in this process, or as torchrun ranks from this srun
     task (`ranks`; the signal is forwarded to them and they agree on the step to stop at).
     Returns its outcome (None in a task other than the first: that one reports for the job)

@@ -17,7 +17,8 @@ class Context(KD):
 
     def check(self, at: Callable[..., str]) -> None:
         if self.cfg.kd.teacher == "offline":
-            raise ConfigError(f"{at('train.kd.teacher', 'train.objective')}: context distillation needs the teacher online")
+            raise ConfigError(f"{at('train.kd.teacher', 'train.objective')}: "
+                              "context distillation needs the teacher online")
 
     def teacher(self) -> Teacher:
         return "online"
