@@ -81,7 +81,8 @@ teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained
 	$(PY) -m distill.world --out data/tiny --train 4000 --validation 300 --test 300 --seed 0
 	$(PY) -m distill.tiny --data data/tiny --out models/tiny --teacher-steps $(TEACHER_STEPS)
 
-test: venv venv-vllm real-model  ## the test suite: .venv, then the vLLM and real-model tests in .venv-vllm
+test: venv venv-vllm real-model  ## ruff, then the test suite: .venv, then the vLLM and real-model tests in .venv-vllm
+	$(VENV)/bin/ruff check distill jobs tests bench
 	$(PY) -m pytest -q -m "not vllm and not real"
 	$(VENV_VLLM)/bin/python -m pytest -q -m "vllm or real" --durations=0
 

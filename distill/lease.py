@@ -69,10 +69,8 @@ def live_holder(record: dict[str, Any], stale_s: float = STALE_S, beat: Path | N
     host, pid = record.get("host"), record.get("pid")
     if host is None or pid is None or (host, pid) == (me()["host"], me()["pid"]):
         return None
-    if host == socket.gethostname():
-        alive = pid_alive(int(pid))
-    else:
-        alive = time.time() - last_beat(record, beat) < stale_s
+    here = host == socket.gethostname()  # a pid is checked where it runs, elsewhere the heartbeat
+    alive = pid_alive(int(pid)) if here else time.time() - last_beat(record, beat) < stale_s
     return f"pid {pid} on {host}" if alive else None
 
 

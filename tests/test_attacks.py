@@ -171,7 +171,8 @@ def test_a_verify_that_kept_nothing_stops_the_iteration_before_training_is_submi
     assert driver_main(driver("--config", str(cfg))) == 2
     captured = capsys.readouterr()
     assert captured.err == ("error: iteration 0: verify kept 0 rationales, so there is nothing to train on: none of "
-                            "the teacher's 24 rationales was correct: check the teacher's answers and the gold answers, "
+                            "the teacher's 24 rationales was correct: check the teacher's answers "
+                            "and the gold answers, "
                             "or raise generation.n or generation.max_new_tokens in a new run\n")
     assert captured.out.count("submitted") == 2  # generate and verify; never train
     train = Manifest(run).stage(0, "train")
@@ -198,7 +199,8 @@ def test_report_and_repair_of_a_run_this_user_cannot_write_say_so_in_one_line(ti
                                  timeout=120)
             assert out.returncode == 2, out.stderr
             assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
-            assert out.stderr.startswith(f"error: {run}/") and ": permission denied: this command writes there" in out.stderr
+            assert (out.stderr.startswith(f"error: {run}/")
+                    and ": permission denied: this command writes there" in out.stderr)
     finally:
         shutil.rmtree(root)
 

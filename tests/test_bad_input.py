@@ -39,23 +39,30 @@ def _one_long_question(rows: list[str], at: int = 2, chars: int = 1_000_000) -> 
 
 # name -> (how to break the input: (tmp_path, config path, train file) -> extra driver args, expected message)
 CASES = {
-    "malformed JSONL": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'bad.jsonl', lambda r: r[:4] + [r[4][:-5]] + r[5:])}"],
+    "malformed JSONL": (lambda tmp, cfg, train:
+                        ["--set",
+                         f"data.train={_rewrite(train, tmp / 'bad.jsonl', lambda r: r[:4] + [r[4][:-5]] + r[5:])}"],
                         "{tmp}/bad.jsonl:5: malformed JSON"),
-    "empty dataset": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'empty.jsonl', lambda r: [])}"],
+    "empty dataset": (lambda tmp, cfg, train:
+                      ["--set", f"data.train={_rewrite(train, tmp / 'empty.jsonl', lambda r: [])}"],
                       "{tmp}/empty.jsonl: no problems in file"),
-    "missing answer field": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'noans.jsonl', _drop_answer)}"],
+    "missing answer field": (lambda tmp, cfg, train:
+                             ["--set", f"data.train={_rewrite(train, tmp / 'noans.jsonl', _drop_answer)}"],
                              "{tmp}/noans.jsonl:7: missing field 'answer'"),
-    "question too long": (lambda tmp, cfg, train: ["--set", f"data.train={_rewrite(train, tmp / 'long.jsonl', _one_long_question)}"],
+    "question too long": (lambda tmp, cfg, train:
+                          ["--set", f"data.train={_rewrite(train, tmp / 'long.jsonl', _one_long_question)}"],
                           "{tmp}/long.jsonl:3: question longer than data.max_question_chars (8000 characters), 1 such "
                           "in data.train; raise data.max_question_chars or set data.too_long: skip to leave them out"),
-    "unknown config key": (lambda tmp, cfg, train: cfg.write_text(cfg.read_text().replace("  num_shards: 2", "  num_shard: 2", 1)) and [],
+    "unknown config key": (lambda tmp, cfg, train:
+                           cfg.write_text(cfg.read_text().replace("  num_shards: 2", "  num_shard: 2", 1)) and [],
                            "{cfg}: generation.num_shard: unknown key (expected one of: backend, n,"),
     "wrong type": (lambda tmp, cfg, train: cfg.write_text(cfg.read_text().replace("lr: 0.001", "lr: fast")) and [],
                    "{cfg}: train.lr: expected float, got 'fast'"),
     "missing model path": (lambda tmp, cfg, train: ["--set", f"models.student={tmp / 'no-such-model'}"],
                            "{cfg}: models.student: path not found: {tmp}/no-such-model"),
     "unwritable run directory": (lambda tmp, cfg, train: ["--set", f"run_root={cfg}/runs"],
-                                 "{cfg}: run_root: cannot create the run directory {cfg}/runs/t: {cfg} is not a directory"),
+                                 "{cfg}: run_root: cannot create the run directory {cfg}/runs/t: "
+                                 "{cfg} is not a directory"),
 }
 
 

@@ -63,10 +63,12 @@ def test_config_names_a_benchmark_or_per_split_names(tmp_path):
     ("data", "error"),
     [
         ("{benchmark: math500}", "data.train: required key missing (benchmark math500 has no train split)"),
-        ("{benchmark: gsm9k, train: a.jsonl}", "data.benchmark: unknown benchmark 'gsm9k' (known: gsm8k, math500, svamp)"),
+        ("{benchmark: gsm9k, train: a.jsonl}",
+         "data.benchmark: unknown benchmark 'gsm9k' (known: gsm8k, math500, svamp)"),
         ("{train: math500:train}", "data.train: unknown benchmark split 'math500:train' (known: gsm8k:train,"),
         ("{test: svamp}", "data.train: required key missing"),
-        ("{train: a.jsonl, format: csv}", "data.format: expected one of auto, jsonl, json, parquet, datasets, got 'csv'"),
+        ("{train: a.jsonl, format: csv}",
+         "data.format: expected one of auto, jsonl, json, parquet, datasets, got 'csv'"),
     ],
 )
 def test_benchmark_config_errors_name_file_and_key(tmp_path, data, error):

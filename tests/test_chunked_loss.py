@@ -102,7 +102,8 @@ def reference(cfg: TrainConfig, model, teacher, batch, store, vocab: int, n_targ
     kd = cfg.kd
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
     s_logits, labels = logits[:, :-1], batch["labels"][:, 1:]
-    ce = F.cross_entropy(s_logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE, reduction="sum") / n_target
+    ce = F.cross_entropy(s_logits.reshape(-1, vocab), labels.reshape(-1),
+                         ignore_index=IGNORE, reduction="sum") / n_target
     if cfg.objective == "sft":
         return ce
     valid = labels != IGNORE
@@ -116,13 +117,15 @@ def reference(cfg: TrainConfig, model, teacher, batch, store, vocab: int, n_targ
     else:
         with torch.no_grad():
             if "t_input_ids" in batch:
-                t_all = teacher(input_ids=batch["t_input_ids"], attention_mask=batch["t_attention_mask"]).logits[..., :vocab]
+                t_all = teacher(input_ids=batch["t_input_ids"],
+                                attention_mask=batch["t_attention_mask"]).logits[..., :vocab]
                 t_logits = torch.zeros_like(s_logits)
                 spans = zip(completion_spans(batch["labels"]), completion_spans(batch["t_labels"]), strict=True)
                 for r, ((s0, n), (t0, _)) in enumerate(spans):
                     t_logits[r, s0 - 1 : s0 - 1 + n] = t_all[r, t0 - 1 : t0 - 1 + n]
             else:
-                t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab]
+                t_logits = teacher(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab]
         div, t_ent = divergences.full_kd(s_logits, t_logits, kd.loss, beta=kd.beta, temperature=kd.temperature)
     mask = valid
     if cfg.objective == "ekd":
@@ -155,7 +158,8 @@ def test_each_objective_equals_its_full_logits_form(tiny_world, tmp_path, name):
     place = placement("fp32", "cpu")
     model, tokenizer = load_student(tiny_world.student, cfg, place)
     context = cfg.kd.context_template.format if objective == "context" else None
-    examples = tokenize_pairs(tokenizer, pairs()[:6], 64, teacher_prompt=(lambda p: context(prompt=p)) if context else None)
+    examples = tokenize_pairs(tokenizer, pairs()[:6], 64,
+                              teacher_prompt=(lambda p: context(prompt=p)) if context else None)
     distiller = Distiller(cfg, tokenizer, tiny_world.teacher, TrainPaths(tmp_path), examples, place)
     batch = collate(examples[1:5], tokenizer.pad_token_id, [1, 2, 3, 4])
     n_target = int((batch["labels"][:, 1:] != IGNORE).sum()) + 3  # as if another micro-batch held 3 more
@@ -168,7 +172,8 @@ def test_each_objective_equals_its_full_logits_form(tiny_world, tmp_path, name):
     for a, b in zip(grads, want_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert ce_sum.item() == pytest.approx(F.cross_entropy(
-        model(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, len(tokenizer)), batch["labels"][:, 1:].reshape(-1),
+        model(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, len(tokenizer)),
+        batch["labels"][:, 1:].reshape(-1),
         ignore_index=IGNORE, reduction="sum").item(), rel=1e-5)
 
 
@@ -186,6 +191,7 @@ def test_vocabulary_rows_past_the_tokenizer_are_ignored(tiny_world, tmp_path):
     loss, _ = distiller.loss(model, distiller.prepare(batch), n, 1)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert logits.size(-1) == len(tokenizer) + 13
-    want = F.cross_entropy(logits[:, :-1, : len(tokenizer)].reshape(-1, len(tokenizer)), batch["labels"][:, 1:].reshape(-1),
+    want = F.cross_entropy(logits[:, :-1, : len(tokenizer)].reshape(-1, len(tokenizer)),
+                           batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE, reduction="sum") / n
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)

@@ -51,10 +51,12 @@ def test_pace_profile_resolves_gpus_per_stage(tmp_path):
 @pytest.mark.parametrize(("text", "error"), [
     ("cpus: four\n", "cpus: expected int, got 'four'"),
     ("stages: {train: {time_min: 1.5}}\n", "stages.train.time_min: expected int, got 1.5"),
-    ("stages: {trian: {cpus: 2}}\n", "stages.trian: unknown key (expected one of: mine, generate, verify, train, evaluate)"),
+    ("stages: {trian: {cpus: 2}}\n",
+     "stages.trian: unknown key (expected one of: mine, generate, verify, train, evaluate)"),
     ("mem: lots\n", "mem: expected a size like 32G or 4000M, got 'lots'"),
     ("setup: ['conda activate <env>']\n", "setup[0]: fill in <env> in 'conda activate <env>'"),
-    ("time_min: 1\nsignal_delay_s: 90\n", "signal_delay_s: must be >= 0 and below the shortest time limit (1 min), got 90"),
+    ("time_min: 1\nsignal_delay_s: 90\n",
+     "signal_delay_s: must be >= 0 and below the shortest time limit (1 min), got 90"),
     ("partition: [a\n", "invalid YAML"),
 ])
 def test_profile_errors_are_one_line_with_the_key_path(tmp_path, text, error):

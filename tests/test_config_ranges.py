@@ -18,7 +18,8 @@ from tests.test_config import BASE, write
 def nested(dotted: str, value: str) -> str:
     """`train.lora.r`, `0` -> the YAML block `train:\\n  lora:\\n    r: 0\\n`."""
     keys = dotted.split(".")
-    return "".join("  " * i + f"{k}:\n" for i, k in enumerate(keys[:-1])) + "  " * (len(keys) - 1) + f"{keys[-1]}: {value}\n"
+    return ("".join("  " * i + f"{k}:\n" for i, k in enumerate(keys[:-1]))
+            + "  " * (len(keys) - 1) + f"{keys[-1]}: {value}\n")
 
 
 def error_of(path: Path, overrides: list[str] | None = None) -> str:
@@ -182,7 +183,8 @@ def test_a_mapping_given_with_set_is_named_for_the_keys_below_it(tmp_path):
 
 def test_the_last_set_of_a_key_is_named(tmp_path):
     p = write(tmp_path, BASE)
-    assert error_of(p, ["train.lr=-1", "train.lr=-2"]) == "--set train.lr=-2: train.lr: must be > 0 and finite, got -2.0"
+    assert (error_of(p, ["train.lr=-1", "train.lr=-2"])
+            == "--set train.lr=-2: train.lr: must be > 0 and finite, got -2.0")
 
 
 def test_a_set_that_breaks_a_constraint_between_keys_is_named(tmp_path):

@@ -27,4 +27,5 @@ def test_one_key_is_shown_with_its_type_default_range_and_help(capsys):
 
     assert main(["config-reference", "train.kd.alpha"]) in (0, None)
     out = capsys.readouterr().out
-    assert out == "train.kd.alpha: float, default `0.5`, in [0, 1]\n  The divergence's weight; the cross-entropy gets 1 - alpha.\n"
+    assert out == ("train.kd.alpha: float, default `0.5`, in [0, 1]\n"
+                   "  The divergence's weight; the cross-entropy gets 1 - alpha.\n")

@@ -173,7 +173,8 @@ def test_gpu_check_runs_here_and_says_what_it_skipped(tmp_path):
     they did not run, and the exit status is 0."""
     from tests.conftest import run_python
 
-    proc = run_python(f"import sys; from distill.__main__ import main; sys.exit(main(['gpu-check', '--out', {str(tmp_path)!r}]))",
+    proc = run_python("import sys; from distill.__main__ import main; "
+                      f"sys.exit(main(['gpu-check', '--out', {str(tmp_path)!r}]))",
                       timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["check"]: r for r in json.loads((tmp_path / "gpu-check.json").read_text())}

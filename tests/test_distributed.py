@@ -156,7 +156,8 @@ def test_two_ranks_take_the_steps_of_one_process_at_the_same_global_batch(tiny_w
     print(f"{distributed} {objective}{' lora' if lora else ''}: 6 steps on 2 ranks in {seconds:.1f} s, "
           f"largest relative difference of a step's loss or ce from one process: {worst:.2e}")
     assert worst <= 1e-4, (result["history"], reference["history"])
-    mine, theirs = load_file(str(tmp_path / "model" / "model.safetensors")), load_file(str(ref_out / "model" / "model.safetensors"))
+    mine, theirs = (load_file(str(tmp_path / "model" / "model.safetensors")),
+                    load_file(str(ref_out / "model" / "model.safetensors")))
     assert sorted(mine) == sorted(theirs) and not any("lora" in k for k in mine)
     assert max(float((mine[k] - theirs[k]).abs().max()) for k in mine) < 1e-4
 
@@ -181,7 +182,8 @@ def test_a_killed_two_rank_run_resumes_from_its_newest_complete_checkpoint(tiny_
     result = same_on_every_rank(run(spec(tiny_world, out, distributed, settings=LONG), 2))
     assert result["resumed_from"] == int(newest.name.split("-")[1]) >= 4
     assert result["finished"] and result["step"] == reference["step"] == 12
-    print(f"{distributed}: killed, newest checkpoint {newest.name}, resumed to step 12; final loss {result['loss']:.6f} vs "
+    print(f"{distributed}: killed, newest checkpoint {newest.name}, resumed to step 12; "
+          f"final loss {result['loss']:.6f} vs "
           f"{reference['loss']:.6f} uninterrupted (diff {abs(result['loss'] - reference['loss']):.1e})")
     assert abs(result["loss"] - reference["loss"]) <= 1e-6
     assert result["history"] == reference["history"]

@@ -46,7 +46,8 @@ def test_iteration_zero_end_to_end_then_a_noop(tmp_path, tiny_world, capsys):
     run = tmp_path / "runs" / "e2e"
     data = Manifest(run).read()
     stages = data["iterations"]["0"]["stages"]
-    assert {k: v["state"] for k, v in stages.items()} == dict.fromkeys(["generate", "verify", "train", "evaluate"], "done")
+    assert ({k: v["state"] for k, v in stages.items()}
+            == dict.fromkeys(["generate", "verify", "train", "evaluate"], "done"))
     assert stages["generate"]["metrics"]["records"] == 60
     assert set(stages["generate"]["shards"]) == {"0", "1"} and len(stages["generate"]["job_ids"]) == 2
     verified = [json.loads(line) for line in (run / "iter-0" / "verified.jsonl").read_text().splitlines()]
@@ -55,7 +56,8 @@ def test_iteration_zero_end_to_end_then_a_noop(tmp_path, tiny_world, capsys):
     assert stages["train"]["metrics"]["step"] == 20
     results = stages["evaluate"]["results"]
     assert set(results) == {"teacher", "base", "student"}
-    graded = [json.loads(line) for line in (run / "iter-0" / "eval" / "teacher" / "graded.jsonl").read_text().splitlines()]
+    graded = [json.loads(line)
+              for line in (run / "iter-0" / "eval" / "teacher" / "graded.jsonl").read_text().splitlines()]
     assert results["teacher"]["n"] == len(graded) == 20
     assert results["teacher"]["correct"] == sum(r["correct"] for r in graded)
     for art in stages["verify"]["artifacts"].values():

@@ -81,5 +81,6 @@ def test_a_model_with_no_correct_answer_has_no_correct_lengths():
     from distill.efficiency import comparison_table
 
     s = summarize([_rec("a", 0, 7, False), _rec("b", 0, 9, False)])
-    assert (s["accuracy"], s["tokens_mean"], s["correct_tokens_mean"], s["correct_tokens_max"]) == (0.0, 8.0, None, None)
+    assert ((s["accuracy"], s["tokens_mean"], s["correct_tokens_mean"], s["correct_tokens_max"])
+            == (0.0, 8.0, None, None))
     assert "| wrong | 2 | 0.0% | 8.0 | 8.0 | 9 | - | 8.0 | 0 |" in comparison_table({"wrong": s})

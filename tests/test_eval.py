@@ -115,7 +115,8 @@ def test_user_file_with_column_mapping_through_the_cli(tiny_world, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text('{"prompt": "Tom has 3 pens. How many?", "solution": "3", "kind": "count"}\n')
     out = tmp_path / "ev"
-    assert main(["eval", "--data", str(data), "--prompt_col", "prompt", "--answer_col", "solution", "--meta-col", "kind",
+    assert main(["eval", "--data", str(data), "--prompt_col", "prompt", "--answer_col", "solution",
+                 "--meta-col", "kind",
                  "--model", str(tiny_world.student), "--max-new-tokens", "4", "--out", str(out), "--quiet"]) == 0
     (record,) = read_jsonl(out / "student" / "graded.jsonl")
     assert record["gold"] == "3" and record["meta"] == {"kind": "count"}

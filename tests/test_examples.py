@@ -219,7 +219,8 @@ def test_the_student_takes_the_examples_training_setup(path):
     linears = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     if lora.enabled:
         for target in lora.target_modules:
-            assert any(n.split(".")[-1] == target for n in linears), f"train.lora.target_modules: {target} not in {cfg.models.student}"
+            assert any(n.split(".")[-1] == target for n in linears), (
+                f"train.lora.target_modules: {target} not in {cfg.models.student}")
         expected = sum(lora.r * (m.in_features + m.out_features) for n, m in linears.items()
                        if n.split(".")[-1] in lora.target_modules)
     else:
@@ -353,6 +354,7 @@ def test_the_real_tokenizers_fit_the_examples_assumptions(path):
     for tokenizer in tokenizers.values():
         plain = fill(cfg.prompt.template, question="What is 2 + 3?")
         wrapped = build_prompt(tokenizer, cfg.prompt, "What is 2 + 3?")
-        extra = len(tokenizer(wrapped, add_special_tokens=False)["input_ids"]) - len(tokenizer(plain, add_special_tokens=False)["input_ids"])
+        extra = (len(tokenizer(wrapped, add_special_tokens=False)["input_ids"])
+                 - len(tokenizer(plain, add_special_tokens=False)["input_ids"]))
         assert extra <= CHAT_MARGIN
 

@@ -55,7 +55,8 @@ def failure(cfg, it: int, name: str, key: str = "0") -> str:
 
 
 @pytest.mark.slow
-def test_a_damaged_newest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(tiny_world, tmp_path, caplog):
+def test_a_damaged_newest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(
+        tiny_world, tmp_path, caplog):
     cfg = config(tiny_world, tmp_path, "train.max_steps=8", "train.save_steps=2", "train.keep_checkpoints=3")
     records = [{"question": p["question"], "response": p["solution"]} for p in read_jsonl(Path(cfg.data.train))]
     from distill.modeling import load_tokenizer
@@ -182,7 +183,8 @@ def test_an_eval_shard_written_by_another_model_is_redone(tiny_world, tmp_path):
     assert source["model"] == "sha256:" + Manifest(paths.root).stage(0, "train")["artifacts"]["model"]["sha256"]
     record.write_text(json.dumps({**source, "model": "sha256:" + "0" * 64}))
     for p in (ev.shard("student", 0), ev.graded_shard("student", 0)):
-        p.write_text(p.read_text().replace('"correct": false', '"correct": true').replace('"response": "', '"response": "STALE'))
+        p.write_text(p.read_text().replace('"correct": false', '"correct": true')
+                     .replace('"response": "', '"response": "STALE'))
 
     run_stage_unit(cfg, 0, "evaluate", "student:0")  # the student's own unit: the shard is redone
     assert ev.graded_shard("student", 0).read_bytes() == clean

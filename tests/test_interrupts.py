@@ -29,7 +29,8 @@ def test_a_command_stopped_by_ctrl_c_says_so_in_one_line(monkeypatch, capsys):
 
 def test_ctrl_c_while_grading_in_worker_processes(tmp_path):
     responses = tmp_path / "responses.jsonl"
-    responses.write_text("".join(json.dumps({"gold": str(i), "response": f"x = \\frac{{{2 * i + 1}}}{{2}} \\boxed{{{i}.5}}"})
+    responses.write_text("".join(json.dumps({"gold": str(i),
+                                             "response": f"x = \\frac{{{2 * i + 1}}}{{2}} \\boxed{{{i}.5}}"})
                                  + "\n" for i in range(20000)))
     err_path = tmp_path / "stderr.txt"
     with err_path.open("w") as err:

@@ -36,7 +36,8 @@ def toy_config(tmp_path, tiny_world, name: str):
 
 
 @pytest.mark.parametrize("sets, message", [
-    ([f"train.objective={TOY}", "train.kd.teacher=offline"], "train.kd.teacher: the toy objective needs the teacher online"),
+    ([f"train.objective={TOY}", "train.kd.teacher=offline"],
+     "train.kd.teacher: the toy objective needs the teacher online"),
     (["train.objective=tests.no_such_objective"], "train.objective: no module 'tests.no_such_objective'"),
     (["train.objective=tests.conftest"], "train.objective: tests.conftest defines no OBJECTIVE"),
 ])
@@ -91,7 +92,8 @@ def test_plan_compare_and_gpu_check_take_it(tiny_world, tmp_path):
     from distill.jsonl import read_jsonl, write_jsonl
 
     def peak(objective: str) -> int:
-        proc = subprocess.run([sys.executable, "-m", "distill", "plan", "--config", "configs/tiny.yaml", "--json", "--set",
+        proc = subprocess.run([sys.executable, "-m", "distill", "plan", "--config", "configs/tiny.yaml", "--json",
+                               "--set",
                                f"train.objective={objective}"], cwd=ROOT, capture_output=True, text=True, check=True)
         return json.loads(proc.stdout)["train"]["off"]["peak"]
 

@@ -34,9 +34,11 @@ def kl(a: list[float], b: list[float]) -> float:
 
 def test_forward_and_reverse_kl_by_hand():
     # forward: 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln 2 + 0.5 ln(2/3)
-    assert divergences.divergence(logs(P), logs(Q), "forward_kl").item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    assert (divergences.divergence(logs(P), logs(Q), "forward_kl").item()
+            == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3)))
     # reverse: 0.25 ln(0.25/0.5) + 0.75 ln(0.75/0.5)
-    assert divergences.divergence(logs(P), logs(Q), "reverse_kl").item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert (divergences.divergence(logs(P), logs(Q), "reverse_kl").item()
+            == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5)))
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -117,7 +119,8 @@ def test_bucket_keeps_the_positions_between_two_percentiles():
     (["train.objective=distil"], "train.objective: expected one of context, ekd, feature, kd, sft (or a module path "
                                  "that defines OBJECTIVE), got 'distil'"),
     (["train.objective=ekd", "train.kd.bucket=[70, 80]"], "ekd needs exactly one of top_k_percent and bucket"),
-    (["train.objective=ekd", "train.kd.top_k_percent=null", "train.kd.bucket=[80, 70]"], "train.kd.bucket: expected [lower, upper]"),
+    (["train.objective=ekd", "train.kd.top_k_percent=null", "train.kd.bucket=[80, 70]"],
+     "train.kd.bucket: expected [lower, upper]"),
     (["train.kd.loss=kl"], "train.kd.loss: expected one of forward_kl, reverse_kl, jsd"),
     (["train.kd.beta=1.5"], "train.kd.beta: must be in [0, 1]"),
     (["train.objective=context", "train.kd.teacher=offline"], "context distillation needs the teacher online"),
@@ -157,10 +160,12 @@ def test_each_objective_trains_and_resumes(tiny_world, tmp_path, name):
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"], hist
     # Stop after step 7 (saved there), then resume: the same final step and loss as uninterrupted.
     calls = iter(range(100))
-    stopped = train(tiny_world.student, pairs(), cfg, tmp_path / "split", progress=False, teacher_path=tiny_world.teacher,
+    stopped = train(tiny_world.student, pairs(), cfg, tmp_path / "split", progress=False,
+                    teacher_path=tiny_world.teacher,
                     should_stop=lambda: next(calls) == 6)
     assert not stopped.finished and stopped.step == 7
-    resumed = train(tiny_world.student, pairs(), cfg, tmp_path / "split", progress=False, teacher_path=tiny_world.teacher)
+    resumed = train(tiny_world.student, pairs(), cfg, tmp_path / "split", progress=False,
+                    teacher_path=tiny_world.teacher)
     assert resumed.resumed_from == 7 and resumed.step == 20
     assert resumed.loss == pytest.approx(full.loss, abs=1e-6)
     from transformers import AutoModelForCausalLM
@@ -187,11 +192,14 @@ def test_teacher_with_another_vocabulary_fails_at_start(tiny_world, tmp_path, ob
     from distill.tiny import build_model, build_tokenizer
 
     build_tokenizer(["a completely different corpus of words"] * 4, tmp_path / "tok", vocab_size=120)
-    other = build_model(tmp_path / "tok", tmp_path / "other", hidden_size=32, num_layers=1, intermediate_size=32, seed=3,
+    other = build_model(tmp_path / "tok", tmp_path / "other", hidden_size=32, num_layers=1, intermediate_size=32,
+                        seed=3,
                         num_heads=2, num_kv_heads=1, max_position_embeddings=256)
-    with pytest.raises(DistillError, match=f"the teacher's tokenizer differs from the student's .*: objective {objective} "
+    with pytest.raises(DistillError, match="the teacher's tokenizer differs from the student's .*: "
+                                           f"objective {objective} "
                                            "needs the student's vocabulary to be the teacher's"):
-        train(tiny_world.student, pairs(), objective_cfg(objective, 2), tmp_path / "run", progress=False, teacher_path=other)
+        train(tiny_world.student, pairs(), objective_cfg(objective, 2), tmp_path / "run", progress=False,
+              teacher_path=other)
     assert not newest_checkpoint(tmp_path / "run" / "checkpoints")
 
 

@@ -52,7 +52,8 @@ def test_a_second_driver_and_a_unit_started_by_hand_refuse_while_the_first_runs(
         "progress) or stop it")
     assert "submitted" not in second.stdout
 
-    by_hand = subprocess.run([sys.executable, "-m", "jobs.stage", "train", "--config", str(cfg), "--iter", "0", *sets()],
+    by_hand = subprocess.run([sys.executable, "-m", "jobs.stage", "train", "--config", str(cfg),
+                              "--iter", "0", *sets()],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert by_hand.returncode == 2, by_hand.stderr
     holder = Manifest(run).stage(0, "train")
@@ -70,7 +71,8 @@ def test_a_second_driver_and_a_unit_started_by_hand_refuse_while_the_first_runs(
 def test_a_lease_whose_holder_is_gone_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lease = tmp_path / "driver.lease"
-    lease.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "x", "heartbeat": 0}))
+    lease.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "x",
+                                 "heartbeat": 0}))
     with RunLease(tmp_path) as held:
         assert json.loads(lease.read_text())["pid"] == held.record["pid"]
         # A lease from another host is honoured while its heartbeat is fresh ...

@@ -196,7 +196,8 @@ def test_the_plan_of_a_1_5b_and_a_7b_student(capsys, monkeypatch):
     off, on = verdicts(out)  # 8 × 2048 tokens of a full fine-tune: only with checkpointing
     assert off.startswith("does not fit") and on.startswith("fits")
     assert [line.split()[0] for line in out.splitlines()[-5:-2]] == ["generate", "evaluate,", "evaluate"]
-    seven = ["--config", RUN, "--set", f"models.student={HF / 'qwen2.5-7b'}", "--set", "train.gradient_checkpointing=true"]
+    seven = ["--config", RUN, "--set", f"models.student={HF / 'qwen2.5-7b'}",
+             "--set", "train.gradient_checkpointing=true"]
     assert main(["plan", *seven, "--gpu", "H100"]) == 0
     out = capsys.readouterr().out
     assert "7.62B parameters" in out and all(v.startswith("does not fit") for v in verdicts(out))
@@ -211,7 +212,8 @@ def test_json_output_is_bytes_per_stage(tmp_path, capsys):
     path = config(tmp_path, "qwen2.5-1.5b", extra="train: {lora: {enabled: true}}\n")
     assert main(["plan", "--config", str(path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["student"]["params"] == PUBLISHED["qwen2.5-1.5b"] and data["teacher"]["params"] == PUBLISHED["qwen2.5-7b"]
+    assert (data["student"]["params"] == PUBLISHED["qwen2.5-1.5b"]
+            and data["teacher"]["params"] == PUBLISHED["qwen2.5-7b"])
     train = data["train"]
     assert train["checkpointing"] == "off" and train["precision"] == "bf16"
     for column in ("off", "on"):
@@ -234,7 +236,8 @@ def test_a_model_without_config_json_is_one_line(tmp_path, capsys):
                     "data: {benchmark: gsm8k}\n")
     assert main(["plan", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "models.student: Qwen/No-Such-Model-Here: no such directory, and no config.json" in err
+    assert (len(err.splitlines()) == 1
+            and "models.student: Qwen/No-Such-Model-Here: no such directory, and no config.json" in err)
 
 
 @pytest.mark.slow

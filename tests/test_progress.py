@@ -138,7 +138,8 @@ def test_status_shows_the_progress_of_running_units_only(tmp_path, capsys):
     write_figure(tmp_path, "generate", "2", 100, 100, "problem", age_s=60)  # done: not counted
     table = rows(format_table(m.read(), run_dir=tmp_path))
     assert table["train"].split()[2] == "running" and table["train"].endswith("step 120/500 (8 s ago)")
-    assert table["generate"].split()[2] == "running" and table["generate"].endswith("problem 96/200 in 2 units (5 s ago)")
+    assert (table["generate"].split()[2] == "running"
+            and table["generate"].endswith("problem 96/200 in 2 units (5 s ago)"))
     assert "answer" not in table["verify"] and table["verify"].endswith("kept=40")
     assert table["mine"].split()[2] == "running" and table["mine"].endswith("record 1250000/2000000 (5 min ago)")
     assert table["evaluate"].split()[2] == "running" and "ago" not in table["evaluate"]

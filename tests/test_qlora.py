@@ -101,7 +101,9 @@ def test_qlora_is_refused_in_one_line_where_bitsandbytes_is_missing(tiny_world, 
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(DistillError, match=r"^train.quantize: 4bit \(QLoRA\) needs bitsandbytes, which is not installed"):
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(DistillError,
+                       match=r"^train.quantize: 4bit \(QLoRA\) needs bitsandbytes, which is not installed"):
         train(tiny_world.student, pairs(), qlora_config(), tmp_path / "run", progress=False, device="cpu")
     assert newest_checkpoint(tmp_path / "run" / "checkpoints") is None

@@ -56,7 +56,8 @@ def test_repair_rebuilds_a_deleted_manifest_and_the_next_run_redoes_nothing(tmp_
         assert again["state"] == "done", (name, again)
         assert again.get("artifacts") == entry.get("artifacts"), name  # the same files, the same hashes
     assert rebuilt["iterations"]["0"]["stages"]["train"]["metrics"]["step"] == 20
-    assert rebuilt["iterations"]["0"]["stages"]["evaluate"]["results"] == original["iterations"]["0"]["stages"]["evaluate"]["results"]
+    assert (rebuilt["iterations"]["0"]["stages"]["evaluate"]["results"]
+            == original["iterations"]["0"]["stages"]["evaluate"]["results"])
     assert contents(run) == before  # merged again, byte for byte the same
 
     after_repair = outputs(run)
@@ -69,7 +70,8 @@ def test_repair_rebuilds_a_deleted_manifest_and_the_next_run_redoes_nothing(tmp_
 @pytest.mark.slow
 def test_repair_leaves_an_incomplete_unit_to_the_next_run(tmp_path, tiny_world, capsys):
     cfg = demo_config(tmp_path, tiny_world)
-    args = ["--config", str(cfg), "--executor", "local", "--stages", "generate"] + [a for s in SETS for a in ("--set", s)]
+    args = (["--config", str(cfg), "--executor", "local", "--stages", "generate"]
+            + [a for s in SETS for a in ("--set", s)])
     assert driver_main(args) == 0
     run = tmp_path / "runs" / "e2e"
     shard = run / "iter-0" / "generate" / "shard-00001-of-00002.jsonl"

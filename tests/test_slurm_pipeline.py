@@ -109,7 +109,8 @@ def release_all(job_ids: list[str], released: set[str]) -> None:
 
 # ----------------------------------------------------------------------------- the tests
 @pytest.mark.slow
-def test_iteration_through_sbatch_arrays_and_a_second_driver_refuses_and_submits_nothing(slurm, cleanup, tmp_path, tiny_world):
+def test_iteration_through_sbatch_arrays_and_a_second_driver_refuses_and_submits_nothing(
+        slurm, cleanup, tmp_path, tiny_world):
     runs, procs = cleanup
     cfg = demo_config(tmp_path, tiny_world)
     run = tmp_path / "runs" / "e2e"
@@ -131,7 +132,8 @@ def test_iteration_through_sbatch_arrays_and_a_second_driver_refuses_and_submits
     elapsed = time.monotonic() - start
 
     stages = Manifest(run).read()["iterations"]["0"]["stages"]
-    assert {k: v["state"] for k, v in stages.items()} == dict.fromkeys(["generate", "verify", "train", "evaluate"], "done")
+    assert ({k: v["state"] for k, v in stages.items()}
+            == dict.fromkeys(["generate", "verify", "train", "evaluate"], "done"))
     gen_ids = stages["generate"]["job_ids"]
     array = gen_ids["0"].split("_")[0]
     assert gen_ids == {"0": f"{array}_0", "1": f"{array}_1"}  # one array, one task per shard
@@ -149,7 +151,8 @@ def test_iteration_through_sbatch_arrays_and_a_second_driver_refuses_and_submits
 @pytest.mark.slow
 def test_requeued_array_tasks_finish_every_record_exactly_once(slurm, cleanup, tmp_path, tiny_world):
     """Task 0 is requeued by `scontrol requeue`, task 1 gets USR2 twice, the way SLURM sends it
-    before a time limit and again at a preemption (submitit checkpoints and requeues it once). A requeue sends SIGTERM, which submitit's
+    before a time limit and again at a preemption (submitit checkpoints and requeues it once). A requeue sends SIGTERM,
+    which submitit's
     job ignores, then SIGKILL KillWait (5 s here) later: each shard is made long enough (3
     samples of 2000 problems) that the kill lands mid-shard."""
     runs, procs = cleanup
@@ -341,7 +344,8 @@ def test_sbatch_scripts_requeue_generation_and_merge_after_the_array(slurm, clea
     cfg = config_file(tmp_path, tiny_world, "plain", data__train_limit=n_records, generation__batch_size=16)
     run = tmp_path / "runs" / "plain"
     runs.append(run)
-    array = sbatch("--array=0-1", "--time=10", "slurm/unit.sbatch", "generate", str(cfg), "0", out=tmp_path / "gen-%A_%a.out")
+    array = sbatch("--array=0-1", "--time=10", "slurm/unit.sbatch", "generate", str(cfg), "0",
+                   out=tmp_path / "gen-%A_%a.out")
     tasks = [f"{array}_0", f"{array}_1"]
     merge = sbatch(f"--dependency=afterok:{array}", "slurm/merge.sbatch", str(cfg), "0", "generate",
                    out=tmp_path / "merge-%j.out")
@@ -351,7 +355,8 @@ def test_sbatch_scripts_requeue_generation_and_merge_after_the_array(slurm, clea
         subprocess.run(["scontrol", "requeue", tasks[0]], check=True, capture_output=True)
         subprocess.run(["scancel", "--batch", "--signal=USR2", tasks[1]], check=True, capture_output=True)
         released: set[str] = set()
-        wait_for(lambda: release_all(tasks, released) or Manifest(run).is_done(0, "generate"), timeout=240, interval=0.5)
+        wait_for(lambda: release_all(tasks, released) or Manifest(run).is_done(0, "generate"),
+                 timeout=240, interval=0.5)
         wait_for(lambda: job_state(merge)[0] in ("", "COMPLETED"), timeout=30)
     except TimeoutError as exc:
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.glob("*.out")))
@@ -362,7 +367,8 @@ def test_sbatch_scripts_requeue_generation_and_merge_after_the_array(slurm, clea
     for s, path in shard.items():
         counts = Counter(r["id"] for r in read_jsonl(path))
         assert len(counts) == n_records // 2 and max(counts.values()) == 1, f"shard {s}: duplicates or gaps"
-        assert entry["shards"][str(s)]["attempts"] == 2, (entry["shards"][str(s)], (tmp_path / f"gen-{array}_{s}.out").read_text())
+        assert entry["shards"][str(s)]["attempts"] == 2, (entry["shards"][str(s)],
+                                                          (tmp_path / f"gen-{array}_{s}.out").read_text())
     assert entry["shards"]["1"]["requeued"] == 1
     log1 = (tmp_path / f"gen-{array}_1.out").read_text()
     assert "USR2 received" in log1 and f"requeueing {tasks[1]}" in log1, log1
@@ -386,7 +392,8 @@ def test_sbatch_training_requeues_itself_at_the_time_limit(slurm, cleanup, tmp_p
     # 15-45 s allocations for an 80 s run: up to 6 of them.
     limited = sbatch("--time=1", "--signal=B:USR2@15", "slurm/unit.sbatch", "train", str(cfgs["limited"]), "0",
                      out=tmp_path / "limited.out", DISTILL_MAX_REQUEUES="8")
-    reference = sbatch("--time=10", "slurm/unit.sbatch", "train", str(cfgs["reference"]), "0", out=tmp_path / "reference.out")
+    reference = sbatch("--time=10", "slurm/unit.sbatch", "train", str(cfgs["reference"]), "0",
+                       out=tmp_path / "reference.out")
     released: set[str] = set()
     try:
         wait_for(lambda: release_all([limited], released)
@@ -401,7 +408,8 @@ def test_sbatch_training_requeues_itself_at_the_time_limit(slurm, cleanup, tmp_p
     assert log.count("restart ") == got["requeued"] + 1  # one start line per allocation
     assert got["metrics"]["step"] == ref["metrics"]["step"] == steps
     assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], abs=1e-6)
-    print(f"plain sbatch training: {steps} steps, {got['requeued'] + 1} allocations, final loss {got['metrics']['loss']:.6f} "
+    print(f"plain sbatch training: {steps} steps, {got['requeued'] + 1} allocations, "
+          f"final loss {got['metrics']['loss']:.6f} "
           f"(uninterrupted {ref['metrics']['loss']:.6f})")
 
 

@@ -63,7 +63,8 @@ def test_a_failing_unit_is_recorded_and_redone_alone_through_submitit_on_slurm(s
     cfg, run = finished
 
     def launch(it: int, stage: str, expect_ok: bool) -> str:
-        plan = ["--baseline", "--iter", str(it)] if stage.startswith("baseline_") else ["--iter", str(it), "--stages", stage]
+        plan = (["--baseline", "--iter", str(it)] if stage.startswith("baseline_")
+                else ["--iter", str(it), "--stages", stage])
         status = driver_main(["--config", str(cfg), "--executor", "slurm", "--cluster", "local", *plan])
         err = capsys.readouterr().err
         assert status == (0 if expect_ok else 2), err

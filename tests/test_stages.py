@@ -166,11 +166,13 @@ def test_a_failing_unit_is_recorded_and_redone_alone_through_submitit(finished, 
     cfg, run = finished
 
     def launch(it: int, stage: str, expect_ok: bool) -> str:
-        plan = ["--baseline", "--iter", str(it)] if stage.startswith("baseline_") else ["--iter", str(it), "--stages", stage]
+        plan = (["--baseline", "--iter", str(it)] if stage.startswith("baseline_")
+                else ["--iter", str(it), "--stages", stage])
         status = driver_main(["--config", str(cfg), "--executor", "local", *plan])
         err = capsys.readouterr().err
         assert status == (0 if expect_ok else 2), err
-        assert expect_ok or (err.count("\n") == 1 and err.startswith(f"error: {pipeline.stage(stage).describe(BLOCKED[stage][1])}: "))
+        assert expect_ok or (err.count("\n") == 1
+                             and err.startswith(f"error: {pipeline.stage(stage).describe(BLOCKED[stage][1])}: "))
         return err
 
     check_failed_then_redone(run, cfg, name, launch)

@@ -10,7 +10,8 @@ from tests.conftest import run_python, spawn_python
 
 
 def pairs():
-    return [(f"Question: {a} plus {b}?\nAnswer: ", f"{a}+{b}={a + b}. \\boxed{{{a + b}}}") for a in range(8) for b in range(4)]
+    return [(f"Question: {a} plus {b}?\nAnswer: ", f"{a}+{b}={a + b}. \\boxed{{{a + b}}}")
+            for a in range(8) for b in range(4)]
 
 
 def test_prompt_tokens_are_masked_and_eos_is_learned(tiny_world):
@@ -164,7 +165,8 @@ def test_a_quantized_student_is_merged_into_its_base_reloaded_in_bf16(tiny_world
     a = dict(model.named_parameters())
     key = "base_model.model.model.layers.0.self_attn.q_proj"
     delta = (a[f"{key}.lora_B.default.weight"] @ a[f"{key}.lora_A.default.weight"]).detach() * (8 / 4)
-    out = save_final(model, tokenizer, tmp_path / "model", dtype=torch.bfloat16, base_path=tiny_world.student, quantized=True)
+    out = save_final(model, tokenizer, tmp_path / "model", dtype=torch.bfloat16, base_path=tiny_world.student,
+                     quantized=True)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(tiny_world.student, dtype=torch.bfloat16)
     want = (base.model.layers[0].self_attn.q_proj.weight.float() + delta).to(torch.bfloat16)
@@ -210,7 +212,8 @@ def test_checkpoints_carry_the_accelerators_random_state(monkeypatch):
 
     restored = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.tensor([7, 1], dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.append((state.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device=None: restored.append((state.tolist(), device)))
     gpu = torch.device("cuda", 1)
     state = rng_state(gpu)
     assert state["cuda"].tolist() == [7, 1] and {"python", "numpy", "torch"} <= set(state)

@@ -75,7 +75,8 @@ def test_regeneration_prompt_carries_the_students_answer(run, monkeypatch):
     monkeypatch.setattr(generation, "load_backend", lambda engine, path: teacher)
     run_stage_unit(cfg, 1, "generate", "0")
     assert len(teacher.prompts) == 3
-    assert teacher.prompts[0] == (f"Question: {probe[0]['question']}\nPrevious answer: 7*3=21. 10+21=31. \\boxed{{31}}\n"
+    assert teacher.prompts[0] == (f"Question: {probe[0]['question']}\n"
+                                  f"Previous answer: 7*3=21. 10+21=31. \\boxed{{31}}\n"
                                   "Student answer: 1234\nVerdict: wrong\nAnswer: ")
     assert merge_stage_units(cfg, 1, "generate")["records"] == 3 * 2  # undo.n samples per error
 
@@ -99,9 +100,11 @@ def test_dataset_policy_dedups_caps_and_replaces():
     old = [rec("a", "x = 1"), rec("b", "y"), rec("b", "y2")]
     new = [rec("a", "x  =  1"), rec("a", "z"), rec("a", "w"), rec("c", "v")]
     acc = combine(new, old, "accumulate", cap=2)
-    assert [(r["problem_id"], r["response"]) for r in acc] == [("a", "x  =  1"), ("a", "z"), ("c", "v"), ("b", "y"), ("b", "y2")]
+    assert [(r["problem_id"], r["response"]) for r in acc] == [("a", "x  =  1"), ("a", "z"), ("c", "v"),
+                                                               ("b", "y"), ("b", "y2")]
     rep = combine(new, old, "replace", cap=4)
-    assert [(r["problem_id"], r["response"]) for r in rep] == [("a", "x  =  1"), ("a", "z"), ("a", "w"), ("c", "v"), ("b", "y"), ("b", "y2")]
+    assert [(r["problem_id"], r["response"]) for r in rep] == [("a", "x  =  1"), ("a", "z"), ("a", "w"), ("c", "v"),
+                                                               ("b", "y"), ("b", "y2")]
     assert [r["response"] for r in combine([], old, "replace", cap=1)] == ["x = 1", "y"]
 
 
@@ -122,7 +125,8 @@ def test_report_is_built_from_the_manifest(tmp_path):
     res = lambda acc, tok: {"accuracy": acc, "tokens_mean": tok, "n": 100}  # noqa: E731
     m.mark(0, "train", "done", metrics={"step": 300, "examples": 900})
     m.mark(0, "verify", "done", metrics={"kept": 900, "problems_unsolved": 100})
-    m.mark(0, "evaluate", "done", results={"teacher": res(0.9, 20.0), "base": res(0.0, 32.0), "student": res(0.4, 21.5)})
+    m.mark(0, "evaluate", "done",
+           results={"teacher": res(0.9, 20.0), "base": res(0.0, 32.0), "student": res(0.4, 21.5)})
     m.mark(1, "mine", "done", metrics={"errors": 150})
     m.mark(1, "verify", "done", metrics={"kept": 260, "problems_unsolved": 20})
     m.mark(1, "train", "done", metrics={"step": 300, "examples": 1030})

@@ -88,7 +88,8 @@ def test_seeded_sampling_survives_prompts_prefilled_over_many_steps(teacher):
     assert tokens > teacher.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     spec = SamplingSpec(n=2, temperature=0.8, max_new_tokens=8)
     first = teacher.generate(many, spec, seed=5)
-    assert [[c.text for c in cs] for cs in first] == [[c.text for c in cs] for cs in teacher.generate(many, spec, seed=5)]
+    assert ([[c.text for c in cs] for cs in first]
+            == [[c.text for c in cs] for cs in teacher.generate(many, spec, seed=5)])
 
 
 def test_greedy_texts_equal_the_transformers_backend_in_the_same_dtype(teacher):
@@ -154,7 +155,8 @@ def test_a_shard_gives_vllm_large_chunks_of_prompts_per_call(teacher, tmp_path, 
     real = teacher.llm.generate
     monkeypatch.setattr(teacher.llm, "generate", lambda ps, *a, **kw: sizes.append(len(ps)) or real(ps, *a, **kw))
     tasks = [{"id": f"q{i}", "prompt": p, "gold": "1"} for i, p in enumerate(prompts(2500, "train"))]
-    generate_shard(teacher, tasks, tmp_path / "shard.jsonl", SamplingSpec(max_new_tokens=2), batch_size=16, progress=False)
+    generate_shard(teacher, tasks, tmp_path / "shard.jsonl", SamplingSpec(max_new_tokens=2),
+                   batch_size=16, progress=False)
     assert sizes == [1024, 1024, 452] and len(read_jsonl(tmp_path / "shard.jsonl")) == 2500
 
 

@@ -23,7 +23,8 @@ class SquaredLogProbs(Objective):
 
     def check(self, at: Callable[..., str]) -> None:
         if self.cfg.kd.teacher != "online":
-            raise ConfigError(f"{at('train.kd.teacher', 'train.objective')}: the toy objective needs the teacher online")
+            raise ConfigError(f"{at('train.kd.teacher', 'train.objective')}: "
+                              "the toy objective needs the teacher online")
 
     def teacher(self) -> Teacher:
         return "online"
