@@ -40,12 +40,13 @@ from distill.generation import (
     task,
 )
 from distill.grading import default_workers, grade_records
-from distill.integrity import Input, artifact, bind, model_fingerprint
+from distill.integrity import artifact, bind, model_fingerprint
 from distill.jsonl import iter_jsonl, read_jsonl, write_json, write_jsonl
 from distill.layout import EvalPaths, RunPaths
 from distill.problems import eval_problems, load_problems
 from distill.prompts import build_prompt
 from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit, merged
+from distill.student import BASELINE_TRAIN, TRAIN
 
 # -- the core --------------------------------------------------------------------------------------
 
@@ -190,13 +191,15 @@ def _summary(entry: dict[str, Any]) -> str:
 
 
 EVALUATE = Stage("evaluate", _evaluate(False), plans=(FIRST, UNDO), units=_units(False), sharded=True,
-                 inputs=lambda cfg, it: [Input(it, "train", "model")], merge=_merge(False), summary=_summary,
+                 inputs=lambda cfg, it: [TRAIN.output("model", it)], merge=_merge(False), summary=_summary,
+                 produces=("teacher", "base", "student"),
                  recover=recover_evaluation,
                  unit_name="evaluation task")
 BASELINE_EVALUATE = Stage("baseline_evaluate", _evaluate(True), plans=(BASELINE,), units=_units(True), sharded=True,
-                          inputs=lambda cfg, it: [Input(it, "baseline_train", "model")], merge=_merge(True),
+                          inputs=lambda cfg, it: [BASELINE_TRAIN.output("model", it)], merge=_merge(True),
+                          produces=("oneshot",),
                           recover=recover_evaluation,
-                          resources="evaluate", summary=_summary, unit_name="evaluation task")
+                          resources=EVALUATE.resource_section, summary=_summary, unit_name="evaluation task")
 
 
 # -- python -m distill eval ----------------------------------------------------------------------------

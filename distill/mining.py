@@ -60,7 +60,11 @@ def recover_mine(unit: Unit) -> Result | None:
 
 MINE = Stage(
     "mine", mine, plans=(UNDO,), recover=recover_mine,
+    # The loop's one back edge, the previous iteration's student and its data, is named here rather
+    # than through `TRAIN.output`: importing the train stage would close an import circle
+    # (train reads verify's rationales, generate reads these errors).
     inputs=lambda cfg, it: [Input(it - 1, "train", "model"), Input(it - 1, "train", "train_data")],
+    produces=("errors",),
     summary=lambda e: (f"the previous student: {e['metrics']['errors']} errors "
                        f"on {e['metrics']['probed']} probe problems"),
 )

@@ -14,9 +14,9 @@ from typing import Any
 
 from distill.errors import DistillError
 from distill.evaluation import BASELINE_EVALUATE, EVALUATE
-from distill.manifest import stage_entry
 from distill.mining import MINE
 from distill.rationales import GENERATE, VERIFY
+from distill.records import StageRecord
 from distill.stage import BASELINE, FIRST, UNDO, Stage
 from distill.student import BASELINE_TRAIN, TRAIN
 from distill.typed_yaml import check_name
@@ -63,7 +63,7 @@ def require_finished(manifest: dict[str, Any], run: str, it: int, again: str) ->
     """Refuse to start after iteration `it` before it is finished: its student and its data are
     what the next iteration starts from. `again` is the command that finishes it."""
     for s in iteration_plan(it):
-        state = stage_entry(manifest, it, s.name).get("state", "pending")
+        state = StageRecord.of(manifest, it, s.name).state
         if state != "done":
             raise DistillError(f"{run}: iteration {it + 1} needs iteration {it} finished, but its {s.name} stage "
                                f"is {state}: run `{again}` first")

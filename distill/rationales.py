@@ -15,10 +15,11 @@ from distill.data import shard_slice
 from distill.efficiency import filter_rationales, length_stats
 from distill.generation import LazyBackend, SamplingSpec, engine_for, generate_shard, merge_shards, task
 from distill.grading import grade_records
-from distill.integrity import Input, artifact, bind
+from distill.integrity import artifact, bind
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import RunPaths
 from distill.manifest import stage_entry
+from distill.mining import MINE
 from distill.problems import train_problems
 from distill.prompts import build_prompt
 from distill.stage import FIRST, UNDO, Result, Stage, Unit, merged
@@ -58,7 +59,7 @@ def generate(unit: Unit) -> Result:
     out = unit.paths.gen_shard(it, shard, num)
     template = cfg.prompt.template if it == 0 else cfg.undo.template
     bind(out, {"model": unit.model_identity(cfg.models.teacher), "prompt": asdict(cfg.prompt), "template": template,
-               "sampling": asdict(teacher_spec(cfg, it)), "tasks": unit.inputs.get(Input(it, "mine", "errors"))})
+               "sampling": asdict(teacher_spec(cfg, it)), "tasks": unit.inputs.get(MINE.output("errors", it))})
     with LazyBackend(engine_for(cfg, "teacher"), cfg.models.teacher) as teacher:
         backend = teacher.get()
         tasks = [task(p, teacher_prompt(cfg, backend.tokenizer, p, it)) for p in problems]
@@ -94,7 +95,8 @@ def merge_generation(cfg: RunConfig, it: int, paths: RunPaths, entry: dict[str, 
 
 GENERATE = Stage(
     "generate", generate, plans=(FIRST, UNDO), units=generation_shards, sharded=True, merge=merge_generation,
-    inputs=lambda cfg, it: [Input(it, "mine", "errors")] if it > 0 else [], recover=recover_generation,
+    inputs=lambda cfg, it: [MINE.output("errors", it)] if it > 0 else [], recover=recover_generation,
+    produces=("generations",),
     summary=lambda e: f"merged {e['metrics']['records']} records from {e['num_shards']} shard(s)",
 )
 
@@ -148,7 +150,7 @@ def rationales_kept(cfg: RunConfig, it: int, manifest: dict[str, Any]) -> str | 
     """Training's gate: a verify that kept no rationale leaves nothing new to train on (in an
     UNDO iteration the student would retrain on the previous iteration's data), so training is
     refused before it is submitted, with what to change."""
-    metrics = stage_entry(manifest, it, "verify").get("metrics", {})
+    metrics = stage_entry(manifest, it, VERIFY.name).get("metrics", {})
     if metrics.get("kept", 1) > 0:
         return None
     done = (f"none of the teacher's {metrics.get('records', 0)} new rationales for the mined errors was correct: "
@@ -159,7 +161,8 @@ def rationales_kept(cfg: RunConfig, it: int, manifest: dict[str, Any]) -> str | 
 
 
 VERIFY = Stage(
-    "verify", verify, plans=(FIRST, UNDO), inputs=lambda cfg, it: [Input(it, "generate", "generations")],
+    "verify", verify, plans=(FIRST, UNDO), inputs=lambda cfg, it: [GENERATE.output("generations", it)],
+    produces=("graded", "verified", "unsolved"),
     recover=recover_verify,
     summary=lambda e: (f"kept {e['metrics']['kept']} of {e['metrics']['records']} rationales; "
                        f"{e['metrics']['problems_unsolved']} problem(s) unsolved by the teacher"

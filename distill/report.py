@@ -16,6 +16,7 @@ from distill.layout import RunPaths
 from distill.manifest import Manifest
 from distill.mining import MINE
 from distill.rationales import VERIFY
+from distill.records import ModelResult, StageRecord
 from distill.student import BASELINE_TRAIN, TRAIN
 
 COLUMNS = [
@@ -26,12 +27,11 @@ COLUMNS = [
 
 
 def _metrics(data: dict[str, Any], it: str, stage: str) -> dict[str, Any]:
-    return data["iterations"].get(it, {}).get("stages", {}).get(stage, {}).get("metrics", {})
+    return StageRecord.of(data, it, stage).metrics
 
 
-def _result(data: dict[str, Any], it: str, stage: str, label: str) -> dict[str, Any] | None:
-    entry = data["iterations"].get(it, {}).get("stages", {}).get(stage, {})
-    return entry.get("results", {}).get(label) if entry.get("state") == "done" else None
+def _result(data: dict[str, Any], it: str, stage: str, label: str) -> ModelResult | None:
+    return StageRecord.of(data, it, stage).result(label)
 
 
 def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -42,8 +42,7 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     for label, name in (("teacher", "teacher"), ("base", "student (untrained)")):
         res = _result(data, "0", EVALUATE.name, label)
         if res:
-            rows.append({"model": name, "iteration": None, "accuracy": res["accuracy"],
-                         "tokens_mean": res["tokens_mean"]})
+            rows.append({"model": name, "iteration": None, "accuracy": res.accuracy, "tokens_mean": res.tokens_mean})
     steps = 0
     for it in iters:
         res = _result(data, it, EVALUATE.name, "student")
@@ -53,21 +52,21 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "model": "student (UNDO)" if int(it) > 0 else "student (distilled)",
             "iteration": int(it),
-            "accuracy": res["accuracy"],
+            "accuracy": res.accuracy,
             "train_rationales": _metrics(data, it, TRAIN.name).get("examples"),
             "errors_mined": _metrics(data, it, MINE.name).get("errors") if int(it) > 0 else None,
             "regenerated": _metrics(data, it, VERIFY.name).get("kept"),
             "teacher_unsolved": _metrics(data, it, VERIFY.name).get("problems_unsolved"),
             "student_steps": steps,
-            "tokens_mean": res["tokens_mean"],
+            "tokens_mean": res.tokens_mean,
         })
     for it in iters:
         res = _result(data, it, BASELINE_EVALUATE.name, "oneshot")
         if res:
             train = _metrics(data, it, BASELINE_TRAIN.name)
-            rows.append({"model": "one-shot (same steps)", "iteration": int(it), "accuracy": res["accuracy"],
+            rows.append({"model": "one-shot (same steps)", "iteration": int(it), "accuracy": res.accuracy,
                          "train_rationales": train.get("examples"), "student_steps": train.get("step"),
-                         "tokens_mean": res["tokens_mean"]})
+                         "tokens_mean": res.tokens_mean})
     return rows
 
 

@@ -139,6 +139,7 @@ def unit_done(cfg: RunConfig, it: int, stage: Stage, key: str) -> bool:
 
 
 def _mark(manifest: Manifest, it: int, stage: Stage, key: str, state: str, **fields: Any) -> None:
+    stage.checked(fields)
     if stage.sharded:
         manifest.mark_shard(it, stage.name, key, state, **fields)
     else:
@@ -315,7 +316,7 @@ def merge_stage(cfg: RunConfig, it: int, stage: Stage) -> dict[str, Any]:
             manifest.mark_shard(it, stage.name, key, "failed", error=short(str(exc)))
         which = f"shard {exc.keys[0]} is" if len(exc.keys) == 1 else f"shards {', '.join(exc.keys)} are"
         raise UnitsReopened(f"{exc}; {stage.name} {which} marked failed: run again to redo it") from None
-    manifest.mark(it, stage.name, "done", **fields)
+    manifest.mark(it, stage.name, "done", **stage.checked(fields))
     return fields
 
 

@@ -92,9 +92,11 @@ class Stage:
     # True where the unit may be interrupted at any line; False: it polls `should_stop` and
     # returns at a safe point (training, between optimizer steps).
     stops_anywhere: bool = True
-    # The recorded artifacts of earlier stages a unit reads: each is checked against its hash
-    # before the unit runs (`distill.integrity`).
+    # The recorded artifacts of earlier stages a unit reads, named through their producer's
+    # `output`: each is checked against its hash before the unit runs (`distill.integrity`).
     inputs: Callable[[RunConfig, int], list[Input]] = no_inputs
+    # The artifacts the stage records (its entry's `artifacts`), for later stages to read.
+    produces: tuple[str, ...] = ()
     # For `distill repair`: the fields of a unit whose outputs are complete on disk, or None
     # when it has to run again (the default: nothing is taken on trust).
     recover: Callable[[Unit], Result | None] = lambda unit: None
@@ -117,6 +119,21 @@ class Stage:
     @property
     def resource_section(self) -> str:
         return self.resources or self.name
+
+    def output(self, name: str, it: int) -> Input:
+        """Artifact `name` as this stage records it in iteration `it`: how a later stage names
+        what it reads, so a misspelt artifact fails where it is declared, not in a job."""
+        if name not in self.produces:
+            raise ValueError(f"stage {self.name} produces no artifact {name!r} (it produces: "
+                             f"{', '.join(self.produces) or 'none'})")
+        return Input(it, self.name, name)
+
+    def checked(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A unit's or a merge's fields, once the artifacts among them are ones it declares."""
+        undeclared = sorted(set(fields.get("artifacts", {})) - set(self.produces))
+        if undeclared:
+            raise ValueError(f"stage {self.name} recorded undeclared artifact(s) {', '.join(undeclared)}")
+        return fields
 
     def runs_distributed(self, cfg: RunConfig) -> bool:
         return self.distributed is not None and self.distributed(cfg)

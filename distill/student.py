@@ -21,7 +21,7 @@ from distill.jsonl import read_jsonl, write_jsonl
 from distill.layout import CKPT_RE, RunPaths, TrainPaths, newest_checkpoint
 from distill.manifest import stage_entry
 from distill.prompts import training_pairs
-from distill.rationales import rationales_kept
+from distill.rationales import VERIFY, rationales_kept
 from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,10 @@ def train_student(unit: Unit) -> Result:
 
 def train_inputs(cfg: RunConfig, it: int) -> list[Input]:
     """The verified set; from iteration 1 also D_{it-1}, and the last student when it is the init."""
-    previous = [Input(it - 1, "train", "train_data")] if it > 0 else []
+    previous = [TRAIN.output("train_data", it - 1)] if it > 0 else []
     if it > 0 and cfg.undo.init == "previous":
-        previous.append(Input(it - 1, "train", "model"))
-    return [Input(it, "verify", "verified"), *previous]
+        previous.append(TRAIN.output("model", it - 1))
+    return [VERIFY.output("verified", it), *previous]
 
 
 def train_oneshot(unit: Unit) -> Result:
@@ -156,11 +156,12 @@ def _resume_point(name: str, out: TrainPaths) -> str:
 
 
 TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, stops_anywhere=False,
-              ready=rationales_kept,
+              ready=rationales_kept, produces=("model", "train_data"),
               summary=_summary, recover=_recover(RunPaths.train, ("train_data", RunPaths.train_data)),
               resume_point=lambda paths, it: _resume_point("train", paths.train(it)), distributed=_distributed)
 BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,),
-                       inputs=lambda cfg, it: [Input(0, "train", "train_data")], stops_anywhere=False,
-                       resources="train", summary=_summary, recover=_recover(RunPaths.baseline),
+                       inputs=lambda cfg, it: [TRAIN.output("train_data", 0)], stops_anywhere=False,
+                       resources=TRAIN.resource_section, produces=("model",), summary=_summary,
+                       recover=_recover(RunPaths.baseline),
                        resume_point=lambda paths, it: _resume_point("baseline_train", paths.baseline(it)),
                        distributed=_distributed)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distill.config import RunConfig
+from distill.errors import DistillError
 from distill.evaluation import EVALUATE
 from distill.manifest import Manifest
+from distill.records import StageRecord
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,10 @@ class Verdict:
 
 
 def student_accuracy(manifest: Manifest, it: int) -> float:
-    return manifest.stage(it, EVALUATE.name)["results"]["student"]["accuracy"]
+    result = StageRecord.of(manifest.read(), it, EVALUATE.name).result("student")
+    if result is None:
+        raise DistillError(f"{manifest.path}: iteration {it}'s evaluation is not done; its student has no accuracy yet")
+    return result.accuracy
 
 
 def verdict(manifest: Manifest, it: int) -> Verdict:
