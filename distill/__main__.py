@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from distill.errors import DistillError, not_permitted
-from distill.interrupts import stopped
+from distill.errors import DistillError
+from distill.interrupts import run_command
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -340,18 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int | None:
         args = build_parser().parse_args(argv)
-        return args.func(args) or 0
-    except DistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PermissionError as exc:
-        print(f"error: {not_permitted(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return stopped("stopped")
+        return args.func(args)
+    return run_command(body, lambda: "stopped")
 
 
 if __name__ == "__main__":

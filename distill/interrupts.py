@@ -11,8 +11,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from distill.errors import DistillError, not_permitted
 
 
 def ignore_sigint() -> None:
@@ -64,3 +66,22 @@ def stopped(line: str) -> int:
     ignore_sigint()
     print(line, file=sys.stderr, flush=True)
     return 128 + signal.SIGINT
+
+
+def run_command(body: Callable[[], int | None], stopped_line: Callable[[], str], *, speak: bool = True) -> int:
+    """A command's exit status, the same for every entry point (`python -m distill`, the
+    driver, `jobs.stage`): what `body` returns (None: 0); 2 and one `error:` line for a
+    `DistillError` or a refused permission (`speak` False: no line, for the tasks of a job that
+    are not the one that speaks for it); on Ctrl-C, 130 and `stopped_line()`."""
+    try:
+        return body() or 0
+    except DistillError as exc:
+        if speak:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PermissionError as exc:
+        print(f"error: {not_permitted(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return stopped(stopped_line())

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from distill import pipeline, undo
 from distill.config import RunConfig, load_config
-from distill.errors import DistillError, NotReady, not_permitted
+from distill.errors import DistillError, NotReady
 from distill.evaluation import EVALUATE
 from distill.hub import local_models, record_models, resolve_models
-from distill.interrupts import ignore_sigint, stopped
+from distill.interrupts import ignore_sigint, run_command
 from distill.layout import RunPaths
 from distill.lease import LeaseLost, RunLease, holding
 from distill.manifest import format_table, running_figures
@@ -560,34 +560,34 @@ def run(args: argparse.Namespace, driver: Driver, only: list[str] | None) -> Non
             driver.run_iteration(args.iteration, only)
 
 
+def start(args: argparse.Namespace) -> tuple[Driver, list[str] | None]:
+    """The driver the command line asks for, its config, profile and inputs checked, and the
+    stages it was limited to (None: all)."""
+    overrides = list(args.set) + ([f"name={args.run}"] if args.run is not None else [])
+    cfg = load_config(args.config, overrides)
+    cluster = load_profile(args.cluster) if args.cluster else None
+    only = _parse_stages(args.stages, args.iteration) if args.stages else None
+    for note in check_inputs(cfg, 1 if args.undo else args.iteration):
+        say(note)
+    again = " ".join(["make iter", f"CONFIG={args.config}"] + [f"{k}={v}" for k, v in
+                     (("RUN", args.run), ("CLUSTER", args.cluster), ("EXECUTOR", args.executor)) if v])
+    driver = Driver(cfg, args.executor, cluster, again, args.progress_every, plan_check=not args.no_plan_check,
+                    accept_data=args.accept_data_change)
+    return driver, only
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     driver: Driver | None = None
-    try:
-        overrides = list(args.set) + ([f"name={args.run}"] if args.run is not None else [])
-        cfg = load_config(args.config, overrides)
-        cluster = load_profile(args.cluster) if args.cluster else None
-        only = _parse_stages(args.stages, args.iteration) if args.stages else None
-        for note in check_inputs(cfg, 1 if args.undo else args.iteration):
-            say(note)
-        again = " ".join(["make iter", f"CONFIG={args.config}"] + [f"{k}={v}" for k, v in
-                         (("RUN", args.run), ("CLUSTER", args.cluster), ("EXECUTOR", args.executor)) if v])
-        driver = Driver(cfg, args.executor, cluster, again, args.progress_every, plan_check=not args.no_plan_check,
-                        accept_data=args.accept_data_change)
+
+    def body() -> None:
+        nonlocal driver
+        driver, only = start(args)
         driver.check(*planned(args, driver, only))
         run(args, driver, only)
-    except DistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PermissionError as exc:
-        print(f"error: {not_permitted(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    else:
         print(format_table(driver.manifest.read(), pipeline.names()))
-        return 0
-    return stopped(driver.stopped_line() if driver else "stopped; rerun the same command to resume")
+
+    return run_command(body, lambda: driver.stopped_line() if driver else "stopped; rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ import sys
 
 from distill import pipeline
 from distill.config import RunConfig, load_config
-from distill.errors import DistillError, not_permitted
+from distill.errors import DistillError
 from distill.hub import record_models, resolve_models
-from distill.interrupts import stopped
+from distill.interrupts import run_command
 from distill.preflight import check_inputs
 from distill.runner import (
     check_run,
@@ -259,19 +259,10 @@ def import_plugins(argv: list[str] | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     import_plugins(argv)
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, list(args.set) + ([f"name={args.run}"] if args.run is not None else []))
-        return run(args, cfg)
-    except DistillError as exc:
-        if first_task():  # in a job of several tasks, each found the same
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except PermissionError as exc:
-        print(f"error: {not_permitted(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return stopped("stopped; rerun the same command to resume")
+    overrides = list(args.set) + ([f"name={args.run}"] if args.run is not None else [])
+    # In a job of several tasks each finds the same error: the first one says it.
+    return run_command(lambda: run(args, load_config(args.config, overrides)),
+                       lambda: "stopped; rerun the same command to resume", speak=first_task())
 
 
 if __name__ == "__main__":
