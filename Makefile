@@ -78,7 +78,7 @@ report: venv  ## report.md/.json/.png of the run (RUN=name, default: the config'
 	$(PY) -m distill report --config $(CONFIG) $(if $(RUN),--name $(RUN))
 
 teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained teacher)
-	$(PY) -m distill.world --out data/tiny --train 4000 --validation 300 --test 300 --seed 0
+	$(PY) -m distill.demo_data --out data/tiny --train 4000 --validation 300 --test 300 --seed 0
 	$(PY) -m distill.tiny --data data/tiny --out models/tiny --teacher-steps $(TEACHER_STEPS)
 
 test: venv venv-vllm real-model  ## ruff, then the test suite: .venv, then the vLLM and real-model tests in .venv-vllm

@@ -2,7 +2,7 @@
 
 A reference iteration 0 of a small copy of the demo config runs once, uninterrupted, with the
 run directory saved before each stage. Each trial restores the run directory from before its
-stage, starts the stage as a plain `python -m jobs.stage` process (what a SLURM task runs),
+stage, starts the stage as a plain `python -m jobs.sbatch` process (what a SLURM task runs),
 SIGKILLs its whole process group at a random moment, checks that the manifest still parses,
 reruns the stage to completion and checks:
 
@@ -25,7 +25,7 @@ Attack trials break the promises of resuming from outside a stage (the bench wor
 copies of the data files, so it may edit them):
 
   - data-edit: a gold answer of the test split changed, or the training file cut in half,
-    before verify: `jobs.stage verify` and the driver refuse with exit 2 naming the change, and
+    before verify: `jobs.sbatch verify` and the driver refuse with exit 2 naming the change, and
     run nothing; with the file restored, verify runs to the reference's outputs;
   - lease-takeover: driver A is stopped (SIGSTOP) once its generate jobs have claimed their
     shards, its lease aged an hour; driver B under another host name (`unshare -u`) takes the
@@ -112,7 +112,7 @@ class Bench:
         self.nan_trials = 0
 
     def cmd(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "jobs.stage", args[0], "--config", str(self.config), "--iter", "0", *args[1:]]
+        return [sys.executable, "-m", "jobs.sbatch", args[0], "--config", str(self.config), "--iter", "0", *args[1:]]
 
     def driver(self, stages: str) -> list[str]:
         return [sys.executable, "-m", "jobs.driver", "--config", str(self.config), "--executor", "local",
@@ -437,7 +437,7 @@ def data_edit_trial(bench: Bench, rng: random.Random) -> dict[str, Any]:
                            "on_disk": edit}
     before = Manifest(bench.run).read()
     try:
-        for name, cmd in (("jobs.stage verify", bench.cmd("verify")), ("the driver", bench.driver("verify"))):
+        for name, cmd in (("jobs.sbatch verify", bench.cmd("verify")), ("the driver", bench.driver("verify"))):
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
             if proc.returncode == 0:
                 row["silent"] = 1

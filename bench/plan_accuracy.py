@@ -6,7 +6,7 @@ training loop (`distill.training.train`: a full fine-tune, fused AdamW, the chun
 loss), float32 on the CPU, with gradient checkpointing off and on. Each run is a fresh process;
 its peak resident memory above the resident memory after its imports, read after every step
 (before the final checkpoint is written, which a GPU job writes from host memory), is set
-against `distill.plan.train_memory` for the same shape and settings. The tensors are the ones
+against `distill.memory.train_memory` for the same shape and settings. The tensors are the ones
 a GPU would allocate; the host's allocator is not CUDA's, so the check is of the byte counts.
 
     .venv/bin/python bench/plan_accuracy.py               # both sizes, about 5 minutes here
@@ -124,7 +124,7 @@ def measure(model: Path, case: str, checkpointing: bool, work: Path, malloc: str
 
 def estimate(model: Path, case: str, checkpointing: bool) -> dict:
     """`distill plan`'s training estimate for the same shape and settings (float32, one device)."""
-    from distill.plan import Setup, read_shape, train_memory
+    from distill.memory import Setup, read_shape, train_memory
     from distill.train_config import TrainConfig
 
     cfg = TrainConfig(**train_config(case, checkpointing))
@@ -133,7 +133,7 @@ def estimate(model: Path, case: str, checkpointing: bool) -> dict:
 
 def run(case: str, work: Path, mallocs: list[str]) -> list[dict]:
     """Estimate and measurements of `case` with checkpointing off and on."""
-    from distill.plan import read_shape
+    from distill.memory import read_shape
 
     model = build(case, work / case)
     params = read_shape(str(model)).params

@@ -144,14 +144,14 @@ def cmd_config_reference(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from distill.config import load_config
-    from distill.plan import (
+    from distill.memory import (
         DEFAULT_GPU_GB,
         PLANNED_SECTIONS,
         Gpu,
-        format_plan,
+        format_memory_plan,
         gpu_from_profile,
         gpu_type,
-        plan,
+        memory_plan,
     )
 
     cfg = load_config(args.config, args.set)
@@ -173,12 +173,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         gb, note = gpu_type(args.gpu)
         gpus = {s: Gpu(args.gpu, gb, g.count, "--gpu") for s, g in gpus.items()}
         notes = [note] if note else []
-    result = plan(cfg, gpus, world_size=args.world_size or world or 1, strategy=args.strategy)
+    result = memory_plan(cfg, gpus, world_size=args.world_size or world or 1, strategy=args.strategy)
     result["notes"] = notes
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(format_plan(result))
+    print(format_memory_plan(result))
     for note in notes:
         print(f"note: {note}")
 

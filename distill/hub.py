@@ -94,7 +94,7 @@ def local_models(cfg: RunConfig, recorded: dict[str, Any]) -> RunConfig:
         rec = recorded.get(key)
         if rec is None or rec.get("ref") != ref:
             raise DistillError(f"models.{key}: the hub ID {ref} has not been resolved for this run: start it with "
-                               "the driver (make iter) or `python -m jobs.stage prepare`")
+                               "the driver (make iter) or `python -m jobs.sbatch prepare`")
         if not Path(rec["path"]).is_dir():
             raise DistillError(f"models.{key}: {rec['path']}, the snapshot of {ref} this run uses, is gone (scratch "
                                f"purged, or another HF_HOME?): rerun the driver to fetch commit "

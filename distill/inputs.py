@@ -4,7 +4,7 @@ The config hash covers the data *paths*; a file edited between iterations (new g
 training file cut short) would otherwise be read by iteration 1 as if it were iteration 0's, and
 the report would compare accuracies graded against different golds. So the sha256 of every split
 a run reads is recorded in the manifest when the run starts (`data` key), and every later start
-(the driver, `jobs.stage`, each unit) compares the files against it: a changed file is refused
+(the driver, `jobs.sbatch`, each unit) compares the files against it: a changed file is refused
 with one line naming it, unless the user accepts the change explicitly, which is then recorded in
 the manifest's history like an allowed config change.
 """

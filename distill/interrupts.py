@@ -70,7 +70,7 @@ def stopped(line: str) -> int:
 
 def run_command(body: Callable[[], int | None], stopped_line: Callable[[], str], *, speak: bool = True) -> int:
     """A command's exit status, the same for every entry point (`python -m distill`, the
-    driver, `jobs.stage`): what `body` returns (None: 0); 2 and one `error:` line for a
+    driver, `jobs.sbatch`): what `body` returns (None: 0); 2 and one `error:` line for a
     `DistillError` or a refused permission (`speak` False: no line, for the tasks of a job that
     are not the one that speaks for it); on Ctrl-C, 130 and `stopped_line()`."""
     try:

@@ -100,7 +100,7 @@ def _config_changes(cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
 def open_run(cfg: RunConfig, *, record: bool = False, accept_data: bool = False) -> tuple[RunPaths, Manifest]:
     """Create the run directory on first use, binding its data files (`distill.inputs`); refuse
     a config or data file that differs from the run's (`check_run`). With `record` (the driver,
-    `jobs.stage prepare`), an allowed config change, or a data change the user accepted, is
+    `jobs.sbatch prepare`), an allowed config change, or a data change the user accepted, is
     saved: the run's config file, hash and data hashes take the new values and the manifest's
     `history` lists what changed."""
     changes = check_run(cfg, accept_data=accept_data)
@@ -148,7 +148,7 @@ def _mark(manifest: Manifest, it: int, stage: Stage, key: str, state: str, **fie
 
 def unit_holder(data: dict[str, Any], paths: RunPaths, it: int, stage: Stage, key: str) -> str | None:
     """"pid P on host H" when a live process runs the unit (another driver's job, a
-    `jobs.stage` started by hand, on any host: `distill.lease.live_holder`), else None."""
+    `jobs.sbatch` started by hand, on any host: `distill.lease.live_holder`), else None."""
     entry = unit_entry(data, it, stage, key)
     if entry.get("state") != "running":
         return None
@@ -163,7 +163,7 @@ def owns(manifest: Manifest, it: int, stage: Stage, key: str) -> bool:
 
 def claim(manifest: Manifest, it: int, stage: Stage, key: str, job_id: str | None) -> None:
     """Mark the unit running, as this process on this host, unless a live process already runs
-    it (a driver's job beside a `jobs.stage` started by hand, or another driver's job after a
+    it (a driver's job beside a `jobs.sbatch` started by hand, or another driver's job after a
     lease takeover): then refuse, changing nothing. Check and mark are one manifest update, so
     two starters cannot both pass."""
     with manifest.update() as data:

@@ -1,7 +1,7 @@
 """The UNDO loop's decisions, the same for every launcher: after iteration N has finished,
 whether its student improved on N-1's, and whether the loop goes on to N+1. The driver asks
 after each iteration it runs; the plain sbatch path asks from a job at the end of an iteration's
-chain (`python -m jobs.stage next`, slurm/undo.sh) and submits the next chain when told to.
+chain (`python -m jobs.sbatch next`, slurm/undo.sh) and submits the next chain when told to.
 Both read only the manifest, so a loop resumed after a stop decides as it would have."""
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 from distill import pipeline
 from distill.errors import ConfigError
-from distill.plan import parse_gres
+from distill.memory import parse_gres
 from distill.typed_yaml import check_one_line, check_sbatch_token, from_mapping, read_yaml_mapping
 
 PROFILE_DIR = Path("configs/cluster")

@@ -32,7 +32,7 @@ from distill.interrupts import ignore_sigint, run_command
 from distill.layout import RunPaths
 from distill.lease import LeaseLost, RunLease, holding
 from distill.manifest import format_table, running_figures
-from distill.plan import DEFAULT_GPU_GB, PLANNED_SECTIONS, Gpu, gpu_of, misfits, plan
+from distill.memory import DEFAULT_GPU_GB, PLANNED_SECTIONS, Gpu, gpu_of, memory_plan, misfits
 from distill.preflight import check_inputs
 from distill.progress import describe, fraction
 from distill.runner import (
@@ -254,8 +254,9 @@ class Driver:
             return
         ranks = self.ranks(TRAIN)
         world = ranks.world if ranks else 1
-        p = plan(local_models(self.cfg, self.models), {s: g or Gpu("GPU", DEFAULT_GPU_GB) for s, g in gpus.items()},
-                 world_size=world, strategy=self.cfg.train.distributed if world > 1 else "none")
+        assumed = {s: g or Gpu("GPU", DEFAULT_GPU_GB) for s, g in gpus.items()}
+        p = memory_plan(local_models(self.cfg, self.models), assumed,
+                        world_size=world, strategy=self.cfg.train.distributed if world > 1 else "none")
         for section, line in misfits(p, sections, checkpointing=self.cfg.train.gradient_checkpointing,
                                      teacher_eval=teacher_eval):
             where = f"{profile.source}: " if profile.source else ""
@@ -301,7 +302,7 @@ class Driver:
 
     def held_elsewhere(self, stage: Stage, keys: list[str]) -> dict[str, str]:
         """key -> "pid P on host H" of the units a live process outside this driver's jobs runs
-        (another driver's job after a takeover, a `jobs.stage` started by hand): never started
+        (another driver's job after a takeover, a `jobs.sbatch` started by hand): never started
         again, waited for instead."""
         data = self.manifest.read()
         holders = {k: unit_holder(data, self.paths, self.iteration, stage, k) for k in keys}

@@ -3,7 +3,7 @@ on the job's first host (c10d rendezvous), as open-r1's `slurm/train.slurm` and 
 multi-node recipe launch them.
 
 The job has `nodes` x `tasks_per_node` srun tasks (submitit starts this callable in each; on
-the plain sbatch path, slurm/common.sh starts `python -m jobs.stage` in each); each task starts
+the plain sbatch path, slurm/common.sh starts `python -m jobs.sbatch` in each); each task starts
 `torchrun --nnodes <tasks> --nproc_per_node <gpus_per_node> --rdzv_backend c10d
 --rdzv_endpoint <first host>:<port>`, whose ranks run the unit (`python -m jobs.rank <unit
 file>`: the config and stage the task handed over).

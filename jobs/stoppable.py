@@ -1,5 +1,5 @@
 """One unit run so that SLURM's stop signal stops it at a safe point: the one routine every
-launcher (a submitit job, `python -m jobs.stage` for the sbatch scripts, a torchrun rank)
+launcher (a submitit job, `python -m jobs.sbatch` for the sbatch scripts, a torchrun rank)
 runs a unit through. What a launcher does after a stop is its own: submitit's handler
 requeues, the sbatch script requeues on exit status 3, a rank just ends."""
 

@@ -1,7 +1,7 @@
 # Sourced by slurm/*.sbatch: the environment, and the stop-signal -> safe stop -> requeue dance.
 #
 # SLURM sends USR2 to this batch shell (#SBATCH --signal=B:USR2@<s>) before the time limit and at
-# preemption. The trap forwards it to the stage (python -m jobs.stage), which stops at a safe
+# preemption. The trap forwards it to the stage (python -m jobs.sbatch), which stops at a safe
 # point, saves, records the requeue in the manifest and exits 3; then this job requeues itself.
 # The stage decides whether requeues are left (--max-requeues, $DISTILL_MAX_REQUEUES).
 #
@@ -32,7 +32,7 @@ own_job_id() {
     fi
 }
 
-# run_stage ARGS...: python -m jobs.stage ARGS (in every task of the job), with USR2 forwarded and
+# run_stage ARGS...: python -m jobs.sbatch ARGS (in every task of the job), with USR2 forwarded and
 # requeue on status 3.
 run_stage() {
     local child status tasks=${SLURM_NTASKS:-${SLURM_JOB_NUM_NODES:-1}} launch=()
@@ -43,8 +43,8 @@ run_stage() {
         # srun does not inherit sbatch's --cpus-per-task (slurm 22.05 on): it is passed on.
         launch=(srun --kill-on-bad-exit=0 --wait=60 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"})
     fi
-    echo "distill: $(date '+%F %T') job $(own_job_id) on $(hostname -s), restart ${SLURM_RESTART_COUNT:-0}, $tasks task(s): jobs.stage $*"
-    "${launch[@]}" "$PYTHON" -u -m jobs.stage "$@" &
+    echo "distill: $(date '+%F %T') job $(own_job_id) on $(hostname -s), restart ${SLURM_RESTART_COUNT:-0}, $tasks task(s): jobs.sbatch $*"
+    "${launch[@]}" "$PYTHON" -u -m jobs.sbatch "$@" &
     child=$!
     trap 'echo "distill: USR2 received, asking the stage to stop at a safe point"; kill -USR2 "$child" 2>/dev/null' USR2
     # `wait` returns early when a trapped signal arrives; wait again until the stage has exited,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Submit one iteration as a chain of plain sbatch jobs, no driver needed: every stage of the
-# iteration's plan (python -m jobs.stage chain: the registered stages, in order), each a job of
+# iteration's plan (python -m jobs.sbatch chain: the registered stages, in order), each a job of
 # slurm/unit.sbatch, a sharded one an array followed by slurm/merge.sbatch; each job starts only
 # when the one before ended well (--dependency=afterok; a job whose dependency failed is
 # cancelled, not left pending). Units the manifest lists as done exit at once, so submitting
@@ -42,9 +42,9 @@ submit() {
 # Inputs checked, hub models resolved into the Hugging Face cache, the run created: here, on
 # the login node, before any job is queued.
 if (( ${#plan[@]} == 0 )); then
-    "$python" -m jobs.stage prepare --config "$config" --iter "$iter" >&2
+    "$python" -m jobs.sbatch prepare --config "$config" --iter "$iter" >&2
 fi
-stages=$("$python" -m jobs.stage chain --config "$config" --iter "$iter" "${plan[@]}")
+stages=$("$python" -m jobs.sbatch chain --config "$config" --iter "$iter" "${plan[@]}")
 dep=""
 while read -r stage units sharded section; do
     if (( sharded )); then

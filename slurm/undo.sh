@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The UNDO loop as plain sbatch jobs, no driver needed: iteration ITER's chain (slurm/iteration.sh),
 # then a small job (slurm/next.sbatch) that asks distill whether the loop goes on
-# (python -m jobs.stage next: undo.max_iters, undo.patience, as the driver decides) and, if it
+# (python -m jobs.sbatch next: undo.max_iters, undo.patience, as the driver decides) and, if it
 # does, submits the next iteration's chain and another such job from inside the allocation.
 #
 #   slurm/undo.sh CONFIG [ITER, default 0] [sbatch flags for every job]

@@ -57,8 +57,8 @@ class TinyWorld:
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    from distill.demo_data import make_splits, write_splits
     from distill.tiny import build_model, build_tokenizer
-    from distill.world import make_splits, write_splits
 
     root = tmp_path_factory.mktemp("world")
     sizes = {"train": 24, "validation": 8, "test": 8}

@@ -18,7 +18,7 @@ import pytest
 
 from distill.manifest import Manifest
 from jobs.driver import main as driver_main
-from jobs.stage import main as stage_main
+from jobs.sbatch import main as stage_main
 from tests.conftest import ROOT
 from tests.test_driver import demo_config
 from tests.test_one_driver import sets, wait_for
@@ -153,7 +153,7 @@ def test_a_finished_shard_that_lost_a_line_is_healed_by_a_rerun(tiny_world, tmp_
 
 def test_plain_sbatch_iteration_1_before_iteration_0_is_finished_submits_nothing(tiny_world, tmp_path):
     cfg = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs")
-    prep = subprocess.run([sys.executable, "-m", "jobs.stage", "prepare", "--config", str(cfg), "--iter", "1"],
+    prep = subprocess.run([sys.executable, "-m", "jobs.sbatch", "prepare", "--config", str(cfg), "--iter", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert prep.returncode == 2 and "ready" not in prep.stdout
     assert prep.stderr == (f"error: t: iteration 1 needs iteration 0 finished, but its generate stage is pending: "

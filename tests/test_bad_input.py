@@ -14,7 +14,7 @@ from distill.preflight import check_inputs
 from distill.problems import eval_problems, train_problems
 from jobs.driver import Driver
 from jobs.driver import main as driver_main
-from jobs.stage import main as stage_main
+from jobs.sbatch import main as stage_main
 from tests.conftest import ROOT
 from tests.test_driver import snapshot
 
@@ -162,9 +162,9 @@ def test_a_file_of_only_long_questions_says_so(tmp_path, tiny_world):
 # Every command line that takes `--set` (or, for `distill eval`, its `key=value` flag).
 CLIS = {
     "driver": ["-m", "jobs.driver", "--config", "{cfg}", "--executor", "local"],
-    "stage generate": ["-m", "jobs.stage", "generate", "--config", "{cfg}", "--iter", "0", "--shard", "0"],
-    "stage merge": ["-m", "jobs.stage", "merge", "generate", "--config", "{cfg}", "--iter", "0"],
-    "stage count": ["-m", "jobs.stage", "count", "evaluate", "--config", "{cfg}", "--iter", "0"],
+    "stage generate": ["-m", "jobs.sbatch", "generate", "--config", "{cfg}", "--iter", "0", "--shard", "0"],
+    "stage merge": ["-m", "jobs.sbatch", "merge", "generate", "--config", "{cfg}", "--iter", "0"],
+    "stage count": ["-m", "jobs.sbatch", "count", "evaluate", "--config", "{cfg}", "--iter", "0"],
     "distill compare": ["-m", "distill", "compare", "--config", "{cfg}", "--quiet"],
     "distill eval": ["-m", "distill", "eval", "--bench", "gsm8k", "--model", "m", "--out", "{tmp}/eval"],
 }

@@ -13,8 +13,8 @@ from distill.train_config import TrainConfig
 from distill.training import newest_checkpoint, train
 from jobs.cluster import load_profile
 from jobs.driver import main as driver_main
+from jobs.sbatch import main as stage_main
 from jobs.signals import StopOnSignal
-from jobs.stage import main as stage_main
 from tests.conftest import ROOT
 from tests.test_training import pairs
 

@@ -147,7 +147,7 @@ def test_the_manifest_write(tiny_world, tmp_path, disks):
     finished_verify(cfg)
     manifest = RunPaths(cfg.run_dir).manifest
     before = manifest.read_bytes()
-    cmd = [sys.executable, "-m", "jobs.stage", "train", "--config", str(tmp_path / "c.yaml"), "--iter", "0"]
+    cmd = [sys.executable, "-m", "jobs.sbatch", "train", "--config", str(tmp_path / "c.yaml"), "--iter", "0"]
     with full(disk):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr

@@ -74,7 +74,7 @@ def test_it_trains_in_the_driver_and_on_the_plain_sbatch_path(slurm, tiny_world,
     assert driver_main(["--config", str(cfg), "--executor", "local", "--stages", "generate,verify,train"]) == 0
     first = Manifest(run).stage(0, "train")
     assert first["state"] == "done" and first["metrics"]["step"] == 4
-    # Train again as a plain sbatch job (slurm/unit.sbatch train -> python -m jobs.stage), which
+    # Train again as a plain sbatch job (slurm/unit.sbatch train -> python -m jobs.sbatch), which
     # imports the objective by its module path in a process of its own.
     with Manifest(run).update() as data:
         del data["iterations"]["0"]["stages"]["train"]

@@ -52,7 +52,7 @@ def test_a_second_driver_and_a_unit_started_by_hand_refuse_while_the_first_runs(
         "progress) or stop it")
     assert "submitted" not in second.stdout
 
-    by_hand = subprocess.run([sys.executable, "-m", "jobs.stage", "train", "--config", str(cfg),
+    by_hand = subprocess.run([sys.executable, "-m", "jobs.sbatch", "train", "--config", str(cfg),
                               "--iter", "0", *sets()],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert by_hand.returncode == 2, by_hand.stderr

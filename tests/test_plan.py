@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distill.__main__ import main
-from distill.plan import (
+from distill.memory import (
     GB,
     Gpu,
     Setup,

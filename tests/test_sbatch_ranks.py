@@ -1,4 +1,4 @@
-"""Distributed training through plain sbatch (slurm/unit.sbatch train -> srun -> python -m jobs.stage
+"""Distributed training through plain sbatch (slurm/unit.sbatch train -> srun -> python -m jobs.sbatch
 in every task -> torchrun) on the REAL local cluster: two srun tasks on its one node, each
 running a one-rank torchrun, as two nodes would; no driver."""
 
@@ -18,7 +18,7 @@ from distill.errors import DistillError
 from distill.manifest import Manifest
 from distill.training import complete_checkpoints, newest_checkpoint
 from jobs.launch import RankLayout
-from jobs.stage import ranks_of
+from jobs.sbatch import ranks_of
 from tests.conftest import ROOT, run_stage_unit
 from tests.test_driver import demo_config
 from tests.test_launch import history

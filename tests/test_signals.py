@@ -1,4 +1,4 @@
-"""Stop signals on the plain `python -m jobs.stage` path: the stop signal twice stops and asks
+"""Stop signals on the plain `python -m jobs.sbatch` path: the stop signal twice stops and asks
 for one requeue, and the run ends where an uninterrupted one does; SIGTERM stops at a safe
 point and records the unit stopped, never running; Ctrl-C records it failed, in one line."""
 
@@ -23,13 +23,13 @@ SETS = ["train.max_steps=300", "train.save_steps=10", "train.batch_size=16", "tr
 
 
 def start_stage(cfg: Path, run: str, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "jobs.stage", *args, "--config", str(cfg), "--iter", "0", "--run", run,
+    cmd = [sys.executable, "-m", "jobs.sbatch", *args, "--config", str(cfg), "--iter", "0", "--run", run,
            *[a for s in SETS for a in ("--set", s)]]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def signalled(cfg: Path, runs: Path, run: str, *signums: int) -> tuple[subprocess.Popen, str]:
-    """Train in `python -m jobs.stage`; once it has a checkpoint, send `signums` 50 ms apart;
+    """Train in `python -m jobs.sbatch`; once it has a checkpoint, send `signums` 50 ms apart;
     the ended process and its stderr."""
     proc = start_stage(cfg, run, "train")
     deadline = time.time() + 120

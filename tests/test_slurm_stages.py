@@ -1,5 +1,5 @@
 """A unit that fails, for every stage, on the plain sbatch path of the REAL local cluster
-(slurm/unit.sbatch -> python -m jobs.stage): recorded failed with one line, redone alone."""
+(slurm/unit.sbatch -> python -m jobs.sbatch): recorded failed with one line, redone alone."""
 
 from __future__ import annotations
 

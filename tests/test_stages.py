@@ -18,7 +18,7 @@ from distill.layout import RunPaths
 from distill.manifest import Manifest
 from distill.runner import unit_entry
 from jobs.driver import main as driver_main
-from jobs.stage import main as stage_main
+from jobs.sbatch import main as stage_main
 from tests.count_stage import COUNT
 from tests.test_driver import demo_config
 
@@ -61,7 +61,7 @@ def test_a_new_stage_runs_in_the_driver_the_stage_cli_and_the_status_table(count
     rows = [line.split()[1] for line in out.splitlines()[-3:]]
     assert rows == ["generate", "verify", "count_verified"]  # the final table, in pipeline order
 
-    # `python -m jobs.stage` runs it (and knows when it is done) ...
+    # `python -m jobs.sbatch` runs it (and knows when it is done) ...
     common = ["--config", str(cfg), "--iter", "0"]
     assert stage_main(["count_verified", *common]) == 0
     assert capsys.readouterr().out == "count_verified: already done\n"
@@ -192,7 +192,7 @@ def test_configs_load_without_the_model_libraries():
     """The stage registry (and so the driver) imports no torch or transformers."""
     from tests.conftest import run_python
 
-    out = run_python("import sys; from distill import pipeline; from jobs import driver, stage; "
+    out = run_python("import sys; from distill import pipeline; from jobs import driver, sbatch; "
                      "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
     assert load_config  # the schema is importable on its own too

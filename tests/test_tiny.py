@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from distill import tiny, world
+from distill import demo_data as world
+from distill import tiny
 from distill.jsonl import read_jsonl
 
 ARBITRARY = [

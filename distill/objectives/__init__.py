@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # The label of a position that is no target (prompt and padding): it carries no loss.
 IGNORE = -100
 Teacher = Literal["none", "online", "offline"]
-# Loss-chunk working sets the planner knows (distill.plan.CHUNK_BUFFERS): cross-entropy alone,
+# Loss-chunk working sets the planner knows (distill.memory.CHUNK_BUFFERS): cross-entropy alone,
 # against the teacher's full-vocabulary logits, or against its stored top-k.
 ChunkKind = Literal["ce", "kd", "kd_offline"]
 

@@ -1,4 +1,4 @@
-"""`python -m jobs.stage`: one unit of one stage (a shard, or a whole single-unit stage) in this
+"""`python -m jobs.sbatch`: one unit of one stage (a shard, or a whole single-unit stage) in this
 process, for running an iteration with plain sbatch scripts (slurm/unit.sbatch) instead of the driver.
 
 It keeps the driver's rules: the run's manifest says what is done (a done unit exits at once),
@@ -18,12 +18,12 @@ task 0 reads what it recorded and exits as one process would (3: requeue me) whi
 tasks exit 0. Only task 0 prints the checks' findings. A stage that is not distributed refuses
 a job of several tasks (status 2), and one task with one GPU (or none) trains as one process.
 
-    python -m jobs.stage generate --config C --iter N --shard $SLURM_ARRAY_TASK_ID
-    python -m jobs.stage merge generate --config C --iter N
-    python -m jobs.stage count evaluate --config C --iter N     # -> array size, e.g. 3
-    python -m jobs.stage prepare --config C --iter N            # on the login node, first
-    python -m jobs.stage chain --config C --iter N              # the stages slurm/iteration.sh submits
-    python -m jobs.stage next --config C --iter N               # after iteration N: the next one, or nothing
+    python -m jobs.sbatch generate --config C --iter N --shard $SLURM_ARRAY_TASK_ID
+    python -m jobs.sbatch merge generate --config C --iter N
+    python -m jobs.sbatch count evaluate --config C --iter N     # -> array size, e.g. 3
+    python -m jobs.sbatch prepare --config C --iter N            # on the login node, first
+    python -m jobs.sbatch chain --config C --iter N              # the stages slurm/iteration.sh submits
+    python -m jobs.sbatch next --config C --iter N               # after iteration N: the next one, or nothing
 
 Exit status: 0 done, 1 failed, 2 bad input, 3 stopped by the signal: requeue me, 143 stopped
 by SIGTERM (recorded as stopped; a later run resumes), 130 stopped by Ctrl-C (recorded failed;
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace, cfg: RunConfig) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per registered stage (plus merge and count for the sharded ones)."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.stage", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m jobs.sbatch", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", required=True, help="YAML config")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from distill import world
+from distill import demo_data as world
 from distill.jsonl import read_jsonl
 
 SIZES = {"train": 400, "validation": 60, "test": 60}

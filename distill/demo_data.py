@@ -52,6 +52,8 @@ MINUS_TEMPLATES: tuple[str, ...] = (
 A_RANGE = (10, 40)
 BC_RANGE = (2, 9)
 TRAIN_SPLIT = "train"
+# The start of every split's seed string: changing it changes every demo problem (and data/tiny).
+SEED_PREFIX = "distill.world"
 
 
 def _valid_triples(minus: bool) -> list[tuple[int, int, int]]:
@@ -97,7 +99,7 @@ def _generate_split(
 ) -> list[dict[str, str]]:
     """Draw `n` problems whose questions are not in `seen` (updated in place)."""
     # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
-    rng = random.Random(f"distill.world:{seed}:{split}")
+    rng = random.Random(f"{SEED_PREFIX}:{seed}:{split}")
     records: list[dict[str, str]] = []
     tries = 0
     while len(records) < n:
@@ -136,7 +138,7 @@ def write_splits(out_dir: str | Path, sizes: dict[str, int], seed: int) -> dict[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m distill.world",
+        prog="python -m distill.demo_data",
         description="Generate the demo world: two-step arithmetic word problems (a + b*c, a - b*c) "
         "as train/validation/test JSONL files with fields id, question, answer, solution.",
     )

@@ -453,7 +453,7 @@ def verdict(need: float, gpu: Gpu) -> dict[str, Any]:
     return {"need": total, "gpu_bytes": gpu.bytes, "fits": total <= gpu.bytes, "spare": gpu.bytes - total}
 
 
-def plan(cfg: RunConfig, gpus: dict[str, Gpu], *, world_size: int = 1, strategy: str = "none",
+def memory_plan(cfg: RunConfig, gpus: dict[str, Gpu], *, world_size: int = 1, strategy: str = "none",
          student: ModelShape | None = None, teacher: ModelShape | None = None) -> dict[str, Any]:
     """The memory plan of run config `cfg` on the GPUs its stages get (`gpus` by resource
     section: train, generate, evaluate): the training stage with gradient checkpointing off and
@@ -580,7 +580,7 @@ TRAIN_ROWS = {
 }
 
 
-def format_plan(p: dict[str, Any]) -> str:
+def format_memory_plan(p: dict[str, Any]) -> str:
     """The plan as a readable table (GB = 10^9 bytes)."""
     t, gpus = p["train"], p["gpus"]
     world = "one GPU" if p["strategy"] == "none" else f"{p['strategy'].upper()} over {p['world_size']} GPUs"
