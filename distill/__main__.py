@@ -143,6 +143,7 @@ def cmd_config_reference(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    from distill import pipeline
     from distill.config import load_config
     from distill.memory import (
         DEFAULT_GPU_GB,
@@ -153,6 +154,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         gpu_type,
         memory_plan,
     )
+    from distill.stage import BASELINE, FIRST, UNDO
 
     cfg = load_config(args.config, args.set)
     sections = PLANNED_SECTIONS
@@ -175,9 +177,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         notes = [note] if note else []
     result = memory_plan(cfg, gpus, world_size=args.world_size or world or 1, strategy=args.strategy)
     result["notes"] = notes
+    result["plans"] = {kind: [s.name for s in pipeline.plan(kind)] for kind in (FIRST, UNDO, BASELINE)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    print("stages:\n" + "\n".join(f"  {line}" for line in pipeline.plan_lines()) + "\n")
     print(format_memory_plan(result))
     for note in notes:
         print(f"note: {note}")

@@ -59,6 +59,15 @@ def baseline_plan() -> list[Stage]:
     return plan(BASELINE)
 
 
+def plan_lines() -> list[str]:
+    """Each plan's stages in order, as `distill plan` shows them, with the cluster-profile section
+    whose resources a stage's jobs get where it is not the stage's own name."""
+    def shown(s: Stage) -> str:
+        return s.name if s.resource_section == s.name else f"{s.name} ({s.resource_section})"
+    return [f"{label}: {', '.join(shown(s) for s in plan(kind))}"
+            for label, kind in (("iteration 0", FIRST), ("iteration 1+ (UNDO)", UNDO), ("baseline", BASELINE))]
+
+
 def require_finished(manifest: dict[str, Any], run: str, it: int, again: str) -> None:
     """Refuse to start after iteration `it` before it is finished: its student and its data are
     what the next iteration starts from. `again` is the command that finishes it."""

@@ -78,6 +78,15 @@ def test_a_new_stage_runs_in_the_driver_the_stage_cli_and_the_status_table(count
     assert [line.split()[1] for line in table[2:]] == ["generate", "verify", "count_verified"]
     assert "verified=" in table[-1]
 
+    # `distill plan` lists it in both iterations' plans, with the profile section its jobs get.
+    assert distill_main(["plan", "--config", str(cfg)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "  iteration 0: generate, verify, count_verified (verify), train, evaluate"
+    assert lines[2] == "  iteration 1+ (UNDO): mine, generate, verify, count_verified (verify), train, evaluate"
+    assert distill_main(["plan", "--config", str(cfg), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plans"]["first"] == [
+        "generate", "verify", "count_verified", "train", "evaluate"]
+
 
 # -- a unit that fails, for every stage ---------------------------------------------------------------
 
