@@ -29,7 +29,6 @@ from distill.train_config import TrainConfig
 from distill.typed_yaml import (
     check_name,
     check_one_line,
-    compat,
     from_mapping,
     override_label,
     parse_overrides,
@@ -49,7 +48,7 @@ class ModelsConfig:
     student: str
     # Attention kernel of every model a job loads: sdpa (torch's, the default), eager, or
     # flash_attention_2 (CUDA with the flash-attn package; checked when the job starts).
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = compat("sdpa")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 @dataclass
@@ -78,18 +77,18 @@ class DataConfig:
     # Use only the first this many training problems.
     train_limit: int | None = None
     # A benchmark (gsm8k, math500, svamp) whose splits fill those left unset.
-    benchmark: str | None = compat(None)
+    benchmark: str | None = None
     # auto: by suffix (.jsonl, .json, .parquet) or, for a directory, `datasets.load_from_disk`.
-    format: Literal["auto", "jsonl", "json", "parquet", "datasets"] = compat("auto")
+    format: Literal["auto", "jsonl", "json", "parquet", "datasets"] = "auto"
     # Fields of user files kept as per-problem metadata, so reports can group by them.
-    meta_fields: list[str] = compat(default_factory=list)
+    meta_fields: list[str] = field(default_factory=list)
     # The longest question a model is given, in characters: a limit the login node can check
     # without loading a tokenizer. A question far past the model's context otherwise fails
     # deep inside a job, in an allocator error that names no record.
-    max_question_chars: int = compat(8000)
+    max_question_chars: int = 8000
     # refuse: the start-up checks fail, naming the first longer question; skip: longer
     # questions are left out of every split that feeds a model, the same way in every job.
-    too_long: Literal["refuse", "skip"] = compat("refuse")
+    too_long: Literal["refuse", "skip"] = "refuse"
 
 
 @dataclass
@@ -101,7 +100,7 @@ class PromptConfig:
     # Applied only when the tokenizer ships a chat template.
     use_chat_template: bool = True
     # Extra arguments of the chat template, e.g. {enable_thinking: false} for Qwen3.
-    chat_template_kwargs: dict[str, Any] = compat(default_factory=dict)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,17 +126,17 @@ class GenerationConfig:
     # Sampling seed; a problem's samples depend on it and the problem, not on the shard.
     seed: int = 0
     # vLLM only: GPUs per model replica.
-    tensor_parallel_size: int = compat(1)
+    tensor_parallel_size: int = 1
     # vLLM only: top-k logprobs kept per generated token (0 = none).
-    logprobs: int = compat(0)
+    logprobs: int = 0
     # vLLM on a GPU: the share of the GPU's memory the engine may take.
-    gpu_memory_utilization: float = compat(0.9)
+    gpu_memory_utilization: float = 0.9
     # The precision the teacher computes in, on either backend: auto is bf16 on GPUs that have
     # it, fp16 on older ones, fp32 on a CPU.
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = compat("auto")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # vLLM's KV cache in GiB; when set it replaces gpu_memory_utilization. Without a GPU vLLM
     # reads gpu_memory_utilization as a share of host RAM, so there the cache is 1 GiB unless set.
-    kv_cache_gib: float | None = compat(None)
+    kv_cache_gib: float | None = None
 
 
 @dataclass
@@ -154,7 +153,7 @@ class VerifyConfig:
     # Fewer kept rationales than this is a warning in the driver's output and the report (a
     # student trained on a handful of examples says little); none at all stops the iteration
     # before training is submitted.
-    min_rationales: int = compat(32)
+    min_rationales: int = 32
 
 
 @dataclass
@@ -175,15 +174,15 @@ class EvalConfig:
     # Iteration 0 also evaluates the teacher and the untrained student, for reference.
     baselines: bool = True
     # The student's engine (null: generation.backend).
-    backend: Literal["transformers", "vllm"] | None = compat(None)
+    backend: Literal["transformers", "vllm"] | None = None
     # vLLM only: GPUs per student replica.
-    tensor_parallel_size: int = compat(1)
+    tensor_parallel_size: int = 1
     # vLLM on a GPU: the share of the GPU's memory the student's engine may take.
-    gpu_memory_utilization: float = compat(0.9)
+    gpu_memory_utilization: float = 0.9
     # The student's precision (null: generation.dtype).
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = compat(None)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = None
     # The student's vLLM KV cache in GiB (see generation.kv_cache_gib).
-    kv_cache_gib: float | None = compat(None)
+    kv_cache_gib: float | None = None
 
 
 DEFAULT_UNDO_TEMPLATE = (
@@ -232,7 +231,7 @@ class RunConfig:
     data: DataConfig
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    verify: VerifyConfig = compat(default_factory=VerifyConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     undo: UndoConfig = field(default_factory=UndoConfig)
@@ -242,7 +241,7 @@ class RunConfig:
     lock: Literal["flock", "soft"] = "flock"
     # Modules imported whenever this config loads, in every process of the run: a module that
     # registers a stage (distill.pipeline.register) adds it to the plans, on every launcher.
-    plugins: list[str] = compat(default_factory=list)
+    plugins: list[str] = field(default_factory=list)
     source: str = field(default="", metadata={"internal": True})
 
     @property
@@ -267,16 +266,30 @@ def _default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _hashed(obj: Any) -> Any:
-    """The config as hashed: like `to_dict`, less the `compat` fields still at their default."""
+# Keys left out of the config hash while at their default: each came after runs had been started
+# without it, and those runs' recorded hashes must keep matching their unchanged configs. Set to
+# anything else, they count like every other key. A key added to the schema joins this list
+# (tests/test_benchmarks.py holds the hash of a config at its defaults).
+UNHASHED_AT_DEFAULT = frozenset({
+    "models.attn_implementation", "data.benchmark", "data.format", "data.meta_fields", "data.max_question_chars",
+    "data.too_long", "prompt.chat_template_kwargs", "generation.tensor_parallel_size", "generation.logprobs",
+    "generation.gpu_memory_utilization", "generation.dtype", "generation.kv_cache_gib", "verify",
+    "verify.min_rationales", "train.kd", "train.feature", "train.quantize", "train.packing", "train.precision",
+    "train.gradient_checkpointing", "train.loss_chunk", "train.distributed", "eval.backend",
+    "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins"
+})
+
+
+def _hashed(obj: Any, prefix: str = "") -> Any:
+    """The config as hashed: like `to_dict`, less the `UNHASHED_AT_DEFAULT` keys at their default."""
     if not dataclasses.is_dataclass(obj):
         return obj
     out = {}
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.metadata.get("internal") or (f.metadata.get("compat") and value == _default_of(f)):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if f.metadata.get("internal") or (key in UNHASHED_AT_DEFAULT and value == _default_of(f)):
             continue
-        out[f.name] = _hashed(value)
+        out[f.name] = _hashed(value, key + ".")
     return out
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from distill.typed_yaml import compat
-
 
 @dataclass
 class LoraConfig:
@@ -110,22 +108,22 @@ class TrainConfig:
     # Seeds the data order, the initial weights of anything new, and dropout.
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)
-    kd: KDConfig = compat(default_factory=KDConfig)
-    feature: FeatureConfig = compat(default_factory=FeatureConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
     # QLoRA: load the student in 4-bit NF4 (bitsandbytes) and train LoRA adapters on it.
-    quantize: Literal["none", "4bit"] = compat("none")
+    quantize: Literal["none", "4bit"] = "none"
     # Pack each micro-batch's examples into rows of up to max_length tokens (attention kept
     # within each example) instead of padding every example to the longest; sft only.
-    packing: bool = compat(False)
+    packing: bool = False
     # auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on the CPU.
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = compat("auto")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Recompute each layer's activations in backward instead of keeping them (less memory,
     # about a third more compute).
-    gradient_checkpointing: bool = compat(False)
+    gradient_checkpointing: bool = False
     # Positions per chunk of the LM head and the loss: bounds the vocabulary-sized tensors.
-    loss_chunk: int = compat(256)
+    loss_chunk: int = 256
     # Under torchrun, one process per GPU: ddp replicates the student, fsdp shards it (FSDP2, one
     # unit per decoder layer). Either way a step consumes the same batch as one process would
     # (distill.ranks); without torchrun the job runs as one process. The cluster profile's
     # nodes, tasks_per_node and gpus_per_node lay the ranks out (jobs.launch).
-    distributed: Literal["none", "ddp", "fsdp"] = compat("none")
+    distributed: Literal["none", "ddp", "fsdp"] = "none"

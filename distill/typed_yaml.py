@@ -203,16 +203,3 @@ def check_one_line(value: str, where: str) -> None:
     if CONTROL.search(value):
         raise ConfigError(f"{where}: contains a control character ({CONTROL.search(value).group(0)!r}); "
                           "one printable line is allowed")
-
-
-# Fields added after runs were started with configs that lack them. At their default they are
-# left out of the config hash, so adding them does not make existing run directories refuse
-# their own (unchanged) config; set to anything else they count like every other field.
-COMPAT = {"compat": True}
-
-
-def compat(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A field added later: see `COMPAT`."""
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=COMPAT)
-    return dataclasses.field(default=default, metadata=COMPAT)

@@ -110,3 +110,23 @@ def test_bad_overrides_are_one_line_naming_the_override(tmp_path, item, message)
 def test_overrides_below_a_free_mapping_are_accepted(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["prompt.chat_template_kwargs.enable_thinking=false"])
     assert cfg.prompt.chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_every_key_left_out_of_the_hash_at_its_default_is_a_key_of_the_schema():
+    """A misspelt entry would leave nothing out, and old runs would refuse their own config."""
+    import dataclasses
+    import typing
+
+    from distill.config import UNHASHED_AT_DEFAULT, RunConfig
+
+    def keys(cls: type, prefix: str = "") -> set[str]:
+        hints, out = typing.get_type_hints(cls), set()
+        for f in dataclasses.fields(cls):
+            out.add(prefix + f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                out |= keys(hints[f.name], f"{prefix}{f.name}.")
+        return out
+
+    missing = UNHASHED_AT_DEFAULT - keys(RunConfig)
+    assert not missing, sorted(missing)
+    assert {"train.loss_chunk", "verify", "plugins"} <= UNHASHED_AT_DEFAULT
