@@ -109,7 +109,8 @@ COLUMNS = [
 ]
 
 
-def _cell(key: str, value: Any) -> str:
+def table_cell(key: str, value: Any) -> str:
+    """A markdown table cell: '-' for nothing, accuracy as a percentage, floats to one decimal."""
     if value is None:
         return "-"
     if key == "accuracy":
@@ -121,7 +122,7 @@ def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
     """One row per model: the before/after table (teacher, base student, distilled student)."""
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for label, s in summaries.items():
-        lines.append("| " + " | ".join(_cell(k, label if k == "model" else s[k]) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(table_cell(k, label if k == "model" else s[k]) for k, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 

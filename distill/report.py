@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distill.efficiency import table_cell
 from distill.errors import DistillError
 from distill.evaluation import BASELINE_EVALUATE, EVALUATE
 from distill.jsonl import atomic_write_text, write_json
@@ -71,15 +72,8 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    def cell(key: str, value: Any) -> str:
-        if value is None:
-            return "-"
-        if key == "accuracy":
-            return f"{100 * value:.1f}%"
-        return f"{value:.1f}" if isinstance(value, float) else str(value)
-
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(table_cell(k, r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
