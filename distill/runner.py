@@ -214,7 +214,7 @@ def run_unit(cfg: RunConfig, it: int, stage: Stage, key: str, *, job_id: str | N
         with beat:
             data = manifest.read()
             unit = Unit(local_models(cfg, data.get("models", {})), it, key, paths,
-                        lambda: user_stop() or beat.lost.is_set(), progress, data)
+                        should_stop=lambda: user_stop() or beat.lost.is_set(), progress=progress, manifest=data)
             unit.inputs = verified_inputs(stage, unit)
             with reporting(figure):
                 result: Result = stage.run(unit)
