@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingSpec:
+    """What one backend call samples, whoever asks: the teacher's rationales (`generation`, with
+    UNDO's n and temperature in later iterations, the seed moved per iteration), the student's
+    greedy answers (`eval.max_new_tokens`). The config sections also hold batching, sharding and
+    the engine, which a backend call does not take; the shard writer records this in each shard."""
+
     n: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
