@@ -150,7 +150,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
         PLANNED_SECTIONS,
         Gpu,
         format_memory_plan,
-        gpu_from_profile,
         gpu_type,
         memory_plan,
     )
@@ -161,16 +160,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
     gpus = {s: Gpu("GPU", DEFAULT_GPU_GB, source="no --cluster: assumed") for s in sections}
     world, notes = None, []
     if args.cluster:
-        from distill.typed_yaml import read_yaml_mapping
+        from jobs.cluster import load_profile, profile_world, section_gpus  # the one reader of profiles
 
-        path = Path(args.cluster)
-        if not path.exists() and path.suffix == "" and len(path.parts) == 1:
-            path = Path("configs/cluster") / f"{args.cluster}.yaml"
-        raw = read_yaml_mapping(path, "cluster profile")
-        for section in sections:
-            gpus[section], found, more = gpu_from_profile(raw, str(path), section)
-            world = world or (found if section == "train" else None)
-            notes += [n for n in more if n not in notes]
+        profile = load_profile(args.cluster, filled=False)
+        found, notes = section_gpus(profile, sections)
+        gpus = {s: g or Gpu("GPU", DEFAULT_GPU_GB, 1, profile.source) for s, g in found.items()}
+        world = profile_world(profile)
     if args.gpu:
         gb, note = gpu_type(args.gpu)
         gpus = {s: Gpu(args.gpu, gb, g.count, "--gpu") for s, g in gpus.items()}

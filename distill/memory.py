@@ -206,23 +206,6 @@ def gpu_of(gres: str | None, source: str, key: str = "gres") -> tuple[Gpu | None
     return Gpu(kind, gb, count, f"{source} {key} {gres}"), [note] if note else []
 
 
-def gpu_from_profile(raw: dict[str, Any], source: str, section: str = "train") -> tuple[Gpu, int | None, list[str]]:
-    """The GPU a stage's jobs get under a cluster profile (its `stages.<section>.gres`, else the
-    top-level `gres`), the profile's world size if it has `gpus_per_node` (times `nodes`), and
-    notes on what was assumed."""
-    stage = (raw.get("stages") or {}).get(section) or {}
-    key = f"stages.{section}.gres" if stage.get("gres") else "gres"
-    gres = stage.get("gres") or raw.get("gres")
-    gpu, notes = gpu_of(gres, source, key)
-    if gpu is None:
-        gpu = Gpu("GPU", DEFAULT_GPU_GB, 1, source)
-        notes = [f"{source}: {key}: {'no GPU in ' + repr(gres) if gres else 'not set'}; assumed {DEFAULT_GPU_GB} GB"]
-    per_node = stage.get("gpus_per_node", raw.get("gpus_per_node"))
-    nodes = stage.get("nodes", raw.get("nodes", 1))
-    world = int(per_node) * int(nodes) if per_node else None
-    return gpu, world, notes
-
-
 # -- training ------------------------------------------------------------------------------------
 
 

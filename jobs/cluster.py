@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distill import pipeline
 from distill.errors import ConfigError
-from distill.memory import parse_gres
+from distill.memory import DEFAULT_GPU_GB, Gpu, gpu_of, parse_gres
 from distill.typed_yaml import check_one_line, check_sbatch_token, from_mapping, read_yaml_mapping
 
 PROFILE_DIR = Path("configs/cluster")
@@ -127,17 +128,19 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_profile(name_or_path: str | Path) -> ClusterProfile:
+def load_profile(name_or_path: str | Path, *, filled: bool = True) -> ClusterProfile:
+    """The profile, checked; `filled` False lets values still to be filled in (`<like this>`)
+    pass, for `distill plan`, which reads only what GPUs each stage's jobs get."""
     path = resolve_profile_path(name_or_path)
     known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))) if PROFILE_DIR.is_dir() else ""
     raw = read_yaml_mapping(path, "cluster profile", f" (profiles in {PROFILE_DIR}: {known})" if known else "")
     profile = from_mapping(ClusterProfile, raw, f"{path}: ")
     profile.source = str(path)
-    _check_values(profile)
+    _check_values(profile, filled)
     return profile
 
 
-def _check_values(p: ClusterProfile) -> None:
+def _check_values(p: ClusterProfile, filled: bool = True) -> None:
     where = p.source
     known = pipeline.resource_sections()
     for name in p.stages:
@@ -152,7 +155,9 @@ def _check_values(p: ClusterProfile) -> None:
             value = getattr(section, f.name)
             key = f"{prefix}{f.name}"
             if isinstance(value, str) and PLACEHOLDER.search(value):
-                raise ConfigError(f"{where}: {key}: fill in {PLACEHOLDER.search(value).group(0)} in {value!r}")
+                if filled:
+                    raise ConfigError(f"{where}: {key}: fill in {PLACEHOLDER.search(value).group(0)} in {value!r}")
+                continue
             if isinstance(value, str):
                 check_sbatch_token(value, f"{where}: {key}")
             if f.name in ("cpus", "time_min", "nodes", "tasks_per_node", "gpus_per_node") and value is not None \
@@ -162,7 +167,7 @@ def _check_values(p: ClusterProfile) -> None:
                 raise ConfigError(f"{where}: {key}: expected a size like 32G or 4000M, got {value!r}")
     for i, line in enumerate(p.setup):
         check_one_line(line, f"{where}: setup[{i}]")
-        if PLACEHOLDER.search(line):
+        if PLACEHOLDER.search(line) and filled:
             raise ConfigError(f"{where}: setup[{i}]: fill in {PLACEHOLDER.search(line).group(0)} in {line!r}")
     ranked = pipeline.distributed_sections()
     for prefix, section in sections:
@@ -189,3 +194,28 @@ def _check_values(p: ClusterProfile) -> None:
             f"{where}: signal_delay_s: must be >= 0 and below the shortest time limit "
             f"({shortest} min), got {p.signal_delay_s}"
         )
+
+
+def section_gpus(profile: ClusterProfile, sections: Sequence[str]) -> tuple[dict[str, Gpu | None], list[str]]:
+    """The GPU each resource section's jobs get under the profile (None: no GPU in their gres),
+    and notes on what was assumed: for `distill plan` and the driver's memory check alike."""
+    gpus: dict[str, Gpu | None] = {}
+    notes: list[str] = []
+    for section in sections:
+        gres, key = profile.resources(section).gres, profile.key_of(section, "gres")
+        gpus[section], more = gpu_of(gres, profile.source, key)
+        if gpus[section] is None:
+            more = [f"{profile.source}: {key}: {'no GPU in ' + repr(gres) if gres else 'not set'}; "
+                    f"assumed {DEFAULT_GPU_GB} GB"]
+        notes += [n for n in more if n not in notes]
+    return gpus, notes
+
+
+def profile_world(profile: ClusterProfile) -> int | None:
+    """The GPUs a distributed stage's job has in all (gpus_per_node × nodes), None where the
+    profile does not set gpus_per_node."""
+    for section in pipeline.distributed_sections():
+        r = profile.resources(section)
+        if r.gpus_per_node:
+            return r.gpus_per_node * (r.nodes or 1)
+    return None

@@ -32,7 +32,7 @@ from distill.interrupts import ignore_sigint, run_command
 from distill.layout import RunPaths
 from distill.lease import LeaseLost, RunLease, holding
 from distill.manifest import format_table, running_figures
-from distill.memory import DEFAULT_GPU_GB, PLANNED_SECTIONS, Gpu, gpu_of, memory_plan, misfits
+from distill.memory import DEFAULT_GPU_GB, PLANNED_SECTIONS, Gpu, memory_plan, misfits
 from distill.preflight import check_inputs
 from distill.progress import describe, fraction
 from distill.runner import (
@@ -49,7 +49,7 @@ from distill.runner import (
 )
 from distill.stage import Stage
 from distill.student import TRAIN
-from jobs.cluster import ClusterProfile, load_profile
+from jobs.cluster import ClusterProfile, load_profile, section_gpus
 from jobs.executors import (
     SubmitRefused,
     attach,
@@ -248,7 +248,7 @@ class Driver:
         if self.kind != "slurm" or not self.plan_check:
             return
         profile = self.cluster or ClusterProfile()
-        gpus = {s: gpu_of(profile.resources(s).gres, profile.source)[0] for s in PLANNED_SECTIONS}
+        gpus = section_gpus(profile, PLANNED_SECTIONS)[0]
         sections = [s for s in dict.fromkeys(st.resource_section for st in stages) if gpus.get(s)]
         if not sections:
             return

@@ -20,7 +20,6 @@ from distill.memory import (
     Gpu,
     Setup,
     compute_bytes,
-    gpu_from_profile,
     gpu_type,
     layer_activation_bytes,
     parse_gres,
@@ -174,11 +173,23 @@ def test_gres_names_the_gpu_and_its_memory():
     assert gb == 32 and "32 GB model" in note
     gb, note = gpu_type("mi300x")
     assert gb == 80 and "unknown GPU type" in note
-    raw = {"gres": "gpu:A100:1", "stages": {"train": {"gres": "gpu:h200:4"}}, "gpus_per_node": 4, "nodes": 2}
-    gpu, world, notes = gpu_from_profile(raw, "p.yaml")
-    assert (gpu.name, gpu.gb, gpu.count, world) == ("h200", 141, 4, 8) and notes == []
-    gpu, world, notes = gpu_from_profile({"cpus": 4}, "p.yaml", "generate")
-    assert gpu.gb == 80 and world is None and notes == ["p.yaml: gres: not set; assumed 80 GB"]
+
+
+
+def test_the_gpus_a_profile_gives_each_section(tmp_path):
+    from jobs.cluster import load_profile, profile_world, section_gpus
+
+    path = tmp_path / "p.yaml"
+    path.write_text("gres: 'gpu:A100:4'\nstages: {train: {gres: 'gpu:h200:4'}}\ngpus_per_node: 4\nnodes: 2\n")
+    profile = load_profile(path)
+    gpus, notes = section_gpus(profile, ["train"])
+    gpu = gpus["train"]
+    assert (gpu.name, gpu.gb, gpu.count, profile_world(profile)) == ("h200", 141, 4, 8) and notes == []
+    path.write_text("cpus: 4\n")
+    profile = load_profile(path)
+    gpus, notes = section_gpus(profile, ["generate"])
+    assert gpus == {"generate": None} and profile_world(profile) is None
+    assert notes == [f"{path}: gres: not set; assumed 80 GB"]
 
 
 def verdicts(out: str) -> list[str]:
