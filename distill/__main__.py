@@ -9,6 +9,7 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.interrupts import run_command
+from distill.typed_yaml import at_least
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -203,7 +204,7 @@ def _add_grade(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, type=Path, help="graded JSONL to write")
     p.add_argument("--gold-field", default="gold", help="field holding the gold answer (default: %(default)s)")
     p.add_argument("--response-field", default="response", help="field holding the response (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="grading processes (default: one per CPU)")
+    p.add_argument("--workers", type=at_least(1), default=None, help="grading processes (default: one per CPU)")
     p.set_defaults(func=cmd_grade)
 
 
@@ -229,16 +230,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--meta-col", "--meta_col", action="append",
                      help="field of --data to group the report by (repeatable)")
     src.add_argument("--format", default="auto", choices=["auto", "jsonl", "json", "parquet", "datasets"])
-    src.add_argument("--limit", type=int, help="only the first N problems")
+    src.add_argument("--limit", type=at_least(1), help="only the first N problems")
     p.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
                    help="model directory, repeatable: teacher=models/tiny/teacher base=models/tiny/student ...")
     p.add_argument("--out", type=Path, help="output directory (default: runs/eval-<bench>)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--shard", type=int, action="append", help="run only this shard (repeatable); merge later")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--num-shards", type=at_least(1), default=1)
+    p.add_argument("--shard", type=at_least(0), action="append", help="run only this shard (repeatable); merge later")
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--tensor-parallel-size", type=at_least(1), default=1, help="vLLM only")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="precision of every model "
                         "(default: auto: bf16 on GPUs that have it, fp16 on others, fp32 on CPU)")
@@ -251,7 +252,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="plain prompt even if the tokenizer has a chat template")
     p.add_argument("--chat-template-arg", action="append", metavar="KEY=VALUE",
                    help="chat template argument, repeatable, e.g. enable_thinking=false for Qwen3")
-    p.add_argument("--workers", type=int, help="grading processes (default: one per CPU)")
+    p.add_argument("--workers", type=at_least(1), help="grading processes (default: one per CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -259,7 +260,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_tokens(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokens", help="token-efficiency report of a pipeline run's evaluated models")
     p.add_argument("--run", required=True, type=Path, help="run directory, e.g. runs/tiny")
-    p.add_argument("--iter", type=int, default=0, help="iteration whose eval/ to read (default: %(default)s)")
+    p.add_argument("--iter", type=at_least(0), default=0, help="iteration whose eval/ to read (default: %(default)s)")
     p.set_defaults(func=cmd_tokens)
 
 
@@ -273,7 +274,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="configs/tiny.yaml", help="run config (default: %(default)s)")
     p.add_argument("--objectives", default=",".join(objectives.names()),
                    help="comma-separated presets or objectives (default: every objective, %(default)s)")
-    p.add_argument("--steps", type=int, help="optimizer steps per student (default: the config's train.max_steps)")
+    p.add_argument("--steps", type=at_least(1),
+                   help="optimizer steps per student (default: the config's train.max_steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
@@ -308,8 +310,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--cluster", help="cluster profile (name or path) whose stages' gres name the GPUs")
     p.add_argument("--gpu", help="GPU type for every stage instead (H100, H200, A100, a100-40, V100, L40S, ...)")
-    p.add_argument("--world-size", type=int, help="GPUs training runs on (default: the profile's gpus_per_node × "
-                   "nodes if it has them, else 1)")
+    p.add_argument("--world-size", type=at_least(1),
+                   help="GPUs training runs on (default: the profile's gpus_per_node × nodes if it has them, else 1)")
     p.add_argument("--strategy", default="none", choices=["none", "ddp", "fsdp"],
                    help="none: one GPU; ddp: replicated; fsdp: parameters, gradients and optimizer sharded "
                    "(default: %(default)s)")

@@ -7,10 +7,12 @@ float spelling that YAML 1.1 reads as a string, such as `1e-3`, -> float).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,3 +205,16 @@ def check_one_line(value: str, where: str) -> None:
     if CONTROL.search(value):
         raise ConfigError(f"{where}: contains a control character ({CONTROL.search(value).group(0)!r}); "
                           "one printable line is allowed")
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `low`, or argparse's one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse

@@ -49,6 +49,7 @@ from distill.runner import (
 )
 from distill.stage import Stage
 from distill.student import TRAIN
+from distill.typed_yaml import at_least
 from jobs.cluster import ClusterProfile, load_profile, section_gpus
 from jobs.executors import (
     SubmitRefused,
@@ -504,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the stages of one distillation iteration that the run's manifest lacks.",
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("--iter", type=int, default=0, dest="iteration", help="iteration number (default: 0)")
+    parser.add_argument("--iter", type=at_least(0), default=0, dest="iteration", help="iteration number (default: 0)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--undo", action="store_true",
                       help="run iterations 0, 1, ... until undo.max_iters or undo.patience stops them")

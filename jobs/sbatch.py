@@ -56,6 +56,7 @@ from distill.runner import (
     unit_done,
 )
 from distill.stage import Stage
+from distill.typed_yaml import at_least
 from jobs.allocation import first_task, job_id, set_threads, step_tasks
 from jobs.launch import RankLayout, ranks_in_step
 from jobs.queue import in_flight, queue_states
@@ -214,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", required=True, help="YAML config")
-    common.add_argument("--iter", type=int, required=True, dest="iteration", help="iteration number")
+    common.add_argument("--iter", type=at_least(0), required=True, dest="iteration", help="iteration number")
     common.add_argument("--run", help="run name (default: the config's name)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    common.add_argument("--max-requeues", type=int, default=int(os.environ.get("DISTILL_MAX_REQUEUES", "3")),
+    common.add_argument("--max-requeues", type=at_least(0), default=int(os.environ.get("DISTILL_MAX_REQUEUES", "3")),
                         help="stops after this many requeues fail the unit (default: $DISTILL_MAX_REQUEUES or 3)")
     sub = parser.add_subparsers(dest="command", required=True)
     names = pipeline.names()
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (stage.run.__doc__ or stage.name).strip().splitlines()[0]
         p = sub.add_parser(stage.name, parents=[common], help=doc)
         if stage.sharded:
-            p.add_argument("--shard", type=int, required=True,
+            p.add_argument("--shard", type=at_least(0), required=True,
                            help=f"{stage.unit_name} index ($SLURM_ARRAY_TASK_ID), 0 to `count {stage.name}` - 1")
         if f"baseline_{stage.name}" in names:
             p.add_argument("--baseline", action="store_true", help=f"the one-shot baseline's {stage.name}")

@@ -189,3 +189,24 @@ def test_a_bad_set_is_one_line_and_exit_2_from_every_command_line(cli, item, tmp
     assert out.stderr.startswith(f"error: {flag} {item}: {BAD_SETS[item]}"), out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# Numbers on the command line: a negative iteration or shard, zero workers.
+BAD_NUMBERS = {
+    "driver": (["--iter", "-1"], "argument --iter: must be >= 0, got -1"),
+    "stage generate": (["--shard", "-2"], "argument --shard: must be >= 0, got -2"),
+    "distill eval": (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
+    "distill compare": (["--steps", "many"], "argument --steps: expected a whole number, got 'many'"),
+}
+
+
+@pytest.mark.parametrize("cli", BAD_NUMBERS)
+def test_a_bad_number_on_the_command_line_is_a_usage_error_before_anything_runs(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: t\nrun_root: {tmp_path}/runs\nmodels: {{teacher: m/t, student: m/s}}\n"
+                   "data: {train: d/train.jsonl, test: d/test.jsonl}\n")
+    extra, said = BAD_NUMBERS[cli]
+    args = [a.format(cfg=cfg, tmp=tmp_path) for a in CLIS[cli]] + extra
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.splitlines()[-1].endswith(f"error: {said}"), out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
