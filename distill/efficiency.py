@@ -87,10 +87,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy, response lengths (all, correct, incorrect) and the per-group breakdown."""
     correct = [r["n_tokens"] for r in records if r["correct"]]
     wrong = [r["n_tokens"] for r in records if not r["correct"]]
+    flexible = sum(1 for r in records if r.get("flexible_correct", r["correct"]))
     return {
         "n": len(records),
         "correct": len(correct),
         "accuracy": round(len(correct) / len(records), 4) if records else 0.0,
+        # The last number counted where no boxed answer, `####` line or answer phrase is found.
+        "flexible_accuracy": round(flexible / len(records), 4) if records else 0.0,
         "unfinished": sum(1 for r in records if not r.get("finished", True)),
         **length_stats([r["n_tokens"] for r in records]),
         **length_stats(correct, "correct_tokens"),
@@ -102,7 +105,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 # -- the report --------------------------------------------------------------------------------
 
 COLUMNS = [
-    ("model", "model"), ("n", "n"), ("accuracy", "accuracy"), ("tokens_mean", "mean tokens"),
+    ("model", "model"), ("n", "n"), ("accuracy", "accuracy"), ("flexible_accuracy", "flexible accuracy"),
+    ("tokens_mean", "mean tokens"),
     ("tokens_median", "median tokens"), ("tokens_max", "max tokens"),
     ("correct_tokens_mean", "mean tokens (correct)"), ("incorrect_tokens_mean", "mean tokens (incorrect)"),
     ("unfinished", "hit max tokens"),
@@ -113,7 +117,7 @@ def table_cell(key: str, value: Any) -> str:
     """A markdown table cell: '-' for nothing, accuracy as a percentage, floats to one decimal."""
     if value is None:
         return "-"
-    if key == "accuracy":
+    if key in ("accuracy", "flexible_accuracy"):
         return f"{100 * value:.1f}%"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
@@ -122,7 +126,7 @@ def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
     """One row per model: the before/after table (teacher, base student, distilled student)."""
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for label, s in summaries.items():
-        lines.append("| " + " | ".join(table_cell(k, label if k == "model" else s[k]) for k, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(table_cell(k, label if k == "model" else s.get(k)) for k, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 

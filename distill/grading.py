@@ -25,7 +25,7 @@ from distill.interrupts import sigint_deferred, sigint_ignored
 from distill.jsonl import iter_jsonl_numbered, write_jsonl
 from distill.progress import progress_bar
 
-__all__ = ["extract_answer", "gold_answer", "is_correct", "grade", "grade_records", "grade_file"]
+__all__ = ["extract_answer", "last_number", "gold_answer", "is_correct", "grade", "grade_records", "grade_file"]
 
 # Below this many items a pool costs more (worker start-up, ~1 s) than it saves.
 _MIN_ITEMS_FOR_POOL = 32
@@ -36,6 +36,7 @@ _PHRASE_RE = re.compile(r"(?:final\s+answer(?:\s+is)?|the\s+answer\s+is)\s*[:：
 _INLINE_MATH_RE = re.compile(r"(?<!\\)\$\$?(.+?)(?<!\\)\$\$?")
 _SENTENCE_END_RE = re.compile(r"\.(?:\s|$)|\s+I hope it is correct", re.IGNORECASE)
 _THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def _strip_answer(text: str) -> str | None:
@@ -107,9 +108,8 @@ def extract_answer(response: str) -> str | None:
     so it has no answer. Precedence follows how confident the marker is: `\\boxed{}` (last one),
     then a GSM8K `#### n` line, then a 'Final Answer:' / 'The answer is' phrase.
     """
-    if "</think>" in response:
-        response = response.rsplit("</think>", 1)[1]
-    elif "<think>" in response:
+    response = _final_part(response)
+    if response is None:
         return None
     boxed = _last_boxed(response)
     if boxed is not None:
@@ -121,6 +121,23 @@ def extract_answer(response: str) -> str | None:
     if phrase is not None:
         return _strip_answer(phrase)
     return None
+
+
+def _final_part(response: str) -> str | None:
+    """The text an answer is looked for in: after the last `</think>`; None for a response that
+    opens `<think>` and never closes it (it ran out of tokens mid-thought)."""
+    if "</think>" in response:
+        return response.rsplit("</think>", 1)[1]
+    return None if "<think>" in response else response
+
+
+def last_number(response: str) -> str | None:
+    """The flexible extraction (lm-eval's `flexible-extract`): the last number of the answer,
+    thousands separators dropped, for a response that commits to no answer `extract_answer`
+    finds."""
+    text = _final_part(response)
+    found = _NUMBER_RE.findall(text or "")
+    return _strip_thousands(found[-1].rstrip(",")) if found else None
 
 
 def _strip_thousands(text: str) -> str:
@@ -273,7 +290,9 @@ def grade_records(
     response_field: str = "response",
     **kw: Any,
 ) -> list[dict[str, Any]]:
-    """Copies of `records` with `pred_answer` and `correct` added; the inputs are left untouched.
+    """Copies of `records` with `pred_answer` and `correct` added (the strict rule: a boxed answer,
+    a `####` line or a 'The answer is' phrase) and `flexible_correct` (the same, or, where none
+    of those is found, the last number of the answer); the inputs are left untouched.
 
     A numeric gold (SVAMP's `Answer` is a float) is graded as its text.
     """
@@ -283,9 +302,14 @@ def grade_records(
             raise DataError(f"record {i}: {problem}")
     pairs = [(str(r[gold_field]), r[response_field]) for r in records]
     graded = grade(pairs, **kw)
+    loose = {i: last_number(pairs[i][1]) for i, (pred, _) in enumerate(graded) if pred is None}
+    loose = {i: number for i, number in loose.items() if number is not None}
+    flexible = dict(zip(loose, grade([(pairs[i][0], f"\\boxed{{{n}}}") for i, n in loose.items()], **kw),
+                        strict=True)) if loose else {}
     return [
-        {**record, "pred_answer": pred, "correct": correct}
-        for record, (pred, correct) in zip(records, graded, strict=True)
+        {**record, "pred_answer": pred, "correct": correct,
+         "flexible_correct": correct or (i in flexible and flexible[i][1])}
+        for i, (record, (pred, correct)) in enumerate(zip(records, graded, strict=True))
     ]
 
 

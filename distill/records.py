@@ -27,13 +27,16 @@ class ModelResult:
 
     accuracy: float
     tokens_mean: float
+    # The last number counted where the strict rule finds no answer; None in runs graded before it.
+    flexible_accuracy: float | None = None
     # The rest as recorded: n, correct, unfinished, token statistics, the per-group breakdown.
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, raw: dict[str, Any]) -> ModelResult:
-        rest = {k: v for k, v in raw.items() if k not in ("accuracy", "tokens_mean")}
-        return cls(raw["accuracy"], raw["tokens_mean"], rest)
+        main = ("accuracy", "tokens_mean", "flexible_accuracy")
+        return cls(raw["accuracy"], raw["tokens_mean"], raw.get("flexible_accuracy"),
+                   {k: v for k, v in raw.items() if k not in main})
 
 
 @dataclass(frozen=True)

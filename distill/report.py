@@ -21,7 +21,8 @@ from distill.records import ModelResult, StageRecord
 from distill.student import BASELINE_TRAIN, TRAIN
 
 COLUMNS = [
-    ("model", "model"), ("iteration", "iter"), ("accuracy", "test acc"), ("train_rationales", "train rationales"),
+    ("model", "model"), ("iteration", "iter"), ("accuracy", "test acc"), ("flexible_accuracy", "flexible acc"),
+    ("train_rationales", "train rationales"),
     ("errors_mined", "errors mined"), ("regenerated", "new verified"), ("teacher_unsolved", "teacher unsolved"),
     ("student_steps", "student steps"), ("tokens_mean", "mean tokens"),
 ]
@@ -35,6 +36,12 @@ def _result(data: dict[str, Any], it: str, stage: str, label: str) -> ModelResul
     return StageRecord.of(data, it, stage).result(label)
 
 
+def _accuracies(res: ModelResult) -> dict[str, float]:
+    """Strict accuracy, and the flexible one where the run recorded it."""
+    flexible = {} if res.flexible_accuracy is None else {"flexible_accuracy": res.flexible_accuracy}
+    return {"accuracy": res.accuracy, **flexible}
+
+
 def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per evaluated model: teacher, untrained student, the student of each
     iteration, and each one-shot baseline."""
@@ -43,7 +50,7 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     for label, name in (("teacher", "teacher"), ("base", "student (untrained)")):
         res = _result(data, "0", EVALUATE.name, label)
         if res:
-            rows.append({"model": name, "iteration": None, "accuracy": res.accuracy, "tokens_mean": res.tokens_mean})
+            rows.append({"model": name, "iteration": None, **_accuracies(res), "tokens_mean": res.tokens_mean})
     steps = 0
     for it in iters:
         res = _result(data, it, EVALUATE.name, "student")
@@ -53,7 +60,7 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "model": "student (UNDO)" if int(it) > 0 else "student (distilled)",
             "iteration": int(it),
-            "accuracy": res.accuracy,
+            **_accuracies(res),
             "train_rationales": _metrics(data, it, TRAIN.name).get("examples"),
             "errors_mined": _metrics(data, it, MINE.name).get("errors") if int(it) > 0 else None,
             "regenerated": _metrics(data, it, VERIFY.name).get("kept"),
@@ -65,7 +72,7 @@ def build_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         res = _result(data, it, BASELINE_EVALUATE.name, "oneshot")
         if res:
             train = _metrics(data, it, BASELINE_TRAIN.name)
-            rows.append({"model": "one-shot (same steps)", "iteration": int(it), "accuracy": res.accuracy,
+            rows.append({"model": "one-shot (same steps)", "iteration": int(it), **_accuracies(res),
                          "train_rationales": train.get("examples"), "student_steps": train.get("step"),
                          "tokens_mean": res.tokens_mean})
     return rows

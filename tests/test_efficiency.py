@@ -59,7 +59,7 @@ def test_summary_groups_by_metadata_and_splits_lengths_by_correctness():
 
 def test_token_report_table_and_png(tmp_path):
     md, table = write_token_report({"teacher": RECORDS, "student": [_rec("a", 0, 5, False)]}, tmp_path, "t")
-    assert "| teacher | 5 | 100.0% | 42.0 | 40.0 | 80 |" in table and "| student | 1 | 0.0% | 5.0 |" in table
+    assert "| teacher | 5 | 100.0% | 100.0% | 42.0 | 40.0 | 80 |" in table and "| student | 1 | 0.0% | 0.0% | 5.0 |" in table
     assert (tmp_path / "tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![response tokens" in md.read_text()
 
@@ -83,4 +83,6 @@ def test_a_model_with_no_correct_answer_has_no_correct_lengths():
     s = summarize([_rec("a", 0, 7, False), _rec("b", 0, 9, False)])
     assert ((s["accuracy"], s["tokens_mean"], s["correct_tokens_mean"], s["correct_tokens_max"])
             == (0.0, 8.0, None, None))
-    assert "| wrong | 2 | 0.0% | 8.0 | 8.0 | 9 | - | 8.0 | 0 |" in comparison_table({"wrong": s})
+    assert "| wrong | 2 | 0.0% | 0.0% | 8.0 | 8.0 | 9 | - | 8.0 | 0 |" in comparison_table({"wrong": s})
+    flexible = summarize([{**_rec("a", 0, 7, False), "flexible_correct": True}, _rec("b", 0, 9, False)])
+    assert (flexible["accuracy"], flexible["flexible_accuracy"]) == (0.0, 0.5)  # the last number counted once

@@ -11,7 +11,7 @@ import pytest
 
 import distill.grading as grading
 from distill.errors import DataError
-from distill.grading import extract_answer, gold_answer, grade, grade_file, grade_records, is_correct
+from distill.grading import extract_answer, gold_answer, grade, grade_file, grade_records, is_correct, last_number
 from distill.jsonl import read_jsonl
 
 BENCH = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
@@ -169,10 +169,26 @@ def test_grade_records_adds_fields_without_mutating() -> None:
     records = [{"id": 1, "gold": 5.0, "response": "so\n#### 5"}, {"id": 2, "gold": "3", "response": "idk"}]
     graded = grade_records(records, workers=1, progress=False)
     assert graded == [
-        {"id": 1, "gold": 5.0, "response": "so\n#### 5", "pred_answer": "5", "correct": True},
-        {"id": 2, "gold": "3", "response": "idk", "pred_answer": None, "correct": False},
+        {"id": 1, "gold": 5.0, "response": "so\n#### 5", "pred_answer": "5", "correct": True,
+         "flexible_correct": True},
+        {"id": 2, "gold": "3", "response": "idk", "pred_answer": None, "correct": False, "flexible_correct": False},
     ]
     assert "correct" not in records[0]
+
+
+def test_the_flexible_rule_counts_the_last_number_only_where_the_strict_one_finds_no_answer() -> None:
+    responses = {
+        "She has 62 apples left.": (None, False, True),  # no marker: the last number, flexibly
+        "The final answer is 62.": ("62", True, True),  # the phrase: strict
+        "\\boxed{61}, or maybe 62": ("61", False, False),  # a wrong boxed answer stays wrong
+        "<think>62": (None, False, False),  # cut off mid-thought: no answer at all
+        "I counted 1,000 then 62, so 62.": (None, False, True),
+        "no number here": (None, False, False),
+    }
+    graded = grade_records([{"gold": "62", "response": r} for r in responses], workers=1, progress=False)
+    got = {g["response"]: (g["pred_answer"], g["correct"], g["flexible_correct"]) for g in graded}
+    assert got == responses
+    assert last_number("3.5 kg, then 1,234.") == "1234" and last_number("</think> -7 left") == "-7"
 
 
 # --- files --------------------------------------------------------------------------------
