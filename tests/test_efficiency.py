@@ -59,7 +59,8 @@ def test_summary_groups_by_metadata_and_splits_lengths_by_correctness():
 
 def test_token_report_table_and_png(tmp_path):
     md, table = write_token_report({"teacher": RECORDS, "student": [_rec("a", 0, 5, False)]}, tmp_path, "t")
-    assert "| teacher | 5 | 100.0% | 100.0% | 42.0 | 40.0 | 80 |" in table and "| student | 1 | 0.0% | 0.0% | 5.0 |" in table
+    assert "| teacher | 5 | 100.0% | 100.0% | 42.0 | 40.0 | 80 |" in table
+    assert "| student | 1 | 0.0% | 0.0% | 5.0 |" in table
     assert (tmp_path / "tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![response tokens" in md.read_text()
 
