@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distill.cost import cost_rows, duration
 from distill.efficiency import table_cell
 from distill.errors import DistillError
 from distill.evaluation import BASELINE_EVALUATE, EVALUATE
@@ -16,8 +17,10 @@ from distill.jsonl import atomic_write_text, write_json
 from distill.layout import RunPaths
 from distill.manifest import Manifest
 from distill.mining import MINE
+from distill.pipeline import STAGES, names
 from distill.rationales import VERIFY
 from distill.records import ModelResult, StageRecord
+from distill.stage import BASELINE
 from distill.student import BASELINE_TRAIN, TRAIN
 
 COLUMNS = [
@@ -111,6 +114,37 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def cost_with_gains(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """`distill.cost.cost_rows`, each iteration's total with the accuracy it gained (points over
+    the student before it: the untrained one for iteration 0 and for the one-shot baseline) per
+    GPU-hour, or per CPU-hour where the run had no GPU."""
+    baseline = {s.name for s in STAGES if s.plans == (BASELINE,)}
+    rows, models = cost_rows(data, names(), baseline), build_rows(data)
+    base = next((m["accuracy"] for m in models if m["model"] == "student (untrained)"), None)
+    student = {m["iteration"]: m["accuracy"] for m in models if m["model"].startswith("student (")}
+    oneshot = {m["iteration"]: m["accuracy"] for m in models if m["model"].startswith("one-shot")}
+    for row in rows:
+        it = row["iteration"]
+        if row["stage"] == "(iteration total)":
+            after, before = student.get(it), student.get(it - 1, base)
+        elif row["stage"] == "(one-shot baseline total)":
+            after, before = oneshot.get(it), base
+        else:
+            continue
+        hours, unit = (row["gpu_hours"], "GPU-h") if row["gpu_hours"] else (row["cpu_hours"], "CPU-h")
+        if after is not None and before is not None and hours:
+            row["gain_per_hour"] = f"{100 * (after - before) / hours:+.1f} points/{unit}"
+    return rows
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| iter | stage | wall time | CPU-hours | GPU-hours | allocations | accuracy gained |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['iteration']} | {r['stage']} | {duration(r['wall_s'])} | {r['cpu_hours']:.3f} | "
+              f"{r['gpu_hours']:.3f} | {r['allocations']} | {r.get('gain_per_hour', '-')} |" for r in rows]
+    return "\n".join(lines)
+
+
 def run_warnings(data: dict[str, Any]) -> list[str]:
     """What the stages warned about (e.g. few verified rationales), one line per iteration and stage."""
     out = []
@@ -136,13 +170,18 @@ def write_report(run_dir: str | Path) -> tuple[Path, str]:
     table = markdown_table(rows)
     name = data.get("run", run_dir.name)
     warnings = run_warnings(data)
+    cost = cost_with_gains(data)
     write_json(report.with_suffix(".json"), {"run": name, "config_hash": data.get("config_hash"), "rows": rows,
-                                             "warnings": warnings})
+                                             "warnings": warnings, "cost": cost})
     plot(rows, report.with_suffix(".png"), f"{name}: held-out accuracy")
     notes = "".join(f"- {w}\n" for w in warnings)
     text = (f"# Report: {name}\n\nconfig `{data.get('config_hash')}`; accuracy on the held-out test split; "
             f"'student steps' counts optimizer steps across iterations.\n\n{table}\n\n"
             + (f"## Warnings\n\n{notes}\n" if notes else "")
+            + (f"## Cost\n\nWall time is the time at least one of a stage's jobs ran (queue waits excluded); "
+               f"CPU- and GPU-hours are what each allocation held times how long, every allocation of a requeued "
+               f"unit included. Accuracy gained is the iteration's student over the one before it (the one-shot "
+               f"baseline over the untrained student).\n\n{cost_table(cost)}\n\n" if cost else "")
             + f"![accuracy]({report.with_suffix('.png').name})\n")
     atomic_write_text(report, text)
     return report, table

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.config import MUTABLE_KEYS, RunConfig, config_changes, load_config
+from distill.cost import close_allocation, open_allocation
 from distill.errors import DistillError, NoSpace, is_no_space, no_space
 from distill.hub import local_models
 from distill.inputs import data_changes, data_hashes, recorded_data, refuse_changed_data
@@ -139,11 +140,16 @@ def unit_done(cfg: RunConfig, it: int, stage: Stage, key: str) -> bool:
 
 
 def _mark(manifest: Manifest, it: int, stage: Stage, key: str, state: str, **fields: Any) -> None:
+    """Set a unit's state and fields, closing its open allocation (`distill.cost`)."""
     stage.checked(fields)
-    if stage.sharded:
-        manifest.mark_shard(it, stage.name, key, state, **fields)
-    else:
-        manifest.mark(it, stage.name, state, **fields)
+    with manifest.update() as data:
+        entry = unit_entry(data, it, stage, key, create=True)
+        if stage.sharded:
+            stage_entry(data, it, stage.name).setdefault("state", "running")
+            set_shard_state(entry, state, **fields)
+        else:
+            set_stage_state(entry, state, **fields)
+        close_allocation(entry, state, RunPaths(manifest.run_dir).heartbeat(it, stage.name, key))
 
 
 def unit_holder(data: dict[str, Any], paths: RunPaths, it: int, stage: Stage, key: str) -> str | None:
@@ -178,6 +184,7 @@ def claim(manifest: Manifest, it: int, stage: Stage, key: str, job_id: str | Non
         else:
             set_stage_state(entry, "running", job_id=job_id, **me())
             entry["allocations"] = entry.get("allocations", 0) + 1
+        open_allocation(entry, RunPaths(manifest.run_dir).heartbeat(it, stage.name, key))
 
 
 def leads() -> bool:

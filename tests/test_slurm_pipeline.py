@@ -19,6 +19,7 @@ import pytest
 import yaml
 from slurm_cluster import job_state, queue_dump, release_pending, require_slurm, wait_for
 
+from distill.cost import Cost
 from distill.jsonl import read_jsonl, write_jsonl
 from distill.manifest import Manifest
 from distill.training import newest_checkpoint
@@ -267,6 +268,11 @@ def test_training_spans_allocations_and_matches_an_uninterrupted_run(slurm, clea
     assert got["state"] == ref["state"] == "done"
     assert got["allocations"] >= 2 and got["requeued"] == got["allocations"] - 1, got
     assert ref["allocations"] == 1
+    # Each allocation's cost recorded once: SLURM's CPUs for its time, the requeue waits left out.
+    assert [a["ended"] for a in got["spent"]] == ["pending"] * (got["allocations"] - 1) + ["done"], got["spent"]
+    assert all(a["cpus"] >= 1 and a["gpus"] == 0 and 0 < a["seconds"] < 90 for a in got["spent"]), got["spent"]
+    cost = Cost.of(got["spent"])
+    assert cost.wall_s == pytest.approx(sum(a["seconds"] for a in got["spent"]), abs=0.01)
     assert got["metrics"]["step"] == ref["metrics"]["step"] == steps
     assert got["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], abs=1e-6)
     stdout = (runs[0] / "logs" / job / f"{job}_0_log.out").read_text()
