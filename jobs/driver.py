@@ -51,6 +51,7 @@ from distill.stage import Stage
 from distill.student import TRAIN
 from distill.typed_yaml import at_least
 from jobs.cluster import ClusterProfile, load_profile, section_gpus
+from jobs.dry_run import dry_run, steps
 from jobs.executors import (
     SubmitRefused,
     attach,
@@ -527,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accept-data-change", action="store_true",
                         help="go on although a data file differs from what the run recorded when it started "
                              "(refused otherwise); the new hashes and the change go into the manifest's history")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the stages and units it would run and, on SLURM, each job's #SBATCH lines and "
+                             "array ranges; submit nothing, write nothing (make: DRY_RUN=1)")
     parser.add_argument("--no-plan-check", action="store_true",
                         help="submit stages even where `python -m distill plan` says they do not fit the profile's "
                              "GPUs (make: NO_PLAN_CHECK=1)")
@@ -567,7 +571,7 @@ def start(args: argparse.Namespace) -> tuple[Driver, list[str] | None]:
     stages it was limited to (None: all)."""
     overrides = list(args.set) + ([f"name={args.run}"] if args.run is not None else [])
     cfg = load_config(args.config, overrides)
-    cluster = load_profile(args.cluster) if args.cluster else None
+    cluster = load_profile(args.cluster, filled=not args.dry_run) if args.cluster else None
     only = _parse_stages(args.stages, args.iteration) if args.stages else None
     for note in check_inputs(cfg, 1 if args.undo else args.iteration):
         say(note)
@@ -585,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         nonlocal driver
         driver, only = start(args)
+        if args.dry_run:
+            plan = steps(driver, args.iteration, args.undo, args.baseline, args.with_baseline, only)
+            print("\n".join(dry_run(driver, plan, planned(args, driver, only)[0], args.cluster)))
+            return
         driver.check(*planned(args, driver, only))
         run(args, driver, only)
         print(format_table(driver.manifest.read(), pipeline.names()))

@@ -83,15 +83,23 @@ def refusal_line(profile: ClusterProfile | None, stage: str, sbatch_said: str) -
     return f"{where}: sbatch refused the {stage} jobs: {reason}"
 
 
+def submission_script(profile: ClusterProfile | None, stage: str, name: str, folder: Path, array: int = 1) -> str:
+    """The sbatch script submitit writes for `stage`'s jobs (an array of `array` tasks when more
+    than one), its logs under `folder`; nothing is submitted or created."""
+    executor = make_executor("slurm", folder, name=name, profile=profile, stage=stage)._executor
+    if array > 1:
+        executor.parameters["map_count"] = array  # as submitit writes an array's --array line
+    return executor._make_submission_file_text("true", "check")
+
+
 def check_submission(profile: ClusterProfile | None, stages: Iterable[str], name: str) -> None:
     """`sbatch --test-only` on the very script submitit would submit for each stage's jobs: a
     profile value the cluster refuses (account, QOS, partition, gres, limits) fails here with
     one line, before anything is created or submitted."""
     with tempfile.TemporaryDirectory(prefix="distill-check-") as tmp:
         for stage in stages:
-            executor = make_executor("slurm", Path(tmp), name=name, profile=profile, stage=stage)
             script = Path(tmp) / f"{stage}.sh"
-            script.write_text(executor._executor._make_submission_file_text("true", "check"))
+            script.write_text(submission_script(profile, stage, name, Path(tmp)))
             try:
                 proc = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True,
                                       timeout=120, check=False)
