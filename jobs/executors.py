@@ -15,8 +15,10 @@ from typing import Literal
 
 import submitit
 
+from distill import pipeline
+from distill.doctor import BLOCKS, NOTE, OK, Check
 from distill.errors import DistillError
-from jobs.cluster import ClusterProfile
+from jobs.cluster import ClusterProfile, load_profile
 
 Kind = Literal["auto", "slurm", "local", "debug"]
 
@@ -148,3 +150,29 @@ def controller_stderr(kind: str, folder: Path) -> Iterator[None]:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def slurm_checks(profile_name: str | None) -> list[Check]:
+    """`distill doctor`'s SLURM lines: the commands reachable, the controller answering, and, given
+    a profile, every stage's jobs accepted by `sbatch --test-only`. Without a profile, no SLURM
+    is not a problem (the local executor runs the jobs)."""
+    missing = BLOCKS if profile_name else NOTE
+    if not shutil.which("sbatch") or not shutil.which("squeue"):
+        return [Check(missing, "no sbatch/squeue on PATH: jobs run on the local executor"
+                      + (" (`module load slurm`?)" if profile_name else ""))]
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30, check=False)
+        said = proc.stderr.strip() if proc.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        said = str(exc)
+    if said:
+        return [Check(missing, f"SLURM does not answer (sinfo: {said.splitlines()[-1]})")]
+    out = [Check(OK, f"SLURM answers; partitions: {' '.join(proc.stdout.split())}")]
+    if profile_name:
+        try:
+            profile = load_profile(profile_name)
+            check_submission(profile, pipeline.resource_sections(), "distill-doctor")
+        except DistillError as exc:
+            return out + [Check(BLOCKS, str(exc))]
+        out.append(Check(OK, f"{profile.source}: sbatch --test-only accepts every stage's jobs"))
+    return out
