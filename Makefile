@@ -15,7 +15,7 @@ RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $
             $(if $(NO_PLAN_CHECK),--no-plan-check) $(if $(ACCEPT_DATA_CHANGE),--accept-data-change) \
             $(if $(DRY_RUN),--dry-run)
 
-.PHONY: config-reference doctor help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
+.PHONY: config-reference doctor tensorboard help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -80,6 +80,10 @@ demo-real: venv-vllm real-model  ## SmolLM2-135M-Instruct self-distilled on SVAM
 
 report: venv  ## report.md/.json/.png of the run (RUN=name, default: the config's name)
 	$(PY) -m distill report --config $(CONFIG) $(if $(RUN),--name $(RUN))
+
+tensorboard: venv  ## training curves of every iteration and evaluation curves over iterations (RUN=name; PORT=6006)
+	-$(PY) -m distill report --config $(CONFIG) $(if $(RUN),--name $(RUN)) > /dev/null
+	$(VENV)/bin/tensorboard --logdir "$$($(PY) -c 'import sys; from distill.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' $(CONFIG) $(if $(RUN),name=$(RUN)))" --port $(or $(PORT),6006)
 
 teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained teacher)
 	$(PY) -m distill.demo_data --out data/tiny --train 4000 --validation 300 --test 300 --seed 0

@@ -276,7 +276,8 @@ UNHASHED_AT_DEFAULT = frozenset({
     "generation.gpu_memory_utilization", "generation.dtype", "generation.kv_cache_gib", "verify",
     "verify.min_rationales", "train.kd", "train.feature", "train.quantize", "train.packing", "train.precision",
     "train.gradient_checkpointing", "train.loss_chunk", "train.distributed", "eval.backend",
-    "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins"
+    "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins",
+    "train.report_to",
 })
 
 
@@ -296,7 +297,7 @@ def _hashed(obj: Any, prefix: str = "") -> Any:
 # Keys a started run may change: they decide how far the run goes or how much memory its
 # engines take, never what a finished stage wrote. A change is recorded in the manifest's history.
 MUTABLE_KEYS = ("undo.max_iters", "undo.patience", "eval.batch_size", "eval.gpu_memory_utilization",
-                "generation.gpu_memory_utilization")
+                "generation.gpu_memory_utilization", "train.report_to")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -523,6 +524,9 @@ def _check_values(cfg: RunConfig, origin: Origin) -> None:
         raise ConfigError(f"{origin('eval.split', f'data.{cfg.eval.split}')}: data.{cfg.eval.split} is not set")
 
 
+REPORT_TO = ("tensorboard",)  # where train.report_to may send the logged steps
+
+
 def check_train(t: TrainConfig, where: str | Origin) -> None:
     """Objective settings that cannot work, refused before any job starts (`where`: the config
     file, or the `Origin` that also names overrides)."""
@@ -532,6 +536,9 @@ def check_train(t: TrainConfig, where: str | Origin) -> None:
     except DistillError as exc:
         raise ConfigError(f"{at('train.objective')}: {exc}") from None
     objective.check(at)
+    unknown = [r for r in t.report_to if r not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"{at('train.report_to')}: unknown {unknown[0]!r} (known: {', '.join(REPORT_TO)})")
     if t.packing and not objective.packs:
         raise ConfigError(f"{at('train.packing', 'train.objective')}: objective {t.objective} does not train on "
                           "packed rows (sft does)")

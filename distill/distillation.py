@@ -207,6 +207,13 @@ class Distiller:
         """The objective's trainable parts, on the model before the optimizer sees it."""
         self.objective.attach(model, self)
 
+    def teacher_term(self, loss: float, ce: float) -> dict[str, float]:
+        """For the curves: what the objective adds to its share of the cross-entropy (the
+        teacher's term, and any extra loss), where it learns from a teacher."""
+        if self.objective.teacher() == "none":
+            return {}
+        return {"teacher_term": round(loss - (1 - self.objective.alpha()) * ce, 6)}
+
     # -- host side ---------------------------------------------------------------------------
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:

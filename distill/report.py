@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.cost import cost_rows, duration
+from distill.curves import write_evaluations
 from distill.efficiency import table_cell
 from distill.errors import DistillError
 from distill.evaluation import BASELINE_EVALUATE, EVALUATE
@@ -174,6 +175,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, str]:
     write_json(report.with_suffix(".json"), {"run": name, "config_hash": data.get("config_hash"), "rows": rows,
                                              "warnings": warnings, "cost": cost})
     plot(rows, report.with_suffix(".png"), f"{name}: held-out accuracy")
+    write_evaluations(RunPaths(run_dir).root / "tensorboard", rows)
     notes = "".join(f"- {w}\n" for w in warnings)
     text = (f"# Report: {name}\n\nconfig `{data.get('config_hash')}`; accuracy on the held-out test split; "
             f"'student steps' counts optimizer steps across iterations.\n\n{table}\n\n"

@@ -105,6 +105,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Log the loss every this many steps.
     log_steps: int = 10
+    # Where the logged steps also go: [tensorboard] writes event files beside the training
+    # (iter-N/train/tensorboard; `make tensorboard RUN=...`); [] writes none.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     # Seeds the data order, the initial weights of anything new, and dropout.
     seed: int = 0
     lora: LoraConfig = field(default_factory=LoraConfig)

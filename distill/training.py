@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from distill import device as devices
 from distill import objectives
+from distill.curves import Curves
 from distill.distillation import IGNORE, Distiller, to_device
 from distill.errors import DistillError, writing
 from distill.integrity import (
@@ -446,15 +447,20 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     model.train()
     tokens, start, loss_value = 0, time.perf_counter(), None
     weights_bad = torch.zeros((), device=place.device)  # the last update's `nonfinite`, read with the next loss
+    log_dir = out.root / "tensorboard" if ranks.main and "tensorboard" in cfg.report_to else None
+    rate = _Rate()
     with progress_bar(total=steps, initial=state["step"], desc="train", unit="step",
-                      disable=not progress or not ranks.main) as bar:
+                      disable=not progress or not ranks.main) as bar, Curves(log_dir, state["history"]) as curves:
         while state["step"] < steps:
-            loss_value, ce_value, step_tokens, weights_bad = stepper.step(state["step"], weights_bad)
+            loss_value, ce_value, step_tokens, weights_bad, grad_norm = stepper.step(state["step"], weights_bad)
             tokens += step_tokens
             state["step"] += 1
             if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
-                state["history"].append({"step": state["step"], "loss": round(loss_value, 6),
-                                         "ce": round(ce_value, 6), "lr": scheduler.get_last_lr()[0]})
+                row = {"step": state["step"], "loss": round(loss_value, 6), "ce": round(ce_value, 6),
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
+                       **distiller.teacher_term(loss_value, ce_value), **rate.since(tokens)}
+                state["history"].append(row)
+                curves.add(row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             # A stop asked of any rank (USR2 reaches one process first) stops every rank at this step.
@@ -465,6 +471,7 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
                 state["loss"] = loss_value
                 ckpt = save_checkpoint(out.checkpoints, state["step"], model, optimizer, scheduler, state,
                                        cfg.keep_checkpoints, stepper.scaler, ranks)
+                curves.flush()
             if stop and state["step"] < steps:
                 return TrainResult(False, state["step"], steps, loss_value, _rate(tokens, start), resumed_from, None)
     return _finish(model_path, cfg, out, place, ranks, model, tokenizer, params, ckpt, state, steps, resumed_from,
@@ -497,10 +504,11 @@ class _Stepper:
     pad_id: int
     ckpt_dir: Path
 
-    def step(self, step: int, weights_bad: torch.Tensor) -> tuple[float, float, int, torch.Tensor]:
+    def step(self, step: int, weights_bad: torch.Tensor) -> tuple[float, float, int, torch.Tensor, torch.Tensor]:
         """Optimizer step `step`: the loss summed over its micro-batches and ranks, the
-        cross-entropy per target token, the tokens it saw, and whether the update made a weight
-        non-finite (read with the next step's loss, so a step waits for the device once).
+        cross-entropy per target token, the tokens it saw, whether the update made a weight
+        non-finite (read with the next step's loss, so a step waits for the device once), and
+        the gradient norm before clipping (a tensor: read only at logged steps).
         Raises before the update when the loss, or the last update's weights, are not finite."""
         cfg, ranks, device = self.cfg, self.ranks, self.place.device
         indices, parts, micro_batches, n_target = _micro_batches(self.examples, cfg, step, ranks, self.pad_id)
@@ -520,13 +528,13 @@ class _Stepper:
         if bad or not math.isfinite(loss_value):
             raise nonfinite_weights(step, self.ckpt_dir) if bad else nonfinite_loss(loss_value, step, self.ckpt_dir)
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(len(self.examples[i]["input_ids"]) for idx in indices for i in idx)
-        return loss_value, ce_value / max(n_target, 1), tokens, nonfinite(self.params)
+        return loss_value, ce_value / max(n_target, 1), tokens, nonfinite(self.params), grad_norm.detach()
 
 
 def _finish(model_path: str | Path, cfg: TrainConfig, out: TrainPaths, place: devices.Placement, ranks: Ranks,
@@ -597,6 +605,19 @@ def _saved_model(out: TrainPaths, ckpt: Path) -> tuple[str, str | None]:
     """The saved model's content hash, and what is wrong with it (`model_damage`)."""
     digest = content_hash(out.model)
     return digest, model_damage(out, ckpt, digest)
+
+
+class _Rate:
+    """Tokens per second between logged steps, for the curves."""
+
+    def __init__(self) -> None:
+        self.at, self.tokens = time.perf_counter(), 0
+
+    def since(self, tokens: int) -> dict[str, float]:
+        now = time.perf_counter()
+        rate = (tokens - self.tokens) / (now - self.at) if now > self.at else 0.0
+        self.at, self.tokens = now, tokens
+        return {"tokens_per_s": round(rate, 1), "time": round(time.time(), 3)}
 
 
 def _rate(tokens: int, start: float) -> float:

@@ -186,7 +186,9 @@ def test_a_killed_two_rank_run_resumes_from_its_newest_complete_checkpoint(tiny_
           f"final loss {result['loss']:.6f} vs "
           f"{reference['loss']:.6f} uninterrupted (diff {abs(result['loss'] - reference['loss']):.1e})")
     assert abs(result["loss"] - reference["loss"]) <= 1e-6
-    assert result["history"] == reference["history"]
+    timed = ("time", "tokens_per_s")  # how fast each step ran differs; every other logged value is equal
+    assert [{k: v for k, v in h.items() if k not in timed} for h in result["history"]] == \
+        [{k: v for k, v in h.items() if k not in timed} for h in reference["history"]]
     assert not (out / "checkpoints" / ".tmp-step-00000099-1").exists()
     assert (out / "model" / "config.json").exists()
 
