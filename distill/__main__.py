@@ -190,6 +190,14 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return main(args.out, names)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from distill.export import export
+
+    for path in export(run_dir(args), args.iter, args.what, args.out):
+        print(f"wrote {path} (publish: hf upload <user>/<name> {path}"
+              f"{' --repo-type dataset' if (path / 'data').is_dir() and not (path / 'config.json').exists() else ''})")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from distill.config import load_config
     from distill.doctor import BLOCKS, checks
@@ -344,6 +352,20 @@ def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_gpu_check)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="an iteration's verified rationales (parquet + dataset card) and student "
+                       "(model folder + model card), ready for `hf upload`",
+                       description="Every exported file is checked against the hash its stage recorded; the cards "
+                       "hold the run's measured numbers. Nothing is uploaded.")
+    add_run_arguments(p)
+    p.add_argument("--iter", type=at_least(0), required=True, help="iteration whose data and student to export")
+    p.add_argument("--what", choices=["data", "model", "both"], default="both",
+                   help="data: the verified rationales; model: the student; both: OUT/data and OUT/model "
+                   "(default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="check this machine for what a first run trips over; one line per check",
                        description="Libraries against the pins, GPUs and bf16, vLLM and bitsandbytes where the config "
@@ -361,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_status, _add_grade, _add_report, _add_eval, _add_tokens, _add_compare, _add_repair,
-                _add_config_reference, _add_plan, _add_gpu_check, _add_doctor):
+                _add_config_reference, _add_plan, _add_gpu_check, _add_doctor,
+                _add_export):
         add(sub)
     return parser
 
