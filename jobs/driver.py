@@ -24,6 +24,7 @@ from filelock import FileLock, SoftFileLock
 from tqdm import tqdm
 
 from distill import pipeline, undo
+from distill.compatibility import check_pair
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError, NotReady
 from distill.evaluation import EVALUATE
@@ -232,7 +233,8 @@ class Driver:
         """Everything that can refuse the command, before anything is written: the config
         against the run's (`check_run`), that iteration `needs` is finished, that SLURM accepts
         each stage's jobs (`sbatch --test-only`), and the hub models (resolved, downloaded into
-        the Hugging Face cache when missing)."""
+        the Hugging Face cache when missing), whether teacher and student fit together
+        (`distill.compatibility`)."""
         self.changes = check_run(self.cfg, accept_data=self.accept_data)
         if needs is not None:
             self.require_finished(needs)
@@ -240,6 +242,9 @@ class Driver:
             sections = list(dict.fromkeys(s.resource_section for s in stages))
             check_submission(self.cluster, sections, f"distill-{self.cfg.name}-check")
         self.models = resolve_models(self.cfg, self.manifest.read().get("models", {}), say)
+        if stages:  # nothing to run: a finished iteration's rerun loads no tokenizer
+            for note in check_pair(self.cfg, self.models):
+                say(note)
         self.check_memory(stages, teacher_eval=needs is None and EVALUATE in stages)
 
     def check_memory(self, stages: Sequence[Stage], teacher_eval: bool) -> None:

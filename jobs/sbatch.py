@@ -41,6 +41,7 @@ import signal
 import sys
 
 from distill import pipeline
+from distill.compatibility import check_pair
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
 from distill.hub import record_models, resolve_models
@@ -123,7 +124,8 @@ def chosen_stage(args: argparse.Namespace) -> Stage:
 def prepare(cfg: RunConfig, it: int, accept_data: bool = False) -> None:
     """What the driver does before it submits, for the plain sbatch scripts: check every input,
     refuse a changed config or data file, refuse an iteration whose previous one is not finished,
-    resolve hub models into the Hugging Face cache (the jobs may have no internet), then create
+    resolve hub models into the Hugging Face cache (the jobs may have no internet), check that
+    teacher and student fit together (`distill.compatibility`), then create
     the run directory and record them."""
     for note in check_inputs(cfg, it):
         print(note)
@@ -132,6 +134,8 @@ def prepare(cfg: RunConfig, it: int, accept_data: bool = False) -> None:
         pipeline.require_finished(manifest_of(cfg).read(), cfg.name, it - 1,
                                   f"slurm/iteration.sh {cfg.source} {it - 1}")
     models = resolve_models(cfg, manifest_of(cfg).read().get("models", {}))
+    for note in check_pair(cfg, models):
+        print(note)
     open_run(cfg, record=True, accept_data=accept_data)
     record_models(manifest_of(cfg), models)
     print(f"{cfg.run_dir}: ready" + "".join(f"; models.{k}: {v['path']}" for k, v in models.items()))
