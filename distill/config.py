@@ -89,6 +89,15 @@ class DataConfig:
     # refuse: the start-up checks fail, naming the first longer question; skip: longer
     # questions are left out of every split that feeds a model, the same way in every job.
     too_long: Literal["refuse", "skip"] = "refuse"
+    # Training and probe problems that are near-copies of a held-out problem (at least
+    # decontaminate_share of their normalised word 8-grams found in one held-out problem): warn
+    # (one line per split at start-up), drop (left out of generation and mining, the same way in
+    # every job), or refuse the run.
+    decontaminate: Literal["warn", "drop", "refuse"] = "warn"
+    # How much of a problem's 8-grams one held-out problem must contain for it to count as a
+    # copy. open-r1's rule, any shared 8-gram, is a share just above 0; it flags most problems of
+    # templated sets (SVAMP, the demo) whose wording repeats with other numbers.
+    decontaminate_share: float = 0.8
 
 
 @dataclass
@@ -277,7 +286,7 @@ UNHASHED_AT_DEFAULT = frozenset({
     "verify.min_rationales", "train.kd", "train.feature", "train.quantize", "train.packing", "train.precision",
     "train.gradient_checkpointing", "train.loss_chunk", "train.distributed", "eval.backend",
     "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins",
-    "train.report_to",
+    "train.report_to", "data.decontaminate", "data.decontaminate_share",
 })
 
 
@@ -412,6 +421,7 @@ KV_CACHE = Range(0, 1_000_000, low_open=True, high_open=True, unit="GiB")
 RANGES: tuple[tuple[str, Range], ...] = (
     ("data.train_limit", AT_LEAST_1),
     ("data.max_question_chars", AT_LEAST_1),
+    ("data.decontaminate_share", SHARE),
     ("generation.n", AT_LEAST_1),
     ("generation.temperature", NON_NEGATIVE),
     ("generation.top_p", SHARE),

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.config import RunConfig
+from distill.errors import DistillError
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -226,9 +227,27 @@ def cache_checks(env: dict[str, str] | None = None) -> list[Check]:
     return out
 
 
+def data_checks(cfg: RunConfig) -> list[Check]:
+    """The training and probe splits against the evaluated problems (`distill.decontamination`)."""
+    from distill.problems import split_overlap
+
+    out = []
+    for split in dict.fromkeys(["train"] + ([cfg.undo.probe_split] if cfg.undo.max_iters > 0 else [])):
+        try:
+            found = split_overlap(cfg, split)
+        except DistillError as exc:
+            out.append(Check(BLOCKS, str(exc)))
+            continue
+        if found is not None:
+            blocks = cfg.data.decontaminate == "refuse"
+            out.append(Check(OK if not found.copies else BLOCKS if blocks else NOTE,
+                             found.line(split, cfg.eval.split, cfg.data.decontaminate_share, cfg.data.decontaminate)))
+    return out
+
+
 def checks(cfg: RunConfig | None) -> list[Check]:
     """Every check of this machine, the config's where one is given."""
     out = library_checks(pinned()) + gpu_checks() + engine_checks(cfg)
     if cfg is not None:
-        out += lock_checks(Path(cfg.run_root), cfg.lock) + disk_checks(cfg)
+        out += lock_checks(Path(cfg.run_root), cfg.lock) + disk_checks(cfg) + data_checks(cfg)
     return out + cache_checks()

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import PromptConfig, RunConfig
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError, DataError, DistillError
 from distill.hub import MODEL_KEYS, hub_id
 from distill.integrity import model_fingerprint
 from distill.jsonl import atomic_write_text
-from distill.problems import problem_set, skipped_note
+from distill.problems import problem_set, skipped_note, split_overlap
 
 
 def check_paths(cfg: RunConfig) -> None:
@@ -61,6 +61,21 @@ def check_inputs(cfg: RunConfig, it: int = 0) -> list[str]:
         if note and note not in notes:
             notes.append(note)
     check_tokenizers(cfg)
+    return notes + contamination_notes(cfg, it)
+
+
+def contamination_notes(cfg: RunConfig, it: int = 0) -> list[str]:
+    """One line per training or probe split holding near-copies of evaluated problems; with
+    `data.decontaminate: refuse`, a DataError instead."""
+    notes = []
+    for split in ["train"] + ([cfg.undo.probe_split] if it > 0 else []):
+        found = split_overlap(cfg, split)
+        if found is None or not found.copies:
+            continue
+        line = found.line(split, cfg.eval.split, cfg.data.decontaminate_share, cfg.data.decontaminate)
+        if cfg.data.decontaminate == "refuse":
+            raise DataError(f"{cfg.source}: data.decontaminate: {line} (drop leaves them out)")
+        notes.append(line)
     return notes
 
 

@@ -4,6 +4,8 @@ training problems, its held-out split and its UNDO probe split from them.
 Every split that feeds a model goes through `problem_set`, which applies `data.max_question_chars`:
 with `data.too_long: skip` each job leaves out the same problems, so shards slice the same list
 everywhere; with `refuse` the first job to read the split (the driver's start-up checks) fails.
+The training and probe splits leave out near-copies of evaluated problems with
+`data.decontaminate: drop` (`distill.decontamination`), the same way in every job.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from distill.benchmarks import find_benchmark, iter_benchmark
 from distill.config import DataConfig, RunConfig
 from distill.data import iter_problems, take
+from distill.decontamination import Overlap, overlap
 from distill.errors import DataError
 
 
@@ -68,7 +71,7 @@ def skipped_note(data: DataConfig, split: str, found: ProblemSet) -> str:
 
 
 def train_problems(cfg: RunConfig) -> list[dict[str, Any]]:
-    return load_problems(cfg.data, "train", cfg.data.train_limit)
+    return without_copies(cfg, "train", load_problems(cfg.data, "train", cfg.data.train_limit))
 
 
 def eval_problems(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -76,4 +79,22 @@ def eval_problems(cfg: RunConfig) -> list[dict[str, Any]]:
 
 
 def probe_problems(cfg: RunConfig) -> list[dict[str, Any]]:
-    return load_problems(cfg.data, cfg.undo.probe_split, cfg.undo.probe_limit)
+    return without_copies(cfg, cfg.undo.probe_split, load_problems(cfg.data, cfg.undo.probe_split,
+                                                                   cfg.undo.probe_limit))
+
+
+def split_overlap(cfg: RunConfig, split: str) -> Overlap | None:
+    """What a split that feeds training shares with the evaluated problems (None: it is them)."""
+    if split == cfg.eval.split:
+        return None
+    limit = cfg.data.train_limit if split == "train" else cfg.undo.probe_limit
+    return overlap(load_problems(cfg.data, split, limit), eval_problems(cfg), cfg.data.decontaminate_share)
+
+
+def without_copies(cfg: RunConfig, split: str, problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """With `data.decontaminate: drop`, the problems less the near-copies of evaluated ones (the
+    limit counts the problems before they are left out)."""
+    if cfg.data.decontaminate != "drop" or split == cfg.eval.split:
+        return problems
+    copies = overlap(problems, eval_problems(cfg), cfg.data.decontaminate_share).copies
+    return [p for p in problems if str(p["id"]) not in copies]
