@@ -9,17 +9,33 @@ runs depends on the iterations before it, so those are shown as the stages each 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from distill import pipeline
+from distill.config import RunConfig
 from distill.errors import DistillError
+from distill.layout import RunPaths
+from distill.manifest import Manifest
 from distill.runner import check_run, unit_entry
 from distill.stage import Stage
 from jobs.cluster import ClusterProfile, load_profile
 from jobs.executors import submission_script
+from jobs.launch import RankLayout
 
-if TYPE_CHECKING:
-    from jobs.driver import Driver
+
+class Driver(Protocol):
+    """What a dry run reads of `jobs.driver.Driver`."""
+
+    cfg: RunConfig
+    kind: str
+    cluster: ClusterProfile | None
+    manifest: Manifest
+    paths: RunPaths
+    accept_data: bool
+
+    def ranks(self, stage: Stage) -> RankLayout | None: ...
+
+    def require_finished(self, iteration: int) -> None: ...
 
 # An iteration, its stages, how it is shown, and whether that iteration is known (False: a later
 # UNDO iteration or the baseline after the loop, shown by the stages each runs).
