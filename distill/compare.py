@@ -87,15 +87,20 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     summaries = run_eval(settings, models, root / "eval", batch_size=base.eval.batch_size, progress=progress)
     for name, s in summaries.items():
         rows[name] |= {"accuracy": s["accuracy"], "n": s["n"], "tokens_mean": s["tokens_mean"]}
-    table = ["| objective | settings | steps | test acc | mean tokens | train s | bytes/token stored |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        stored = f"{r['topk_bytes_per_token']}" if r["topk_bytes_per_token"] else "-"
-        train_s = "-" if r["train_s"] is None else f"{r['train_s']:.1f}"
-        table.append(f"| {name} | {r['settings']} | {r['steps']} | {100 * r['accuracy']:.1f}% | {r['tokens_mean']} | "
-                     f"{train_s} | {stored} |")
-    text = "\n".join(table) + "\n"
+    text = table(rows)
     n = next(iter(rows.values()))["n"] if rows else 0
     atomic_write_text(root / "compare.md", f"# Objectives on {base.name}: {split} split, {n} problems\n\n{text}")
     write_json(root / "compare.json", rows)
     return text
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """The comparison as a markdown table, one row per objective."""
+    lines = ["| objective | settings | steps | test acc | mean tokens | train s | bytes/token stored |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        stored = f"{r['topk_bytes_per_token']}" if r["topk_bytes_per_token"] else "-"
+        train_s = "-" if r["train_s"] is None else f"{r['train_s']:.1f}"
+        lines.append(f"| {name} | {r['settings']} | {r['steps']} | {100 * r['accuracy']:.1f}% | {r['tokens_mean']} | "
+                     f"{train_s} | {stored} |")
+    return "\n".join(lines) + "\n"
