@@ -286,7 +286,7 @@ UNHASHED_AT_DEFAULT = frozenset({
     "verify.min_rationales", "train.kd", "train.feature", "train.quantize", "train.packing", "train.precision",
     "train.gradient_checkpointing", "train.loss_chunk", "train.distributed", "eval.backend",
     "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins",
-    "train.report_to", "data.decontaminate", "data.decontaminate_share",
+    "train.report_to", "data.decontaminate", "data.decontaminate_share", "train.onpolicy",
 })
 
 
@@ -445,6 +445,10 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("train.save_steps", AT_LEAST_1),
     ("train.keep_checkpoints", AT_LEAST_1),
     ("train.log_steps", AT_LEAST_1),
+    ("train.onpolicy.lmbda", ZERO_TO_ONE),
+    ("train.onpolicy.beta", ZERO_TO_ONE),
+    ("train.onpolicy.temperature", POSITIVE),
+    ("train.onpolicy.max_new_tokens", AT_LEAST_1),
     ("train.seed", SEED),
     ("train.loss_chunk", AT_LEAST_1),
     ("train.lora.r", AT_LEAST_1),

@@ -158,7 +158,8 @@ class Distiller:
     def __init__(self, cfg: TrainConfig, tokenizer: Any, teacher_path: str | Path | None, out: TrainPaths,
                  examples: list[dict[str, list[int]]], place: Placement, attn_implementation: str = "sdpa",
                  ranks: Ranks | None = None) -> None:
-        self.cfg, self.place = cfg, place
+        self.cfg, self.place, self.tokenizer = cfg, place, tokenizer
+        self.student: Any = None  # set by `attach`
         self.objective = objectives.build(cfg)
         self.ranks = ranks or Ranks()
         self.vocab = len(tokenizer)
@@ -205,6 +206,7 @@ class Distiller:
 
     def attach(self, model: torch.nn.Module) -> None:
         """The objective's trainable parts, on the model before the optimizer sees it."""
+        self.student = model
         self.objective.attach(model, self)
 
     def teacher_term(self, loss: float, ce: float) -> dict[str, float]:

@@ -29,6 +29,23 @@ class LoraConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """Objective `onpolicy` (GKD, Agarwal et al. 2024): the student writes the completions it is
+    trained on, and the loss is the generalised JSD between the teacher's and the student's
+    distributions at every token of them. The teacher is in memory, as `kd`'s online teacher."""
+
+    # The share of micro-batches whose completions the student samples (the rest train on the
+    # verified rationales); drawn per (train.seed, step, micro-batch), so a resumed run draws alike.
+    lmbda: float = 1.0
+    # The generalised JSD's mixture weight: 0 is forward KL, 1 reverse KL (TRL's convention).
+    beta: float = 1.0
+    # The student's sampling temperature.
+    temperature: float = 1.0
+    # The longest sampled completion, in tokens (the prompt and it are cut at train.max_length).
+    max_new_tokens: int = 128
+
+
+@dataclass
 class KDConfig:
     """The teacher signal of objectives `kd`, `ekd` and `context`: loss = (1 - alpha) * CE +
     alpha * T^2 * divergence(teacher || student) averaged over the selected completion positions.
@@ -113,6 +130,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     # QLoRA: load the student in 4-bit NF4 (bitsandbytes) and train LoRA adapters on it.
     quantize: Literal["none", "4bit"] = "none"
     # Pack each micro-batch's examples into rows of up to max_length tokens (attention kept

@@ -511,7 +511,10 @@ class _Stepper:
         the gradient norm before clipping (a tensor: read only at logged steps).
         Raises before the update when the loss, or the last update's weights, are not finite."""
         cfg, ranks, device = self.cfg, self.ranks, self.place.device
-        indices, parts, micro_batches, n_target = _micro_batches(self.examples, cfg, step, ranks, self.pad_id)
+        def pick(idx: list[int], micro: int) -> list[dict[str, list[int]]]:
+            return self.distiller.objective.resample(self.distiller, [self.examples[i] for i in idx], idx, step, micro)
+
+        indices, parts, micro_batches, n_target = _micro_batches(self.examples, cfg, step, ranks, self.pad_id, pick)
         total = torch.zeros((), device=device)
         ce_total = torch.zeros((), device=device)
         for j, (batch, (_, counted)) in enumerate(zip(micro_batches, parts, strict=True)):
@@ -579,16 +582,20 @@ def _optimizer(params: list[torch.Tensor], cfg: TrainConfig, place: devices.Plac
     return optimizer, scheduler
 
 
-def _micro_batches(examples: list[dict[str, list[int]]], cfg: TrainConfig, step: int, ranks: Ranks,
-                   pad_id: int) -> tuple[list[list[int]], list[tuple[list[int], bool]], list[dict[str, Any]], int]:
+def _micro_batches(examples: list[dict[str, list[int]]], cfg: TrainConfig, step: int, ranks: Ranks, pad_id: int,
+                   pick: Callable[[list[int], int], list[dict[str, list[int]]]] | None = None,
+                   ) -> tuple[list[list[int]], list[tuple[list[int], bool]], list[dict[str, Any]], int]:
     """Step `step`'s micro-batches: their example indices, this rank's part of each (all of it on
     one rank) and whether it counts, the collated (or packed) parts, and the step's target count
-    over every rank."""
+    over every rank. `pick(indices, micro)` gives the examples a part trains on (default: those
+    of the training set; an on-policy objective samples new completions)."""
+    pick = pick or (lambda idx, micro: [examples[i] for i in idx])
     indices = [micro_batch_indices(len(examples), cfg.batch_size, cfg.seed, step * cfg.grad_accum + j)
                for j in range(cfg.grad_accum)]
     parts = [ranks.part(idx) for idx in indices]
-    micro_batches = [pack([examples[i] for i in idx], pad_id, cfg.max_length, idx) if cfg.packing
-                     else collate([examples[i] for i in idx], pad_id, idx) for idx, _ in parts]
+    chosen = [pick(idx, j) for j, (idx, _) in enumerate(parts)]
+    micro_batches = [pack(exs, pad_id, cfg.max_length, idx) if cfg.packing else collate(exs, pad_id, idx)
+                     for exs, (idx, _) in zip(chosen, parts, strict=True)]
     n_target = ranks.total(sum(int((b["labels"][:, 1:] != IGNORE).sum())
                                for b, (_, counted) in zip(micro_batches, parts, strict=True) if counted))
     return indices, parts, micro_batches, n_target

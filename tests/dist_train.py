@@ -2,7 +2,8 @@
 one process, `torchrun ... -m tests.dist_train SPEC` for several. Not a test module.
 
 SPEC is JSON: `student`, `teacher`, `out`, `n_pairs` (the first n of tests.test_training's
-pairs), `train` (TrainConfig fields; `kd` and `lora` as mappings), and optionally `stop_rank`
+pairs), `train` (TrainConfig fields; `kd`, `lora` and `onpolicy` as mappings; onpolicy samples 12 tokens
+unless it says otherwise), and optionally `stop_rank`
 with `stop_after` (that rank alone asks to stop after so many steps of this call), `step_sleep`
 (seconds each step waits, to give a test time to act). USR2 asks the receiving rank to stop, as
 SLURM's signal does. Each rank writes `pid-<rank>` into `out` when it starts and `result-<rank>.json`
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from distill.train_config import KDConfig, LoraConfig, TrainConfig
+from distill.train_config import KDConfig, LoraConfig, OnPolicyConfig, TrainConfig
 from distill.training import newest_checkpoint, train
 from tests.test_training import pairs
 
@@ -32,6 +33,7 @@ def main(spec: dict) -> None:
     fields = dict(spec["train"])
     fields["kd"] = KDConfig(**fields.get("kd", {}))
     fields["lora"] = LoraConfig(**fields.get("lora", {}))
+    fields["onpolicy"] = OnPolicyConfig(**fields.get("onpolicy", {"max_new_tokens": 12}))
     cfg = TrainConfig(**fields)
 
     asked: list[int] = []

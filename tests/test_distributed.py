@@ -134,7 +134,7 @@ def two_ranks(tiny_world, tmp_path_factory):
 
 @pytest.mark.parametrize("distributed, objective, lora", [("ddp", "sft", False), ("ddp", "kd", False),
                                                           ("fsdp", "sft", False), ("fsdp", "kd", False),
-                                                          ("ddp", "sft", True)])
+                                                          ("ddp", "sft", True), ("ddp", "onpolicy", False)])
 def test_two_ranks_take_the_steps_of_one_process_at_the_same_global_batch(tiny_world, tmp_path, one_process,
                                                                           distributed, objective, lora):
     """Each step's loss (and cross-entropy) of two ranks equals one process's within 1e-4

@@ -40,6 +40,8 @@ class Trainer(Protocol):
     teacher: Any  # the teacher model, when it is online
     t_weight: torch.Tensor  # its LM head on the student's device, cut to the student's vocabulary
     place: Placement
+    student: torch.nn.Module  # the student being trained (not wrapped for several ranks)
+    tokenizer: Any  # the student's
 
     def map_head(self, hidden: torch.Tensor, weight: torch.Tensor,
                  fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -108,6 +110,14 @@ class Objective:
 
     def attach(self, model: torch.nn.Module, trainer: Trainer) -> None:
         """Add trainable parts to the student (they are optimised and checkpointed with it)."""
+
+    def resample(self, trainer: Trainer, examples: list[dict[str, list[int]]], indices: list[int], step: int,
+                 micro: int) -> list[dict[str, list[int]]]:
+        """The examples micro-batch `micro` of optimizer step `step` trains on, from those of the
+        training set at `indices` (the verified rationales, unchanged here). Whatever it draws
+        must depend on (seed, step, micro, index) alone, so a resumed run and any number of ranks
+        train on the same tokens."""
+        return examples
 
     def select(self, trainer: Trainer, batch: dict[str, Any], rows: dict[str, torch.Tensor],
                hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

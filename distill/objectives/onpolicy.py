@@ -1,0 +1,107 @@
+"""`onpolicy`: on-policy distillation (GKD, Agarwal et al. 2024; TRL's `DistillationTrainer`).
+
+For a share `lmbda` of the micro-batches the student samples the completions itself, from the
+current weights; the others train on the verified rationales. The loss is the generalised JSD
+(`beta`: 0 forward KL, 1 reverse KL, the default) between the teacher's distribution and the
+student's at every completion token, the teacher scoring the student's own tokens. No
+cross-entropy joins it: the student's samples are not targets.
+
+What is sampled depends on (train.seed, step, micro-batch, example) alone: each example is
+sampled on its own under its own seed, so a resumed run samples the same tokens, and several
+ranks sample what one process would. Samples come from transformers' `generate` on the
+training device; a vLLM engine holding a copy of the weights is not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from distill.objectives import IGNORE, ChunkKind, Objective, Teacher, Trainer
+
+if TYPE_CHECKING:
+    import torch
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers, the same on every machine and Python."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class OnPolicy(Objective):
+    logit_term = True
+    presets = {
+        "onpolicy": ["train.objective=onpolicy"],
+        "onpolicy-jsd": ["train.objective=onpolicy", "train.onpolicy.beta=0.5"],
+    }
+    gpu_checks = {"onpolicy reverse KL": {"objective": "onpolicy", "onpolicy": {"max_new_tokens": 16}}}
+
+    def check(self, at: Any) -> None:
+        from distill.errors import ConfigError
+
+        if self.cfg.distributed == "fsdp":
+            raise ConfigError(f"{at('train.distributed', 'train.objective')}: onpolicy samples from the whole student "
+                              "on each rank, which fsdp shards; use ddp")
+
+    def teacher(self) -> Teacher:
+        return "online"
+
+    def alpha(self) -> float:
+        return 1.0
+
+    def chunk_kind(self) -> ChunkKind:
+        return "kd"
+
+    def describe(self) -> str:
+        p = self.cfg.onpolicy
+        return f"lmbda {p.lmbda}, beta {p.beta}, sampled at T {p.temperature}, <= {p.max_new_tokens} tokens"
+
+    def sampled(self, step: int, micro: int) -> bool:
+        """Whether micro-batch `micro` of step `step` trains on the student's own samples."""
+        import random
+
+        return random.Random(seed_of(self.cfg.seed, step, micro, 0)).random() < self.cfg.onpolicy.lmbda
+
+    def resample(self, trainer: Trainer, examples: list[dict[str, list[int]]], indices: list[int], step: int,
+                 micro: int) -> list[dict[str, list[int]]]:
+        if not examples or not self.sampled(step, micro):
+            return examples
+        model = trainer.student
+        was_training = model.training
+        model.eval()
+        try:
+            return [self.sample(trainer, ex, seed_of(self.cfg.seed, step, micro, i + 1))
+                    for ex, i in zip(examples, indices, strict=True)]
+        finally:
+            model.train(was_training)
+
+    def sample(self, trainer: Trainer, example: dict[str, list[int]], seed: int) -> dict[str, list[int]]:
+        """`example`'s prompt with a completion the student samples under `seed`."""
+        import torch
+        from transformers import GenerationConfig
+
+        prompt = example["input_ids"][: next(i for i, lab in enumerate(example["labels"]) if lab != IGNORE)]
+        room = min(self.cfg.onpolicy.max_new_tokens, self.cfg.max_length - len(prompt))
+        if room < 1:
+            return example
+        tok = trainer.tokenizer
+        device = next(trainer.student.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            settings = GenerationConfig(do_sample=True, temperature=self.cfg.onpolicy.temperature, top_k=0, top_p=1.0,
+                                        max_new_tokens=room, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id)  # the model's own defaults left out
+            out = trainer.student.generate(torch.tensor([prompt], device=device), generation_config=settings)
+        completion = out[0, len(prompt):].tolist()
+        if tok.eos_token_id in completion:
+            completion = completion[: completion.index(tok.eos_token_id) + 1]
+        return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}
+
+    def divergence(self, trainer: Trainer, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        from distill import divergences
+
+        t_logits = rows["t_hidden"] @ trainer.t_weight.T
+        return divergences.full_kd(logits, t_logits, "jsd", beta=self.cfg.onpolicy.beta)[0]
+
+
+OBJECTIVE = OnPolicy

@@ -1,0 +1,94 @@
+"""On-policy distillation: the student's own samples, reproducible across a kill and a resume,
+the loss TRL's generalised JSD, and at lmbda 0, beta 0 the forward-KL KD of the rationales."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from distill.integrity import content_hash
+from distill.objectives.onpolicy import OnPolicy
+from distill.train_config import KDConfig, OnPolicyConfig, TrainConfig
+from distill.training import newest_checkpoint, tokenize_pairs, train
+from tests.test_training import pairs
+
+
+def config(**onpolicy) -> TrainConfig:
+    return TrainConfig(lr=1e-2, max_steps=4, batch_size=4, save_steps=2, log_steps=1, max_length=64,
+                       objective="onpolicy", onpolicy=OnPolicyConfig(max_new_tokens=12, **onpolicy), report_to=[])
+
+
+def history(out) -> list[dict]:
+    return json.loads((newest_checkpoint(out / "checkpoints") / "state.json").read_text())["history"]
+
+
+def test_samples_are_the_student_s_own_and_depend_on_seed_step_and_example_alone(tiny_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_world.student)
+    trainer = SimpleNamespace(student=AutoModelForCausalLM.from_pretrained(tiny_world.student), tokenizer=tok)
+    examples = tokenize_pairs(tok, pairs()[:4], 64)
+    objective = OnPolicy(config())
+    first = objective.resample(trainer, examples, [0, 1, 2, 3], step=5, micro=0)
+    assert objective.resample(trainer, examples, [0, 1, 2, 3], step=5, micro=0) == first
+    alone = objective.resample(trainer, examples[2:3], [2], step=5, micro=0)  # another rank's part, say
+    assert alone == first[2:3]
+    assert objective.resample(trainer, examples, [0, 1, 2, 3], step=6, micro=0) != first
+    for sample, example in zip(first, examples, strict=True):
+        prompt = sum(1 for lab in example["labels"] if lab == -100)
+        assert sample["input_ids"][:prompt] == example["input_ids"][:prompt]
+        assert sample["labels"][:prompt] == [-100] * prompt
+        assert sample["labels"][prompt:] == sample["input_ids"][prompt:]
+        assert 1 <= len(sample["input_ids"]) - prompt <= 12
+    assert [s["input_ids"] for s in first] != [e["input_ids"] for e in examples]
+    assert OnPolicy(config(lmbda=0.0)).resample(trainer, examples, [0, 1, 2, 3], 5, 0) is examples
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_run_samples_the_same_tokens_and_ends_at_the_same_loss(tiny_world, tmp_path):
+    cfg = config()
+    whole = train(tiny_world.student, pairs(), cfg, tmp_path / "whole", progress=False,
+                  teacher_path=tiny_world.teacher)
+    calls = itertools.count()
+    cut = train(tiny_world.student, pairs(), cfg, tmp_path / "cut", progress=False, teacher_path=tiny_world.teacher,
+                should_stop=lambda: next(calls) == 2)  # stops after step 3, saved there
+    assert not cut.finished and cut.step == 3
+    resumed = train(tiny_world.student, pairs(), cfg, tmp_path / "cut", progress=False,
+                    teacher_path=tiny_world.teacher)
+    assert resumed.resumed_from == 3 and resumed.finished
+    assert resumed.loss == pytest.approx(whole.loss, abs=1e-6)
+    assert [h["loss"] for h in history(tmp_path / "cut")] == pytest.approx([h["loss"] for h in
+                                                                           history(tmp_path / "whole")], abs=1e-6)
+    assert content_hash(tmp_path / "cut" / "model") == content_hash(tmp_path / "whole" / "model")
+
+
+@pytest.mark.slow
+def test_lmbda_0_beta_0_is_forward_kl_kd_on_the_rationales(tiny_world, tmp_path):
+    onpolicy = train(tiny_world.student, pairs(), config(lmbda=0.0, beta=0.0), tmp_path / "onpolicy",
+                     progress=False, teacher_path=tiny_world.teacher)
+    kd = TrainConfig(lr=1e-2, max_steps=4, batch_size=4, save_steps=2, log_steps=1, max_length=64, objective="kd",
+                     kd=KDConfig(loss="forward_kl", alpha=1.0), report_to=[])
+    offpolicy = train(tiny_world.student, pairs(), kd, tmp_path / "kd", progress=False, teacher_path=tiny_world.teacher)
+    assert onpolicy.loss == pytest.approx(offpolicy.loss, abs=1e-6)
+    assert [h["loss"] for h in history(tmp_path / "onpolicy")] == pytest.approx(
+        [h["loss"] for h in history(tmp_path / "kd")], abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])
+def test_the_loss_is_trl_s_generalized_jsd(beta):
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 7, 50) * 3, torch.randn(2, 7, 50) * 3
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :3] = -100  # a prompt: no loss there
+    mask = labels != -100
+    theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels, beta=beta, num_items_in_batch=int(mask.sum()))
+    trainer = SimpleNamespace(t_weight=torch.eye(50))
+    objective = OnPolicy(config(beta=beta))
+    mine = objective.divergence(trainer, student[mask], {"t_hidden": teacher[mask]}).mean()
+    assert mine.item() == pytest.approx(theirs.item(), abs=1e-4)
