@@ -95,7 +95,7 @@ class FeatureConfig:
 class TrainConfig:
     """Student training; one optimizer step consumes `batch_size * grad_accum` examples."""
 
-    # A module of distill/objectives (sft, kd, ekd, context, feature; docs/objectives) or the
+    # A module of distill/objectives (sft, kd, ekd, context, feature, onpolicy; docs/objectives) or the
     # dotted path of a module elsewhere that defines OBJECTIVE.
     objective: str = "sft"
     # AdamW's peak learning rate.

@@ -116,8 +116,8 @@ def test_bucket_keeps_the_positions_between_two_percentiles():
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["train.objective=distil"], "train.objective: expected one of context, ekd, feature, kd, sft (or a module path "
-                                 "that defines OBJECTIVE), got 'distil'"),
+    (["train.objective=distil"], "train.objective: expected one of context, ekd, feature, kd, onpolicy, sft "
+                                 "(or a module path that defines OBJECTIVE), got 'distil'"),
     (["train.objective=ekd", "train.kd.bucket=[70, 80]"], "ekd needs exactly one of top_k_percent and bucket"),
     (["train.objective=ekd", "train.kd.top_k_percent=null", "train.kd.bucket=[80, 70]"],
      "train.kd.bucket: expected [lower, upper]"),
