@@ -133,8 +133,9 @@ def template_findings(teacher: ModelFacts, student: ModelFacts, cfg: RunConfig) 
 def pair_findings(teacher: ModelFacts, student: ModelFacts, cfg: RunConfig) -> list[Finding]:
     """Every problem of this teacher/student pair under `cfg`, blocking ones first."""
     from distill import objectives  # torch: imported only when a pair is checked
+    from distill.config import undo_train
 
-    logits = objectives.build(cfg.train).teacher() != "none"
+    logits = any(objectives.build(t).teacher() != "none" for t in (cfg.train, undo_train(cfg)))
     found = (eos_findings(teacher, student, logits) + vocabulary_findings(teacher, student, logits)
              + length_findings(teacher, student, cfg, logits) + template_findings(teacher, student, cfg))
     return sorted(found, key=lambda f: not f.blocking)

@@ -230,6 +230,9 @@ class UndoConfig:
     max_iters: int = 3
     # ... and stops after this many iterations in a row without a better held-out accuracy.
     patience: int = 1
+    # The objective iterations 1+ train with (e.g. onpolicy after an sft iteration 0, as Qwen3's
+    # small models were made); null: train.objective. Its own settings are train's.
+    objective: str | None = None
 
 
 @dataclass
@@ -286,7 +289,7 @@ UNHASHED_AT_DEFAULT = frozenset({
     "verify.min_rationales", "train.kd", "train.feature", "train.quantize", "train.packing", "train.precision",
     "train.gradient_checkpointing", "train.loss_chunk", "train.distributed", "eval.backend",
     "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins",
-    "train.report_to", "data.decontaminate", "data.decontaminate_share", "train.onpolicy",
+    "train.report_to", "data.decontaminate", "data.decontaminate_share", "train.onpolicy", "undo.objective",
 })
 
 
@@ -534,8 +537,22 @@ def _check_values(cfg: RunConfig, origin: Origin) -> None:
                               f"{section}.n: 1")
     _resolve_benchmark(cfg, origin)
     check_train(cfg.train, origin)
+    if cfg.undo.objective is not None:
+        check_train(undo_train(cfg), origin)
     if getattr(cfg.data, cfg.eval.split) is None:
         raise ConfigError(f"{origin('eval.split', f'data.{cfg.eval.split}')}: data.{cfg.eval.split} is not set")
+
+
+def undo_train(cfg: RunConfig) -> TrainConfig:
+    """The train settings of iterations 1+: train's, with `undo.objective` where it is set."""
+    if cfg.undo.objective is None:
+        return cfg.train
+    return dataclasses.replace(cfg.train, objective=cfg.undo.objective)
+
+
+def iteration_train(cfg: RunConfig, it: int) -> TrainConfig:
+    """The train settings iteration `it`'s student is trained with."""
+    return cfg.train if it == 0 else undo_train(cfg)
 
 
 REPORT_TO = ("tensorboard",)  # where train.report_to may send the logged steps

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from distill.config import RunConfig
+from distill.config import RunConfig, iteration_train
 from distill.errors import DistillError
 from distill.integrity import Input, artifact
 from distill.jsonl import read_jsonl, write_jsonl
@@ -89,7 +89,7 @@ def train_student(unit: Unit) -> Result:
     cfg, it, paths = unit.cfg, unit.iteration, unit.paths
     records = build_training_set(cfg, it)
     init = paths.student(it - 1) if it > 0 and cfg.undo.init == "previous" else cfg.models.student
-    result = fit(unit, records, init, paths.train(it), cfg.train)
+    result = fit(unit, records, init, paths.train(it), iteration_train(cfg, it))
     if not result.stopped:
         result.fields["artifacts"]["train_data"] = artifact(paths.train_data(it), paths.root)
     return result

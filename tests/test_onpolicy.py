@@ -92,3 +92,20 @@ def test_the_loss_is_trl_s_generalized_jsd(beta):
     objective = OnPolicy(config(beta=beta))
     mine = objective.divergence(trainer, student[mask], {"t_hidden": teacher[mask]}).mean()
     assert mine.item() == pytest.approx(theirs.item(), abs=1e-4)
+
+
+def test_undo_iterations_may_train_with_another_objective(tiny_world, tmp_path):
+    from distill.config import iteration_train, load_config
+    from distill.errors import ConfigError
+
+    path = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    cfg = load_config(path, ["undo.objective=onpolicy", "train.onpolicy.lmbda=0.5"])
+    assert iteration_train(cfg, 0).objective == "sft"
+    assert iteration_train(cfg, 2).objective == "onpolicy" and iteration_train(cfg, 2).onpolicy.lmbda == 0.5
+    plain = load_config(path)
+    assert iteration_train(plain, 1) is plain.train
+    assert load_config(path).hash() == load_config(path, ["undo.objective=null"]).hash()  # old runs keep their hash
+    with pytest.raises(ConfigError, match=r"train\.objective: expected one of .* got 'onpolicyy'"):
+        load_config(path, ["undo.objective=onpolicyy"])
+    with pytest.raises(ConfigError, match="onpolicy samples from the whole student on each rank"):
+        load_config(path, ["undo.objective=onpolicy", "train.distributed=fsdp"])
