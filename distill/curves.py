@@ -11,12 +11,14 @@ manifest with the report. `tensorboard --logdir runs/<name>` (`make tensorboard`
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError
 
 EVENTS = "events.out.tfevents.*"
+log = logging.getLogger(__name__)
 
 
 def writer(log_dir: Path) -> Any:
@@ -34,23 +36,36 @@ def writer(log_dir: Path) -> Any:
 
 class Curves:
     """One training's scalars (`train/<name>` per logged step); does nothing without a directory
-    (another rank, or `report_to` without tensorboard)."""
+    (another rank, or `report_to` without tensorboard). The curves are derived from the
+    checkpoint's history, so one that cannot be written (a full disk) is given up with a
+    warning, never the training: they are written whole again when training next starts."""
 
     def __init__(self, log_dir: Path | None, history: list[dict[str, Any]]) -> None:
-        self.writer = writer(log_dir) if log_dir is not None else None
+        self.writer: Any = None
+        if log_dir is not None:
+            self._guarded(lambda: setattr(self, "writer", writer(log_dir)), log_dir)
         for row in history:
             self.add(row)
+
+    def _guarded(self, write: Any, where: Any = None) -> None:
+        try:
+            write()
+        except OSError as exc:
+            log.warning("training curves in %s not written (%s); they are written anew from the checkpoint's "
+                        "history when training next starts", where or self.writer.log_dir, exc)
+            self.writer = None
 
     def add(self, row: dict[str, Any]) -> None:
         if self.writer is None:
             return
         for key, value in row.items():
-            if key not in ("step", "time") and value is not None:
-                self.writer.add_scalar(f"train/{key}", value, row["step"], walltime=row.get("time"))
+            if key not in ("step", "time") and value is not None and self.writer is not None:
+                self._guarded(lambda k=key, v=value: self.writer.add_scalar(f"train/{k}", v, row["step"],
+                                                                             walltime=row.get("time")))
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            self._guarded(self.writer.flush)
 
     def __enter__(self) -> Curves:
         return self
