@@ -115,12 +115,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def cost_with_gains(data: dict[str, Any]) -> list[dict[str, Any]]:
+def cost_with_gains(data: dict[str, Any], models: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """`distill.cost.cost_rows`, each iteration's total with the accuracy it gained (points over
     the student before it: the untrained one for iteration 0 and for the one-shot baseline) per
-    GPU-hour, or per CPU-hour where the run had no GPU."""
+    GPU-hour, or per CPU-hour where the run had no GPU. `models`: `build_rows(data)`, when the
+    caller has it already."""
     baseline = {s.name for s in STAGES if s.plans == (BASELINE,)}
-    rows, models = cost_rows(data, names(), baseline), build_rows(data)
+    rows, models = cost_rows(data, names(), baseline), models if models is not None else build_rows(data)
     base = next((m["accuracy"] for m in models if m["model"] == "student (untrained)"), None)
     student = {m["iteration"]: m["accuracy"] for m in models if m["model"].startswith("student (")}
     oneshot = {m["iteration"]: m["accuracy"] for m in models if m["model"].startswith("one-shot")}
@@ -171,7 +172,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, str]:
     table = markdown_table(rows)
     name = data.get("run", run_dir.name)
     warnings = run_warnings(data)
-    cost = cost_with_gains(data)
+    cost = cost_with_gains(data, rows)
     write_json(report.with_suffix(".json"), {"run": name, "config_hash": data.get("config_hash"), "rows": rows,
                                              "warnings": warnings, "cost": cost})
     plot(rows, report.with_suffix(".png"), f"{name}: held-out accuracy")
