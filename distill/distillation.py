@@ -18,24 +18,22 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from distill import objectives
 from distill.chunked import CrossEntropy, head_loss
 from distill.device import Placement
-from distill.errors import DistillError, writing
+from distill.errors import DistillError
 from distill.jsonl import sha256_file
 from distill.layout import TrainPaths
 from distill.modeling import decoder, load_teacher, output_head
 from distill.objectives import IGNORE
 from distill.ranks import Ranks
+from distill.topk_store import FORMAT, TopKStore, gap_codes
 from distill.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -76,40 +74,6 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(-1)
 
 
-@dataclass
-class TopKStore:
-    """Teacher top-k logprobs for every completion token of the training set: example i owns
-    rows offsets[i]:offsets[i+1] of `ids` (int32) and `logprobs` (float16)."""
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-    offsets: torch.Tensor
-
-    def rows(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.ids[a:b], self.logprobs[a:b]
-
-    def save(self, path: Path, meta: dict[str, str]) -> None:
-        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-        try:
-            with writing(path):
-                save_file({"ids": self.ids, "logprobs": self.logprobs, "offsets": self.offsets}, str(tmp),
-                          metadata=meta)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> tuple[TopKStore, dict[str, str]]:
-        with safe_open(str(path), framework="pt") as f:
-            return cls(f.get_tensor("ids"), f.get_tensor("logprobs"), f.get_tensor("offsets")), f.metadata()
-
-    def bytes_per_token(self) -> float:
-        n = max(1, self.ids.size(0))
-        return (self.ids.numel() * self.ids.element_size() + self.logprobs.numel() * self.logprobs.element_size()) / n
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The batch's tensors on `device` (copies overlap with compute where the device allows)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -125,14 +89,14 @@ def _padded(examples: list[dict[str, list[int]]], device: torch.device) -> tuple
     return inp.to(device), att.to(device)
 
 
-def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, vocab: int, *, batch_size: int = 16,
-                 chunk: int = 256) -> TopKStore:
-    """Run the teacher once over the training examples, on its own device and in its own dtype;
-    keep the top-k logprobs (at T = 1) of each completion token's prediction. Only completion
-    positions go through the head, `chunk` at a time."""
+def teacher_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, vocab: int, *, batch_size: int = 16,
+                 chunk: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Run the teacher over the training examples, on its own device and in its own dtype: per
+    batch of examples, the top-k ids (int32) and float32 logprobs (at T = 1) of each completion
+    token's prediction, and each example's number of completion tokens. Only completion positions
+    go through the head, `chunk` at a time."""
     device = output_head(teacher).weight.device
     weight = output_head(teacher).weight[:vocab]
-    ids, logprobs, offsets = [], [], [0]
     with torch.no_grad():
         for s in range(0, len(examples), batch_size):
             part = examples[s : s + batch_size]
@@ -141,14 +105,26 @@ def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, voc
             labels = torch.full(inp.shape, IGNORE, dtype=torch.long)
             for r, e in enumerate(part):
                 labels[r, : len(e["labels"])] = torch.tensor(e["labels"])
-                offsets.append(offsets[-1] + sum(1 for lab in e["labels"] if lab != IGNORE))
             flat = hidden[:, :-1].reshape(-1, hidden.size(-1))
             rows = flat.index_select(0, target_positions(labels).to(flat.device)).to(weight.device)
-            for c in range(0, rows.size(0), chunk):
-                top = (rows[c : c + chunk] @ weight.T).float().log_softmax(-1).topk(k, dim=-1)
-                ids.append(top.indices.to(torch.int32).cpu())
-                logprobs.append(top.values.to(torch.float16).cpu())
-    return TopKStore(torch.cat(ids), torch.cat(logprobs), torch.tensor(offsets, dtype=torch.int64))
+            tops = [(rows[c : c + chunk] @ weight.T).float().log_softmax(-1).topk(k, dim=-1)
+                    for c in range(0, rows.size(0), chunk)]
+            ids = torch.cat([torch.zeros(0, k, dtype=torch.int32)] + [t.indices.to(torch.int32).cpu() for t in tops])
+            logprobs = torch.cat([torch.zeros(0, k)] + [t.values.cpu() for t in tops])
+            yield ids, logprobs, [sum(1 for lab in e["labels"] if lab != IGNORE) for e in part]
+
+
+def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, vocab: int, *, batch_size: int = 16,
+                 chunk: int = 256) -> TopKStore:
+    """The teacher's top-k over the training examples (`teacher_topk`), coded as they are stored
+    (`distill.topk_store`)."""
+    ids, codes, offsets = [torch.zeros(0, k, dtype=torch.int32)], [torch.zeros(0, k - 1, dtype=torch.uint8)], [0]
+    for top_ids, logprobs, counts in teacher_topk(teacher, examples, k, vocab, batch_size=batch_size, chunk=chunk):
+        ids.append(top_ids)
+        codes.append(gap_codes(logprobs))
+        for n in counts:
+            offsets.append(offsets[-1] + n)
+    return TopKStore.encode(torch.cat(ids), torch.cat(codes), torch.tensor(offsets, dtype=torch.int64))
 
 
 class Distiller:
@@ -186,12 +162,12 @@ class Distiller:
         top_k = self.cfg.kd.top_k
         path = out.topk(top_k)
         meta = {"teacher": str(teacher_path), "k": str(top_k), "examples": str(len(examples)),
-                "tokens": str(sum(sum(1 for lab in e["labels"] if lab != IGNORE) for e in examples))}
+                "tokens": str(sum(sum(1 for lab in e["labels"] if lab != IGNORE) for e in examples)), "format": FORMAT}
         if path.exists():
-            store, saved = TopKStore.load(path)
+            saved = TopKStore.metadata(path)
             info = json.loads(out.topk_info.read_text()) if out.topk_info.exists() else {}
-            if saved == meta and info.get("sha256") == sha256_file(path):
-                return store
+            if {k: saved.get(k) for k in meta} == meta and info.get("sha256") == sha256_file(path):
+                return TopKStore.load(path)[0]
             log.warning("%s: written for other settings, or damaged (sha256 differs from %s): captured again",
                         path, out.topk_info.name)
         teacher = load_teacher(teacher_path, self.place, attn, spread=self.ranks.world == 1)
@@ -200,7 +176,8 @@ class Distiller:
         del teacher
         store.save(path, meta)
         out.topk_info.write_text(json.dumps(
-            {**meta, "bytes_per_token": round(store.bytes_per_token(), 1), "file_bytes": path.stat().st_size,
+            {**meta, "bytes_per_token": round(path.stat().st_size / max(1, store.tokens), 1),
+             "file_bytes": path.stat().st_size,
              "sha256": sha256_file(path)}, indent=1))
         return store
 
