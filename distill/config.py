@@ -233,6 +233,10 @@ class UndoConfig:
     # The objective iterations 1+ train with (e.g. onpolicy after an sft iteration 0, as Qwen3's
     # small models were made); null: train.objective. Its own settings are train's.
     objective: str | None = None
+    # The share of the prompts an objective that draws its own (onpolicy) takes from this
+    # iteration's mined errors, the student's failures (1: only them; 0: the whole training set,
+    # as in iteration 0). The rest of each draw is the training set's.
+    onpolicy_errors: float = 0.0
 
 
 @dataclass
@@ -290,6 +294,7 @@ UNHASHED_AT_DEFAULT = frozenset({
     "train.gradient_checkpointing", "train.loss_chunk", "train.distributed", "eval.backend",
     "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins",
     "train.report_to", "data.decontaminate", "data.decontaminate_share", "train.onpolicy", "undo.objective",
+    "undo.onpolicy_errors",
 })
 
 
@@ -474,6 +479,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("undo.n", AT_LEAST_1),
     ("undo.temperature", NON_NEGATIVE),
     ("undo.cap_per_problem", AT_LEAST_1),
+    ("undo.onpolicy_errors", ZERO_TO_ONE),
     ("undo.max_iters", AT_LEAST_1),
     ("undo.patience", AT_LEAST_1),
 )
@@ -539,6 +545,9 @@ def _check_values(cfg: RunConfig, origin: Origin) -> None:
     check_train(cfg.train, origin)
     if cfg.undo.objective is not None:
         check_train(undo_train(cfg), origin)
+    if cfg.undo.onpolicy_errors > 0 and not objectives.build(undo_train(cfg)).draws_examples():
+        raise ConfigError(f"{origin('undo.onpolicy_errors', 'undo.objective')}: objective {undo_train(cfg).objective} "
+                          "trains on the rationales as they are and draws no prompts; set undo.objective: onpolicy")
     if getattr(cfg.data, cfg.eval.split) is None:
         raise ConfigError(f"{origin('eval.split', f'data.{cfg.eval.split}')}: data.{cfg.eval.split} is not set")
 

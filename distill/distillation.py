@@ -136,6 +136,8 @@ class Distiller:
                  ranks: Ranks | None = None) -> None:
         self.cfg, self.place, self.tokenizer = cfg, place, tokenizer
         self.student: Any = None  # set by `attach`
+        self.examples = examples
+        self.focus: tuple[list[int], float] = ([], 0.0)  # set by `training.train` from its `focus`
         self.objective = objectives.build(cfg)
         self.ranks = ranks or Ranks()
         self.vocab = len(tokenizer)

@@ -65,14 +65,19 @@ def steps_so_far(manifest: dict[str, Any], it: int) -> int:
 
 def fit(unit: Unit, records: list[dict[str, Any]], init: Any, out: TrainPaths, cfg_train: Any) -> Result:
     from distill.modeling import load_tokenizer
-    from distill.training import train
+    from distill.training import Focus, train
 
     cfg = unit.cfg
     if not records:
         raise DistillError(f"{unit.paths.verified(unit.iteration)}: no verified rationales to train on")
-    pairs = training_pairs(cfg.prompt, records, load_tokenizer(init))
+    tokenizer = load_tokenizer(init)
+    pairs = training_pairs(cfg.prompt, records, tokenizer)
+    focus = None
+    if unit.iteration > 0 and cfg.undo.onpolicy_errors > 0:  # the prompts of the mined errors' rationales
+        errors = [r for r in records if r.get("iteration") == unit.iteration]
+        focus = Focus(frozenset(p for p, _ in training_pairs(cfg.prompt, errors, tokenizer)), cfg.undo.onpolicy_errors)
     result = train(init, pairs, cfg_train, out.root, should_stop=unit.should_stop, progress=unit.progress,
-                   teacher_path=cfg.models.teacher, attn_implementation=cfg.models.attn_implementation)
+                   teacher_path=cfg.models.teacher, attn_implementation=cfg.models.attn_implementation, focus=focus)
     metrics = {"step": result.step, "total_steps": result.total_steps, "loss": result.loss,
                "tokens_per_s": result.tokens_per_s, "examples": len(records),
                "problems": len({r["problem_id"] for r in records})}

@@ -390,6 +390,21 @@ def save_model(final: Any, tokenizer: Any, out: TrainPaths, ckpt: Path, place: d
 # -- the loop ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Focus:
+    """Prompts whose examples an objective that draws its own (onpolicy) leans toward, e.g. the
+    mined errors of an UNDO iteration, and the share of its draws that go to them."""
+
+    prompts: frozenset[str]
+    share: float
+
+    def indices(self, tokenizer: Any, examples: list[dict[str, list[int]]]) -> list[int]:
+        """The examples whose prompt is one of `prompts`, as tokenized for training."""
+        wanted = {tuple(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in self.prompts}
+        return [i for i, ex in enumerate(examples)
+                if tuple(ex["input_ids"][: next(j for j, lab in enumerate(ex["labels"]) if lab != IGNORE)]) in wanted]
+
+
 def train(
     model_path: str | Path,
     pairs: Sequence[tuple[str, str]],
@@ -401,10 +416,12 @@ def train(
     teacher_path: str | Path | None = None,
     attn_implementation: str = "sdpa",
     device: str | torch.device | None = None,
+    focus: Focus | None = None,
 ) -> TrainResult:
     """Train on (prompt, completion) pairs with `cfg.objective` (the teacher at `teacher_path`
     for an objective that needs one); resume from `out_dir/checkpoints` if any. `device` overrides
-    the job's own choice (its GPU, else the CPU).
+    the job's own choice (its GPU, else the CPU). `focus` steers an objective that draws its own
+    examples.
 
     Started by torchrun with `train.distributed` ddp or fsdp, this process is one rank of the
     run (`distill.ranks`): every rank calls `train` with the same arguments and gets the same
@@ -416,12 +433,12 @@ def train(
                            "no bf16); use ddp on this GPU")
     with join(cfg.distributed, place.device) as ranks:
         return _train(model_path, pairs, cfg, TrainPaths(Path(out_dir)), place, ranks, should_stop, progress,
-                      teacher_path, attn_implementation)
+                      teacher_path, attn_implementation, focus)
 
 
 def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainConfig, out: TrainPaths,
            place: devices.Placement, ranks: Ranks, should_stop: Callable[[], bool] | None, progress: bool,
-           teacher_path: str | Path | None, attn_implementation: str) -> TrainResult:
+           teacher_path: str | Path | None, attn_implementation: str, focus: Focus | None = None) -> TrainResult:
     _clear_stale(out, ranks)
     model, tokenizer = load_student(model_path, cfg, place, attn_implementation)
     examples = tokenize_pairs(tokenizer, pairs, cfg.max_length, teacher_prompt=objectives.build(cfg).teacher_prompt)
@@ -429,6 +446,8 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
         raise DistillError(f"train: no training examples: all {len(pairs)} prompts are at least train.max_length "
                            f"({cfg.max_length}) tokens long; raise train.max_length")
     distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation, ranks)
+    if focus is not None:
+        distiller.focus = (focus.indices(tokenizer, examples), focus.share)
     distiller.attach(model)
     net = wrap(model, distiller, ranks)  # the loss as a module: inside DDP, or sharded by FSDP, on several ranks
     steps = total_steps(cfg, len(examples))

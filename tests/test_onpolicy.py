@@ -109,3 +109,81 @@ def test_undo_iterations_may_train_with_another_objective(tiny_world, tmp_path):
         load_config(path, ["undo.objective=onpolicyy"])
     with pytest.raises(ConfigError, match="onpolicy samples from the whole student on each rank"):
         load_config(path, ["undo.objective=onpolicy", "train.distributed=fsdp"])
+
+
+def test_onpolicy_errors_draw_a_share_of_the_sampled_prompts_from_the_focus(tiny_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.training import Focus
+
+    tok = AutoTokenizer.from_pretrained(tiny_world.student)
+    examples = tokenize_pairs(tok, pairs()[:4], 64)
+    prompt_of = [ex["input_ids"][: ex["labels"].count(-100)] for ex in examples]
+    assert len({tuple(p) for p in prompt_of}) == 4
+    pool = Focus(frozenset({pairs()[3][0]}), 1.0).indices(tok, examples)
+    assert pool == [3]
+    student = AutoModelForCausalLM.from_pretrained(tiny_world.student)
+
+    def prompts(share: float, step: int) -> list[list[int]]:
+        trainer = SimpleNamespace(student=student, tokenizer=tok, examples=examples, focus=(pool, share))
+        drawn = OnPolicy(config()).resample(trainer, examples, [0, 1, 2, 3], step=step, micro=0)
+        return [s["input_ids"][: s["labels"].count(-100)] for s in drawn]
+
+    assert prompts(1.0, 5) == [prompt_of[3]] * 4
+    unfocused = OnPolicy(config()).resample(SimpleNamespace(student=student, tokenizer=tok), examples, [0, 1, 2, 3],
+                                            step=5, micro=0)
+    assert prompts(0.0, 5) == [s["input_ids"][: s["labels"].count(-100)] for s in unfocused] == prompt_of
+    mixed = [p for step in range(4) for p in prompts(0.5, step)]
+    assert mixed == [p for step in range(4) for p in prompts(0.5, step)]  # the same draws every time
+    moved = sum(p == prompt_of[3] for p in mixed) - 4  # example 3 itself draws its own prompt either way
+    assert 0 < moved < 12
+
+
+def test_an_undo_iteration_focuses_onpolicy_on_its_mined_errors(tiny_world, tmp_path, monkeypatch):
+    from distill import training
+    from distill.config import load_config
+    from distill.errors import ConfigError
+    from distill.jsonl import write_jsonl
+    from distill.layout import RunPaths
+    from distill.modeling import load_tokenizer
+    from distill.prompts import build_prompt
+    from distill.stage import Unit
+    from distill.student import train_student
+
+    path = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    with pytest.raises(ConfigError, match="undo.onpolicy_errors.*draws no prompts; set undo.objective: onpolicy"):
+        load_config(path, ["undo.onpolicy_errors=0.5"])
+    assert load_config(path).hash() == load_config(path, ["undo.onpolicy_errors=0"]).hash()
+    cfg = load_config(path, ["undo.objective=onpolicy", "undo.onpolicy_errors=0.7"])
+    paths = RunPaths(cfg.run_dir)
+    old = [{"problem_id": f"p{i}", "question": f"What is {i} + {i}?", "response": f"{2 * i}"} for i in range(3)]
+    new = [{"problem_id": "p9", "question": "What is 9 + 9?", "response": "18"}]
+    paths.iteration(1).mkdir(parents=True)
+    write_jsonl(paths.train_data(0), [{**r, "iteration": 0} for r in old])
+    write_jsonl(paths.verified(1), new)
+    seen = {}
+
+    def fake_train(init, pairs, cfg_train, out, **kw):
+        seen.update(kw, pairs=pairs, objective=cfg_train.objective)
+        return training.TrainResult(False, 0, 1, None, 0.0, None, None)
+
+    monkeypatch.setattr(training, "train", fake_train)
+    train_student(Unit(cfg=cfg, iteration=1, key="0", paths=paths, progress=False))
+    error_prompt = build_prompt(load_tokenizer(cfg.models.student), cfg.prompt, "What is 9 + 9?")
+    assert seen["objective"] == "onpolicy" and len(seen["pairs"]) == 4
+    assert seen["focus"].prompts == {error_prompt} and seen["focus"].share == 0.7
+
+
+def test_train_hands_its_focus_to_the_objective(tiny_world, tmp_path, monkeypatch):
+    from distill.training import Focus
+
+    drawn = []
+    sample = OnPolicy.sample
+    monkeypatch.setattr(OnPolicy, "sample", lambda self, trainer, ex, seed: drawn.append(ex) or sample(
+        self, trainer, ex, seed))
+    cfg = config(lmbda=1.0)
+    cfg.max_steps = 1
+    train(tiny_world.student, pairs(), cfg, tmp_path / "run", progress=False, teacher_path=tiny_world.teacher,
+          focus=Focus(frozenset({pairs()[3][0]}), 1.0))
+    assert len(drawn) == 4 and all(ex["input_ids"] == drawn[0]["input_ids"] for ex in drawn)
+    assert drawn[0]["labels"].count(-100) < len(drawn[0]["labels"])  # a rationale example: example 3's

@@ -42,6 +42,10 @@ class Trainer(Protocol):
     place: Placement
     student: torch.nn.Module  # the student being trained (not wrapped for several ranks)
     tokenizer: Any  # the student's
+    examples: list[dict[str, list[int]]]  # the training set, tokenized
+    # Indices of the examples whose prompts draws lean toward (UNDO's mined errors), and the share
+    # of draws that go to them.
+    focus: tuple[list[int], float]
 
     def map_head(self, hidden: torch.Tensor, weight: torch.Tensor,
                  fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -118,6 +122,10 @@ class Objective:
         must depend on (seed, step, micro, index) alone, so a resumed run and any number of ranks
         train on the same tokens."""
         return examples
+
+    def draws_examples(self) -> bool:
+        """Whether `resample` draws examples of its own (so `undo.onpolicy_errors` may steer it)."""
+        return type(self).resample is not Objective.resample
 
     def select(self, trainer: Trainer, batch: dict[str, Any], rows: dict[str, torch.Tensor],
                hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@ cross-entropy joins it: the student's samples are not targets.
 
 What is sampled depends on (train.seed, step, micro-batch, example) alone: each example is
 sampled on its own under its own seed, so a resumed run samples the same tokens, and several
-ranks sample what one process would. Samples come from transformers' `generate` on the
-training device; a vLLM engine holding a copy of the weights is not used.
+ranks sample what one process would. In an UNDO iteration a share of the sampled prompts may be
+the mined errors' (`undo.onpolicy_errors`): the student practises where it failed. Samples come
+from transformers' `generate` on the training device; a vLLM engine holding a copy of the
+weights is not used.
 """
 
 from __future__ import annotations
@@ -70,10 +72,23 @@ class OnPolicy(Objective):
         was_training = model.training
         model.eval()
         try:
-            return [self.sample(trainer, ex, seed_of(self.cfg.seed, step, micro, i + 1))
+            return [self.sample(trainer, self.prompt_source(trainer, ex, (self.cfg.seed, step, micro, i + 1)),
+                                seed_of(self.cfg.seed, step, micro, i + 1))
                     for ex, i in zip(examples, indices, strict=True)]
         finally:
             model.train(was_training)
+
+    def prompt_source(self, trainer: Trainer, example: dict[str, list[int]], key: tuple[int, ...]) -> dict:
+        """The example whose prompt is sampled in `example`'s place: with the trainer's focus
+        (`undo.onpolicy_errors`), a share of the draws goes to the focused examples (the mined
+        errors), picked by `key` alone."""
+        import random
+
+        pool, share = getattr(trainer, "focus", ([], 0.0))
+        draw = random.Random(seed_of(*key, 1))
+        if pool and draw.random() < share:
+            return trainer.examples[pool[draw.randrange(len(pool))]]
+        return example
 
     def sample(self, trainer: Trainer, example: dict[str, list[int]], seed: int) -> dict[str, list[int]]:
         """`example`'s prompt with a completion the student samples under `seed`."""
