@@ -173,11 +173,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         notes = [note] if note else []
     result = memory_plan(cfg, gpus, world_size=args.world_size or world or 1, strategy=args.strategy)
     result["notes"] = notes
-    result["plans"] = {kind: [s.name for s in pipeline.plan(kind)] for kind in (FIRST, UNDO, BASELINE)}
+    result["plans"] = {kind: [s.name for s in pipeline.kind_plan(kind, cfg)] for kind in (FIRST, UNDO, BASELINE)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print("stages:\n" + "\n".join(f"  {line}" for line in pipeline.plan_lines()) + "\n")
+    print("stages:\n" + "\n".join(f"  {line}" for line in pipeline.plan_lines(cfg)) + "\n")
     print(format_memory_plan(result))
     for note in notes:
         print(f"note: {note}")

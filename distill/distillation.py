@@ -16,6 +16,7 @@ vocabulary] tensor is ever built.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -66,6 +67,15 @@ def check_vocabularies(student_tokenizer: Any, teacher_path: str | Path, objecti
             f"first difference {differing}): objective {objective} needs the student's vocabulary to be the "
             "teacher's or an id-preserving prefix of it; use objective sft for this pair"
         )
+
+
+def examples_digest(examples: list[dict[str, list[int]]]) -> str:
+    """The sha256 of the training examples' token ids and labels: a stored top-k belongs to
+    exactly these tokens."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+    return digest.hexdigest()
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -127,13 +137,23 @@ def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, voc
     return TopKStore.encode(torch.cat(ids), torch.cat(codes), torch.tensor(offsets, dtype=torch.int64))
 
 
+def stored_topk(path: Path, examples: list[dict[str, list[int]]], k: int) -> TopKStore:
+    """The score stage's store, once it is known to hold these very examples' tokens."""
+    store, meta = TopKStore.load(path)
+    if meta.get("examples_sha256") != examples_digest(examples) or store.k != k:
+        raise DistillError(f"{path}: scored top-{store.k} over other tokens than the {len(examples)} examples training "
+                           f"reads (top-{k}): the training set, tokenizer or train.max_length changed after the score "
+                           "stage ran; run the score stage again (delete this file and rerun the iteration)")
+    return store
+
+
 class Distiller:
     """The loss of one training run: the student's cross-entropy and what its objective adds
     (`distill.objectives`), on whatever teacher the objective needs."""
 
     def __init__(self, cfg: TrainConfig, tokenizer: Any, teacher_path: str | Path | None, out: TrainPaths,
                  examples: list[dict[str, list[int]]], place: Placement, attn_implementation: str = "sdpa",
-                 ranks: Ranks | None = None) -> None:
+                 ranks: Ranks | None = None, topk_store: Path | None = None) -> None:
         self.cfg, self.place, self.tokenizer = cfg, place, tokenizer
         self.student: Any = None  # set by `attach`
         self.examples = examples
@@ -149,7 +169,9 @@ class Distiller:
         if teacher_path is None:
             raise DistillError(f"train.objective {cfg.objective} needs a teacher (models.teacher)")
         check_vocabularies(tokenizer, teacher_path, cfg.objective)
-        if needs == "offline":
+        if needs == "offline" and topk_store is not None:  # scored by the score stage
+            self.store = stored_topk(topk_store, examples, cfg.kd.top_k)
+        elif needs == "offline":
             # Rank 0 captures the store (or finds it), the others then load what it wrote.
             self.store = self.ranks.first(lambda: self._offline_store(teacher_path, out, examples, attn_implementation))
         else:

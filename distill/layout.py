@@ -156,6 +156,14 @@ class RunPaths:
     def errors(self, it: int) -> Path:
         return self.iteration(it) / "errors.jsonl"
 
+    def score_shard(self, it: int, shard: int, num_shards: int) -> Path:
+        """A score shard's folder of parts (`distill.scoring`)."""
+        return self.iteration(it) / "score" / shard_name(shard, num_shards).removesuffix(".jsonl")
+
+    def scores(self, it: int, k: int) -> Path:
+        """The teacher's top-k over iteration it's training tokens, merged from the score shards."""
+        return self.iteration(it) / "score" / f"teacher-top{k}.safetensors"
+
     def train_data(self, it: int) -> Path:
         """The training set D_it after the dataset policy (accumulate/replace, cap)."""
         return self.iteration(it) / "train_data.jsonl"

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from distill.config import RunConfig
 from distill.errors import DistillError
 from distill.evaluation import BASELINE_EVALUATE, EVALUATE
 from distill.mining import MINE
 from distill.rationales import GENERATE, VERIFY
 from distill.records import StageRecord
+from distill.scoring import SCORE
 from distill.stage import BASELINE, FIRST, UNDO, Stage
 from distill.student import BASELINE_TRAIN, TRAIN
 from distill.typed_yaml import check_name
 
-STAGES: list[Stage] = [MINE, GENERATE, VERIFY, TRAIN, EVALUATE, BASELINE_TRAIN, BASELINE_EVALUATE]
+STAGES: list[Stage] = [MINE, GENERATE, VERIFY, SCORE, TRAIN, EVALUATE, BASELINE_TRAIN, BASELINE_EVALUATE]
 
 
 def register(stage: Stage, *, after: str | None = None) -> Stage:
@@ -51,30 +53,36 @@ def plan(kind: str) -> list[Stage]:
     return [s for s in STAGES if kind in s.plans]
 
 
-def iteration_plan(it: int) -> list[Stage]:
-    return plan(FIRST if it == 0 else UNDO)
+def iteration_plan(it: int, cfg: RunConfig | None = None) -> list[Stage]:
+    """Iteration it's stages; with a config, only those its iterations have (`Stage.needed`)."""
+    return [s for s in plan(FIRST if it == 0 else UNDO) if cfg is None or s.needed(cfg, it)]
 
 
 def baseline_plan() -> list[Stage]:
     return plan(BASELINE)
 
 
-def plan_lines() -> list[str]:
-    """Each plan's stages in order, as `distill plan` shows them, with the cluster-profile section
-    whose resources a stage's jobs get where it is not the stage's own name."""
+def kind_plan(kind: str, cfg: RunConfig) -> list[Stage]:
+    """A plan's stages that a config's iterations have (iteration 1 standing for UNDO's)."""
+    return [s for s in plan(kind) if s.needed(cfg, 0 if kind == FIRST else 1)]
+
+
+def plan_lines(cfg: RunConfig) -> list[str]:
+    """Each plan's stages in order, as `distill plan` shows them for a config, with the
+    cluster-profile section whose resources a stage's jobs get where it is not the stage's own name."""
     def shown(s: Stage) -> str:
         return s.name if s.resource_section == s.name else f"{s.name} ({s.resource_section})"
-    return [f"{label}: {', '.join(shown(s) for s in plan(kind))}"
+    return [f"{label}: {', '.join(shown(s) for s in kind_plan(kind, cfg))}"
             for label, kind in (("iteration 0", FIRST), ("iteration 1+ (UNDO)", UNDO), ("baseline", BASELINE))]
 
 
-def require_finished(manifest: dict[str, Any], run: str, it: int, again: str) -> None:
+def require_finished(manifest: dict[str, Any], cfg: RunConfig, it: int, again: str) -> None:
     """Refuse to start after iteration `it` before it is finished: its student and its data are
     what the next iteration starts from. `again` is the command that finishes it."""
-    for s in iteration_plan(it):
+    for s in iteration_plan(it, cfg):
         state = StageRecord.of(manifest, it, s.name).state
         if state != "done":
-            raise DistillError(f"{run}: iteration {it + 1} needs iteration {it} finished, but its {s.name} stage "
+            raise DistillError(f"{cfg.name}: iteration {it + 1} needs iteration {it} finished, but its {s.name} stage "
                                f"is {state}: run `{again}` first")
 
 

@@ -66,7 +66,7 @@ def repair(run_dir: Path) -> list[tuple[int, str, str]]:
     open_run(cfg)
     report = []
     for it in iterations_on_disk(paths):
-        stages = pipeline.iteration_plan(it) + [s for s in pipeline.baseline_plan()]
+        stages = pipeline.iteration_plan(it, cfg) + [s for s in pipeline.baseline_plan()]
         for stage in stages:
             report.append((it, stage.name, recover_stage(cfg, it, stage)))
     return report

@@ -115,6 +115,9 @@ class Stage:
     # Why the stage cannot start from what earlier stages recorded (the manifest), or None: asked
     # before its jobs are submitted and again when a unit starts, whichever launcher started it.
     ready: Callable[[RunConfig, int, dict[str, Any]], str | None] = lambda cfg, it, manifest: None
+    # Whether an iteration of this config has the stage at all (the score stage: only for an
+    # objective that reads stored teacher logprobs); a stage it lacks is not run, waited for or shown.
+    needed: Callable[[RunConfig, int], bool] = lambda cfg, it: True
 
     @property
     def resource_section(self) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from distill.config import RunConfig, iteration_train
@@ -22,39 +22,16 @@ from distill.layout import CKPT_RE, RunPaths, TrainPaths, newest_checkpoint
 from distill.manifest import stage_entry
 from distill.prompts import training_pairs
 from distill.rationales import VERIFY, rationales_kept
+from distill.scoring import SCORE, needed
 from distill.stage import BASELINE, FIRST, UNDO, Result, Stage, Unit
+from distill.training_set import combine, training_set  # noqa: F401 - callers import combine here
 
 log = logging.getLogger(__name__)
 
 
-def combine(new: list[dict[str, Any]], old: list[dict[str, Any]], policy: str, cap: int) -> list[dict[str, Any]]:
-    """D_N from the new verified rationales and D_{N-1}: newest first, no duplicate
-    (problem, rationale) pairs, at most `cap` rationales per problem.
-
-    `replace` drops a problem's old rationales once it has new ones; `accumulate` keeps them.
-    """
-    if policy == "replace":
-        fresh = {r["problem_id"] for r in new}
-        old = [r for r in old if r["problem_id"] not in fresh]
-    seen: set[tuple[str, str]] = set()
-    per_problem: dict[str, int] = defaultdict(int)
-    out = []
-    for r in new + old:
-        key = (r["problem_id"], " ".join(r["response"].split()))
-        if key in seen or per_problem[r["problem_id"]] >= cap:
-            continue
-        seen.add(key)
-        per_problem[r["problem_id"]] += 1
-        out.append(r)
-    return out
-
-
 def build_training_set(cfg: RunConfig, it: int) -> list[dict[str, Any]]:
-    paths = RunPaths(cfg.run_dir)
-    new = [{**r, "iteration": it} for r in read_jsonl(paths.verified(it))]
-    old = read_jsonl(paths.train_data(it - 1)) if it > 0 else []
-    records = combine(new, old, cfg.undo.dataset, cfg.undo.cap_per_problem)
-    write_jsonl(paths.train_data(it), records)
+    records = training_set(cfg, it)
+    write_jsonl(RunPaths(cfg.run_dir).train_data(it), records)
     return records
 
 
@@ -63,7 +40,9 @@ def steps_so_far(manifest: dict[str, Any], it: int) -> int:
     return sum(stage_entry(manifest, i, "train").get("metrics", {}).get("step", 0) for i in range(it + 1))
 
 
-def fit(unit: Unit, records: list[dict[str, Any]], init: Any, out: TrainPaths, cfg_train: Any) -> Result:
+def fit(unit: Unit, records: list[dict[str, Any]], init: Any, out: TrainPaths, cfg_train: Any,
+        scores: Path | None = None) -> Result:
+    """Train on `records` from `init`; `scores` is the score stage's teacher top-k for them."""
     from distill.modeling import load_tokenizer
     from distill.training import Focus, train
 
@@ -77,7 +56,8 @@ def fit(unit: Unit, records: list[dict[str, Any]], init: Any, out: TrainPaths, c
         errors = [r for r in records if r.get("iteration") == unit.iteration]
         focus = Focus(frozenset(p for p, _ in training_pairs(cfg.prompt, errors, tokenizer)), cfg.undo.onpolicy_errors)
     result = train(init, pairs, cfg_train, out.root, should_stop=unit.should_stop, progress=unit.progress,
-                   teacher_path=cfg.models.teacher, attn_implementation=cfg.models.attn_implementation, focus=focus)
+                   teacher_path=cfg.models.teacher, attn_implementation=cfg.models.attn_implementation, focus=focus,
+                   topk_store=scores)
     metrics = {"step": result.step, "total_steps": result.total_steps, "loss": result.loss,
                "tokens_per_s": result.tokens_per_s, "examples": len(records),
                "problems": len({r["problem_id"] for r in records})}
@@ -94,7 +74,9 @@ def train_student(unit: Unit) -> Result:
     cfg, it, paths = unit.cfg, unit.iteration, unit.paths
     records = build_training_set(cfg, it)
     init = paths.student(it - 1) if it > 0 and cfg.undo.init == "previous" else cfg.models.student
-    result = fit(unit, records, init, paths.train(it), iteration_train(cfg, it))
+    tcfg = iteration_train(cfg, it)
+    scores = paths.scores(it, tcfg.kd.top_k) if needed(cfg, it) else None
+    result = fit(unit, records, init, paths.train(it), tcfg, scores)
     if not result.stopped:
         result.fields["artifacts"]["train_data"] = artifact(paths.train_data(it), paths.root)
     return result
@@ -105,7 +87,8 @@ def train_inputs(cfg: RunConfig, it: int) -> list[Input]:
     previous = [TRAIN.output("train_data", it - 1)] if it > 0 else []
     if it > 0 and cfg.undo.init == "previous":
         previous.append(TRAIN.output("model", it - 1))
-    return [VERIFY.output("verified", it), *previous]
+    scores = [SCORE.output("topk", it)] if needed(cfg, it) else []
+    return [VERIFY.output("verified", it), *previous, *scores]
 
 
 def train_oneshot(unit: Unit) -> Result:
@@ -113,7 +96,8 @@ def train_oneshot(unit: Unit) -> Result:
     iterations 0..it, from the base model."""
     it, paths = unit.iteration, unit.paths
     tcfg = dataclasses.replace(unit.cfg.train, max_steps=steps_so_far(unit.manifest, it))
-    return fit(unit, read_jsonl(paths.train_data(0)), unit.cfg.models.student, paths.baseline(it), tcfg)
+    scores = paths.scores(0, tcfg.kd.top_k) if needed(unit.cfg, 0) else None  # iteration 0's data, so its store
+    return fit(unit, read_jsonl(paths.train_data(0)), unit.cfg.models.student, paths.baseline(it), tcfg, scores)
 
 
 def _recover(out: Any, *extra: tuple[str, Any]) -> Callable[[Unit], Result | None]:
@@ -165,7 +149,9 @@ TRAIN = Stage("train", train_student, plans=(FIRST, UNDO), inputs=train_inputs, 
               summary=_summary, recover=_recover(RunPaths.train, ("train_data", RunPaths.train_data)),
               resume_point=lambda paths, it: _resume_point("train", paths.train(it)), distributed=_distributed)
 BASELINE_TRAIN = Stage("baseline_train", train_oneshot, plans=(BASELINE,),
-                       inputs=lambda cfg, it: [TRAIN.output("train_data", 0)], stops_anywhere=False,
+                       inputs=lambda cfg, it: [TRAIN.output("train_data", 0),
+                                               *([SCORE.output("topk", 0)] if needed(cfg, 0) else [])],
+                       stops_anywhere=False,
                        resources=TRAIN.resource_section, produces=("model",), summary=_summary,
                        recover=_recover(RunPaths.baseline),
                        resume_point=lambda paths, it: _resume_point("baseline_train", paths.baseline(it)),

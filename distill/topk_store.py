@@ -77,6 +77,16 @@ class TopKStore:
         coded = rank[inverse].numpy().astype(np.uint32 if values.numel() > 2**16 else np.uint16)
         return cls(values[order].numpy().astype(np.int32), coded, codes.numpy().astype(np.uint8), offsets.long())
 
+    @classmethod
+    def concat(cls, stores: list[TopKStore]) -> TopKStore:
+        """One store of several (each with its codebook), their examples in order."""
+        ids = torch.cat([torch.from_numpy(s.codebook[s.ids.astype(np.int64)]) for s in stores])
+        codes = torch.cat([torch.from_numpy(s.codes.copy()) for s in stores])
+        offsets = [0]
+        for s in stores:
+            offsets += (s.offsets[1:] + offsets[-1]).tolist()
+        return cls.encode(ids, codes, torch.tensor(offsets, dtype=torch.int64))
+
     @property
     def k(self) -> int:
         return self.ids.shape[1]

@@ -417,11 +417,13 @@ def train(
     attn_implementation: str = "sdpa",
     device: str | torch.device | None = None,
     focus: Focus | None = None,
+    topk_store: Path | None = None,
 ) -> TrainResult:
     """Train on (prompt, completion) pairs with `cfg.objective` (the teacher at `teacher_path`
     for an objective that needs one); resume from `out_dir/checkpoints` if any. `device` overrides
     the job's own choice (its GPU, else the CPU). `focus` steers an objective that draws its own
-    examples.
+    examples; `topk_store` is the teacher's top-k the score stage stored for these pairs (offline
+    KD then never loads the teacher).
 
     Started by torchrun with `train.distributed` ddp or fsdp, this process is one rank of the
     run (`distill.ranks`): every rank calls `train` with the same arguments and gets the same
@@ -433,19 +435,21 @@ def train(
                            "no bf16); use ddp on this GPU")
     with join(cfg.distributed, place.device) as ranks:
         return _train(model_path, pairs, cfg, TrainPaths(Path(out_dir)), place, ranks, should_stop, progress,
-                      teacher_path, attn_implementation, focus)
+                      teacher_path, attn_implementation, focus, topk_store)
 
 
 def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainConfig, out: TrainPaths,
            place: devices.Placement, ranks: Ranks, should_stop: Callable[[], bool] | None, progress: bool,
-           teacher_path: str | Path | None, attn_implementation: str, focus: Focus | None = None) -> TrainResult:
+           teacher_path: str | Path | None, attn_implementation: str, focus: Focus | None = None,
+           topk_store: Path | None = None) -> TrainResult:
     _clear_stale(out, ranks)
     model, tokenizer = load_student(model_path, cfg, place, attn_implementation)
     examples = tokenize_pairs(tokenizer, pairs, cfg.max_length, teacher_prompt=objectives.build(cfg).teacher_prompt)
     if not examples:
         raise DistillError(f"train: no training examples: all {len(pairs)} prompts are at least train.max_length "
                            f"({cfg.max_length}) tokens long; raise train.max_length")
-    distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation, ranks)
+    distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation, ranks,
+                          topk_store=topk_store)
     if focus is not None:
         distiller.focus = (focus.indices(tokenizer, examples), focus.share)
     distiller.attach(model)

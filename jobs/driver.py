@@ -426,7 +426,7 @@ class Driver:
 
     def require_finished(self, iteration: int) -> None:
         again = self.again.replace("make iter", f"make iter ITER={iteration}", 1)
-        pipeline.require_finished(self.manifest.read(), self.cfg.name, iteration, again)
+        pipeline.require_finished(self.manifest.read(), self.cfg, iteration, again)
 
     def run_plan(self, iteration: int, stages: Sequence[Stage], only: Sequence[str] | None = None) -> None:
         self.iteration = iteration
@@ -465,7 +465,7 @@ class Driver:
         whether the student improved."""
         if iteration > 0:
             self.require_finished(iteration - 1)
-        plan = pipeline.iteration_plan(iteration)
+        plan = pipeline.iteration_plan(iteration, self.cfg)
         self.run_plan(iteration, plan, only)
         if only is not None and not all(self.manifest.is_done(iteration, s.name) for s in plan):
             return False
@@ -546,13 +546,13 @@ def planned(args: argparse.Namespace, driver: Driver, only: list[str] | None) ->
     """What the command will run: the iteration that must be finished first (None: none) and
     the stages whose jobs the start-up checks look at (what is done is not submitted again)."""
     if args.undo:
-        stages = pipeline.iteration_plan(0) + pipeline.iteration_plan(1)
+        stages = pipeline.iteration_plan(0, driver.cfg) + pipeline.iteration_plan(1, driver.cfg)
         return None, stages + (pipeline.baseline_plan() if args.with_baseline else [])
     if args.baseline:
         needs, stages = args.iteration, pipeline.baseline_plan()
     else:
         needs = args.iteration - 1 if args.iteration > 0 else None
-        stages = [s for s in pipeline.iteration_plan(args.iteration) if only is None or s.name in only]
+        stages = [s for s in pipeline.iteration_plan(args.iteration, driver.cfg) if only is None or s.name in only]
     return needs, [s for s in stages if not driver.manifest.is_done(args.iteration, s.name)]
 
 

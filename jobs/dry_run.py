@@ -67,13 +67,13 @@ def steps(driver: Driver, iteration: int, undo: bool, baseline: bool, with_basel
     if undo:
         later = (f"iterations 1, 2, ... while the student improves (undo.max_iters={driver.cfg.undo.max_iters}, "
                  f"undo.patience={driver.cfg.undo.patience})")
-        out: list[Step] = [(0, pipeline.iteration_plan(0), "iteration 0", True),
-                           (1, pipeline.iteration_plan(1), later, False)]
+        out: list[Step] = [(0, pipeline.iteration_plan(0, driver.cfg), "iteration 0", True),
+                           (1, pipeline.iteration_plan(1, driver.cfg), later, False)]
         last = [(1, pipeline.baseline_plan(), "then the one-shot baseline at the last iteration run", False)]
         return out + (last if with_baseline else [])
     if baseline:
         return [(iteration, pipeline.baseline_plan(), f"one-shot baseline at iteration {iteration}", True)]
-    plan = [s for s in pipeline.iteration_plan(iteration) if only is None or s.name in only]
+    plan = [s for s in pipeline.iteration_plan(iteration, driver.cfg) if only is None or s.name in only]
     return [(iteration, plan, f"iteration {iteration}", True)]
 
 

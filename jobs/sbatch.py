@@ -131,7 +131,7 @@ def prepare(cfg: RunConfig, it: int, accept_data: bool = False) -> None:
         print(note)
     check_run(cfg, accept_data=accept_data)
     if it > 0:
-        pipeline.require_finished(manifest_of(cfg).read(), cfg.name, it - 1,
+        pipeline.require_finished(manifest_of(cfg).read(), cfg, it - 1,
                                   f"slurm/iteration.sh {cfg.source} {it - 1}")
     models = resolve_models(cfg, manifest_of(cfg).read().get("models", {}))
     for note in check_pair(cfg, models):
@@ -145,7 +145,7 @@ def chain(cfg: RunConfig, it: int, baseline: bool) -> list[str]:
     """The plan of iteration `it` (or its one-shot baseline) as the sbatch chain submits it, one
     line per stage: its name, how many units it has, whether they run as an array (then a merge
     follows), and the cluster-profile section whose settings its jobs take."""
-    plan = pipeline.baseline_plan() if baseline else pipeline.iteration_plan(it)
+    plan = pipeline.baseline_plan() if baseline else pipeline.iteration_plan(it, cfg)
     return [f"{s.name} {len(s.units(cfg, it)) if s.sharded else 1} {int(s.sharded)} {s.resource_section}" for s in plan]
 
 
@@ -154,7 +154,7 @@ def next_iteration(cfg: RunConfig, it: int) -> str:
     from distill import undo
 
     manifest = manifest_of(cfg)
-    for stage in pipeline.iteration_plan(it):
+    for stage in pipeline.iteration_plan(it, cfg):
         if not manifest.is_done(it, stage.name):
             raise DistillError(f"iteration {it}: {stage.name} is not done; the chain did not finish")
     print(undo.verdict(manifest, it).line(cfg.run_dir), file=sys.stderr)
