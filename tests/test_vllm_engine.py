@@ -122,6 +122,28 @@ def test_prompt_logprobs_score_given_tokens_as_a_forward_pass_does(teacher):
         assert torch.equal(got_ids[clear, :4], want.indices[clear, :4])
 
 
+def test_the_vllm_scorer_stores_what_a_forward_pass_over_the_training_tokens_gives(teacher):
+    """The score stage's vLLM path (`prompt_logprobs` over the student's token ids, kept at the
+    completion positions) against its transformers path on the same examples."""
+    import torch
+
+    from distill.distillation import teacher_topk
+    from distill.scoring import teacher_scores
+    from distill.training import tokenize_pairs
+
+    records = read_jsonl(DATA / "train.jsonl")[:6]
+    pairs = [(p, r["solution"]) for p, r in zip(prompts(6, "train"), records, strict=True)]
+    examples = tokenize_pairs(teacher.tokenizer, pairs, 128)
+    vocab = len(teacher.tokenizer)
+    (ids, logprobs, counts), = teacher_scores(teacher, examples, 5, vocab)
+    model = TransformersBackend(TEACHER, device="cpu", dtype="fp32").model
+    (want_ids, want_lp, want_counts), = teacher_topk(model, examples, 5, vocab, batch_size=6)
+    assert counts == want_counts and ids.shape == want_ids.shape == (sum(counts), 5)
+    assert torch.allclose(logprobs, want_lp, atol=1e-3)
+    clear = (want_lp[:, :-1] - want_lp[:, 1:]).abs().min(-1).values > 1e-3
+    assert clear.float().mean() > 0.5 and torch.equal(ids[clear, :4], want_ids[clear, :4])
+
+
 class StopAfter:
     """The backend, stopped (as a preempted job is) after `calls` generate calls."""
 
