@@ -364,7 +364,9 @@ def train_memory(s: ModelShape, setup: Setup, teacher: ModelShape | None = None)
     backward_end = (weights + optimizer + gathered + grads + bucket + t_weights
                     + max(layer if setup.checkpointing else 0, tied_extra))
     phases = {"forward": forward_end, "backward": backward_end, "teacher capture": capture}
-    phase = max(phases, key=phases.__getitem__)
+    # The pipeline's train job reads the score stage's store (the teacher runs there, on generate's
+    # GPUs); only a `train` called on its own (compare, a notebook) captures before step 1.
+    phase = max(("forward", "backward"), key=phases.__getitem__)
     parts = {"weights": weights, "weight copies": copies, "gradients": grads, "optimizer": optimizer,
              "activations": act, "recomputed layer": layer if setup.checkpointing else 0.0,
              "head and loss": post + head_grad + head_copy + chunk, "teacher": t_weights, "teacher forward": t_work,
@@ -587,7 +589,8 @@ def format_memory_plan(p: dict[str, Any]) -> str:
     out.append(f"(this config: train.gradient_checkpointing {'true' if t['checkpointing'] == 'on' else 'false'})")
     capture = on["phases"]["teacher capture"]
     if capture:
-        out.append(f"offline top-k capture, before the first step (student and teacher loaded): {_gb(capture)} GB")
+        out.append("offline top-k: the score stage runs the teacher on generate's GPUs; a train run without its "
+                   f"store (distill compare) captures it before step 1, student and teacher loaded: {_gb(capture)} GB")
     out += [f"note: {n}" for n in t["notes"]]
     out += ["", f"{'stage':<24}{'model':<9}{'weights':>9}{'KV cache':>10}{'other':>8}{'peak':>8}  verdict"]
     for name, s in p["stages"].items():
