@@ -15,7 +15,7 @@ RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $
             $(if $(NO_PLAN_CHECK),--no-plan-check) $(if $(ACCEPT_DATA_CHANGE),--accept-data-change) \
             $(if $(DRY_RUN),--dry-run)
 
-.PHONY: config-reference doctor tensorboard help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
+.PHONY: compare config-reference doctor tensorboard help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -146,6 +146,11 @@ EVAL_ARGS ?=
 eval: venv  ## evaluate MODEL ([label=]path ...) on BENCH (gsm8k, math500, svamp), LIMIT=n OUT=dir EVAL_ARGS=...
 	$(PY) -m distill eval --bench $(BENCH) $(foreach m,$(MODEL),--model $(m)) $(if $(LIMIT),--limit $(LIMIT)) \
 		--out $(or $(OUT),runs/eval-$(subst :,-,$(BENCH))$(if $(LIMIT),-$(LIMIT))) $(EVAL_ARGS)
+
+OBJECTIVES ?= sft,kd,kd-offline,ekd,context,feature,onpolicy
+SEEDS ?= 0 1 2
+compare: venv  ## every objective in OBJECTIVES at equal steps on the run's iteration-0 data, over SEEDS (mean ± sd)
+	$(PY) -m distill compare --config $(CONFIG) --objectives $(OBJECTIVES) --seeds $(SEEDS)
 
 clean:  ## remove runs/ (keeps the virtualenv)
 	rm -rf runs

@@ -100,7 +100,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from distill.compare import compare
 
     names = [n.strip() for n in args.objectives.split(",") if n.strip()]
-    print(compare(args.config, names, args.set, args.steps, progress=not args.quiet))
+    print(compare(args.config, names, args.set, args.steps, progress=not args.quiet, seeds=args.seeds))
 
 
 def cmd_tokens(args: argparse.Namespace) -> None:
@@ -297,6 +297,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated presets or objectives (default: every objective, %(default)s)")
     p.add_argument("--steps", type=at_least(1),
                    help="optimizer steps per student (default: the config's train.max_steps)")
+    p.add_argument("--seeds", type=at_least(0), nargs="+", metavar="SEED",
+                   help="train every objective once per train.seed; rows give the mean ± sd and every seed's "
+                        "accuracy (e.g. --seeds 0 1 2; default: the config's train.seed, once)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)

@@ -282,3 +282,31 @@ def test_compare_trains_and_evaluates_one_student_per_objective(tiny_world, tmp_
     assert compare(cfg, ["sft", "kd-offline", "feature"], [], steps=3, progress=False) == table
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints  # no step trained again
     assert {p: p.stat().st_mtime_ns for p in graded} == graded  # nothing generated again
+
+
+@pytest.mark.slow
+def test_compare_over_seeds_gives_mean_sd_and_every_seed(tiny_world, tmp_path):
+    import statistics
+
+    from distill.compare import compare
+    from distill.jsonl import read_jsonl, write_jsonl
+
+    cfg = tiny_world.write_config(tmp_path / "c.yaml", tmp_path / "runs")
+    problems = read_jsonl(tiny_world.data / "train.jsonl")
+    write_jsonl(tmp_path / "runs" / "t" / "iter-0" / "verified.jsonl",
+                [{"id": f"{p['id']}#0", "problem_id": p["id"], "question": p["question"], "gold": p["answer"],
+                  "response": p["solution"], "correct": True} for p in problems])
+    table = compare(cfg, ["sft", "kd"], ["train.lr=0.05"], steps=4, progress=False, seeds=[0, 1, 2])
+    root = tmp_path / "runs" / "t" / "compare" / "steps-4"
+    rows = json.loads((root / "compare.json").read_text())
+    assert list(rows) == ["sft", "kd"] and (root / "compare.png").stat().st_size > 0
+    for name, row in rows.items():
+        each = [read_jsonl(root / "eval" / f"{name}-seed{s}" / "graded.jsonl") for s in (0, 1, 2)]
+        accuracies = [round(sum(r["correct"] for r in g) / len(g), 4) for g in each]
+        assert row["seeds"] == [0, 1, 2] and row["accuracies"] == accuracies
+        assert row["accuracy"] == round(statistics.mean(accuracies), 4)
+        assert row["accuracy_sd"] == round(statistics.stdev(accuracies), 4)
+        cells = f"{100 * row['accuracy']:.1f} ± {100 * row['accuracy_sd']:.1f}% ("
+        assert f"| {name} | " in table and cells in table
+    weights = [(root / f"sft-seed{s}" / "model" / "model.safetensors").read_bytes() for s in (0, 1)]
+    assert weights[0] != weights[1]  # the seed reached training
