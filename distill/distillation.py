@@ -153,11 +153,12 @@ class Distiller:
 
     def __init__(self, cfg: TrainConfig, tokenizer: Any, teacher_path: str | Path | None, out: TrainPaths,
                  examples: list[dict[str, list[int]]], place: Placement, attn_implementation: str = "sdpa",
-                 ranks: Ranks | None = None, topk_store: Path | None = None) -> None:
+                 ranks: Ranks | None = None, topk_store: Path | None = None,
+                 focus: tuple[list[int], float] | None = None) -> None:
         self.cfg, self.place, self.tokenizer = cfg, place, tokenizer
         self.student: Any = None  # set by `attach`
         self.examples = examples
-        self.focus: tuple[list[int], float] = ([], 0.0)  # set by `training.train` from its `focus`
+        self.focus = focus or ([], 0.0)  # the examples draws lean toward (`training.Focus`), and their share
         self.objective = objectives.build(cfg)
         self.ranks = ranks or Ranks()
         self.vocab = len(tokenizer)

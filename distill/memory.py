@@ -364,8 +364,7 @@ def train_memory(s: ModelShape, setup: Setup, teacher: ModelShape | None = None)
     backward_end = (weights + optimizer + gathered + grads + bucket + t_weights
                     + max(layer if setup.checkpointing else 0, tied_extra))
     phases = {"forward": forward_end, "backward": backward_end, "teacher capture": capture}
-    # The pipeline's train job reads the score stage's store (the teacher runs there, on generate's
-    # GPUs); only a `train` called on its own (compare, a notebook) captures before step 1.
+    # The train job reads the score stage's store; only `train` called alone captures before step 1.
     phase = max(("forward", "backward"), key=phases.__getitem__)
     parts = {"weights": weights, "weight copies": copies, "gradients": grads, "optimizer": optimizer,
              "activations": act, "recomputed layer": layer if setup.checkpointing else 0.0,

@@ -449,9 +449,7 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
         raise DistillError(f"train: no training examples: all {len(pairs)} prompts are at least train.max_length "
                            f"({cfg.max_length}) tokens long; raise train.max_length")
     distiller = Distiller(cfg, tokenizer, teacher_path, out, examples, place, attn_implementation, ranks,
-                          topk_store=topk_store)
-    if focus is not None:
-        distiller.focus = (focus.indices(tokenizer, examples), focus.share)
+                          topk_store=topk_store, focus=focus and (focus.indices(tokenizer, examples), focus.share))
     distiller.attach(model)
     net = wrap(model, distiller, ranks)  # the loss as a module: inside DDP, or sharded by FSDP, on several ranks
     steps = total_steps(cfg, len(examples))
