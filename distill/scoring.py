@@ -15,6 +15,7 @@ the merge checks that the parts cover every example of every shard exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import time
@@ -129,7 +130,9 @@ def score(unit: Unit) -> Result:
     start, tokens = time.perf_counter(), 0
     bar = progress_bar(total=len(examples), initial=done, desc=f"score shard {shard}/{num}", unit="example",
                        disable=not unit.progress)
-    with LazyBackend(engine_for(cfg, "teacher", logprobs=False), cfg.models.teacher) as teacher:
+    # vLLM returns at most its engine's max_logprobs per position: the engine keeps k
+    engine = dataclasses.replace(engine_for(cfg, "teacher", logprobs=False), logprobs=k)
+    with LazyBackend(engine, cfg.models.teacher) as teacher:
         for a in range(done, len(examples), step):
             part = examples[a : a + step]
             (ids, logprobs, counts), = teacher_scores(teacher.get(), part, k, vocab)
