@@ -34,7 +34,7 @@ from distill.layout import TrainPaths
 from distill.modeling import decoder, load_teacher, output_head
 from distill.objectives import IGNORE
 from distill.ranks import Ranks
-from distill.topk_store import FORMAT, TopKStore, gap_codes
+from distill.topk_store import FORMAT, TopKStore, gap_codes, offsets_of
 from distill.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -128,13 +128,12 @@ def capture_topk(teacher: Any, examples: list[dict[str, list[int]]], k: int, voc
                  chunk: int = 256) -> TopKStore:
     """The teacher's top-k over the training examples (`teacher_topk`), coded as they are stored
     (`distill.topk_store`)."""
-    ids, codes, offsets = [torch.zeros(0, k, dtype=torch.int32)], [torch.zeros(0, k - 1, dtype=torch.uint8)], [0]
-    for top_ids, logprobs, counts in teacher_topk(teacher, examples, k, vocab, batch_size=batch_size, chunk=chunk):
+    ids, codes, counts = [torch.zeros(0, k, dtype=torch.int32)], [torch.zeros(0, k - 1, dtype=torch.uint8)], []
+    for top_ids, logprobs, part in teacher_topk(teacher, examples, k, vocab, batch_size=batch_size, chunk=chunk):
         ids.append(top_ids)
         codes.append(gap_codes(logprobs))
-        for n in counts:
-            offsets.append(offsets[-1] + n)
-    return TopKStore.encode(torch.cat(ids), torch.cat(codes), torch.tensor(offsets, dtype=torch.int64))
+        counts += part
+    return TopKStore.encode(torch.cat(ids), torch.cat(codes), offsets_of(counts))
 
 
 def stored_topk(path: Path, examples: list[dict[str, list[int]]], k: int) -> TopKStore:

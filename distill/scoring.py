@@ -118,7 +118,7 @@ def score(unit: Unit) -> Result:
     from distill.distillation import examples_digest
     from distill.generation import LazyBackend, engine_for
     from distill.progress import progress_bar
-    from distill.topk_store import TopKStore, gap_codes
+    from distill.topk_store import TopKStore, gap_codes, offsets_of
 
     cfg, it, shard, num = unit.cfg, unit.iteration, int(unit.key), unit.cfg.generation.num_shards
     k, step = iteration_train(cfg, it).kd.top_k, cfg.generation.batch_size
@@ -136,18 +136,12 @@ def score(unit: Unit) -> Result:
         for a in range(done, len(examples), step):
             part = examples[a : a + step]
             (ids, logprobs, counts), = teacher_scores(teacher.get(), part, k, vocab)
-            offsets = torch_offsets(counts)
+            offsets = offsets_of(counts)
             TopKStore.encode(ids, gap_codes(logprobs), offsets).save(part_path(folder, a, a + len(part)), {})
             tokens += int(offsets[-1])
             bar.update(len(part))
     bar.close()
     return Result({"examples": len(examples), "tokens": tokens, "seconds": round(time.perf_counter() - start, 3)})
-
-
-def torch_offsets(counts: list[int]) -> Any:
-    import torch
-
-    return torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
 
 
 def merge_scores(cfg: RunConfig, it: int, paths: RunPaths, entry: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,11 @@ def decoded_logprobs(codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(codes.size(0), 1), -codes.float() / STEPS_PER_NAT], dim=1)
 
 
+def offsets_of(counts: list[int]) -> torch.Tensor:
+    """int64 [E+1] row offsets of examples with `counts` completion tokens each."""
+    return torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+
+
 def renormalised_kl(true_logprobs: torch.Tensor, stored_logprobs: torch.Tensor) -> torch.Tensor:
     """Per token, KL(p‖p̂) in nats between the top-k distributions renormalised over their k ids,
     as training reads them."""
