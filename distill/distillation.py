@@ -210,12 +210,12 @@ class Distiller:
         self.student = model
         self.objective.attach(model, self)
 
-    def teacher_term(self, loss: float, ce: float) -> dict[str, float]:
-        """For the curves: what the objective adds to its share of the cross-entropy (the
-        teacher's term, and any extra loss), where it learns from a teacher."""
+    def teacher_term(self, loss: float, ce_part: float) -> dict[str, float]:
+        """For the curves: what the objective adds to its share of the cross-entropy (`ce_part`,
+        the step's weighted CE): the teacher's term, and any extra loss, where it learns from one."""
         if self.objective.teacher() == "none":
             return {}
-        return {"teacher_term": round(loss - (1 - self.objective.alpha()) * ce, 6)}
+        return {"teacher_term": round(loss - ce_part, 6)}
 
     # -- host side ---------------------------------------------------------------------------
 
@@ -235,9 +235,10 @@ class Distiller:
     # -- device side -------------------------------------------------------------------------
 
     def loss(self, model: Any, batch: dict[str, Any], n_target: int, grad_accum: int,
-             counted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to backpropagate, summed cross-entropy for the log) of one prepared micro-batch
-        already on the model's device; `n_target` counts the targets of the whole step.
+             counted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, summed cross-entropy and the CE's share of the loss, for the
+        log) of one prepared micro-batch already on the model's device; `n_target` counts the
+        targets of the whole step.
 
         On several ranks the batch is this rank's part of the micro-batch: the averages over the
         micro-batch (the divergence's, the objective's own) divide by counts summed over the
@@ -249,7 +250,7 @@ class Distiller:
                              use_cache=False)
         hidden = _rows(out.last_hidden_state, batch["positions"])
         weight = output_head(model).weight[: self.vocab]
-        alpha = obj.alpha()
+        alpha = obj.batch_alpha(batch)
         rows: dict[str, torch.Tensor] = {"target": batch["targets"]}
         if obj.logit_term:
             rows |= self._teacher_rows(batch)
@@ -263,9 +264,10 @@ class Distiller:
         extra = obj.extra_loss(self, model, out.hidden_states, batch, grad_accum, counted)
         if extra is not None:
             loss = loss + extra
+        ce_part = ce_sum.detach() * ce.weight
         if not counted:
-            return loss * 0.0, ce_sum * 0.0
-        return loss, ce_sum
+            return loss * 0.0, ce_sum * 0.0, ce_part * 0.0
+        return loss, ce_sum, ce_part
 
     def _chunk_loss(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], *, ce: CrossEntropy) -> torch.Tensor:
         """The loss of one chunk of positions: weighted cross-entropy plus the weighted divergence."""

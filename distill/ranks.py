@@ -179,7 +179,7 @@ class StudentLoss(torch.nn.Module):
         self.distiller = distiller
 
     def forward(self, batch: dict[str, Any], n_target: int, grad_accum: int,
-                counted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                counted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.distiller.loss(self.student, batch, n_target, grad_accum, counted=counted)
 
 

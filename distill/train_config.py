@@ -43,6 +43,9 @@ class OnPolicyConfig:
     temperature: float = 1.0
     # The longest sampled completion, in tokens (the prompt and it are cut at train.max_length).
     max_new_tokens: int = 128
+    # The cross-entropy's weight in the micro-batches of verified rationales (lmbda < 1):
+    # (1 - ce_weight) * JSD + ce_weight * CE there. Sampled micro-batches carry the JSD alone.
+    ce_weight: float = 0.0
 
 
 @dataclass

@@ -122,6 +122,8 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int, index: list[int] | N
         out["t_input_ids"] = pad_rows([ex["t_input_ids"] for ex in batch], pad_id)
         out["t_attention_mask"] = pad_rows([[1] * len(ex["t_input_ids"]) for ex in batch], 0)
         out["t_labels"] = pad_rows([ex["t_labels"] for ex in batch], IGNORE)
+    if any(ex.get("sampled") for ex in batch):
+        out["sampled"] = True
     return out
 
 
@@ -473,13 +475,14 @@ def _train(model_path: str | Path, pairs: Sequence[tuple[str, str]], cfg: TrainC
     with progress_bar(total=steps, initial=state["step"], desc="train", unit="step",
                       disable=not progress or not ranks.main) as bar, Curves(log_dir, state["history"]) as curves:
         while state["step"] < steps:
-            loss_value, ce_value, step_tokens, weights_bad, grad_norm = stepper.step(state["step"], weights_bad)
+            loss_value, (ce_value, ce_part), step_tokens, weights_bad, grad_norm = stepper.step(state["step"],
+                                                                                               weights_bad)
             tokens += step_tokens
             state["step"] += 1
             if state["step"] % cfg.log_steps == 0 or state["step"] == steps:
                 row = {"step": state["step"], "loss": round(loss_value, 6), "ce": round(ce_value, 6),
                        "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6),
-                       **distiller.teacher_term(loss_value, ce_value), **rate.since(tokens)}
+                       **distiller.teacher_term(loss_value, ce_part), **rate.since(tokens)}
                 state["history"].append(row)
                 curves.add(row)
             bar.update(1)
@@ -525,11 +528,13 @@ class _Stepper:
     pad_id: int
     ckpt_dir: Path
 
-    def step(self, step: int, weights_bad: torch.Tensor) -> tuple[float, float, int, torch.Tensor, torch.Tensor]:
+    def step(self, step: int, weights_bad: torch.Tensor
+             ) -> tuple[float, tuple[float, float], int, torch.Tensor, torch.Tensor]:
         """Optimizer step `step`: the loss summed over its micro-batches and ranks, the
-        cross-entropy per target token, the tokens it saw, whether the update made a weight
-        non-finite (read with the next step's loss, so a step waits for the device once), and
-        the gradient norm before clipping (a tensor: read only at logged steps).
+        cross-entropy per target token and its weighted share of the loss, the tokens it saw,
+        whether the update made a weight non-finite (read with the next step's loss, so a step
+        waits for the device once), and the gradient norm before clipping (a tensor: read only
+        at logged steps).
         Raises before the update when the loss, or the last update's weights, are not finite."""
         cfg, ranks, device = self.cfg, self.ranks, self.place.device
         def pick(idx: list[int], micro: int) -> list[dict[str, list[int]]]:
@@ -537,18 +542,18 @@ class _Stepper:
 
         indices, parts, micro_batches, n_target = _micro_batches(self.examples, cfg, step, ranks, self.pad_id, pick)
         total = torch.zeros((), device=device)
-        ce_total = torch.zeros((), device=device)
+        ce_total = torch.zeros(2, device=device)  # summed CE, and its weighted share of the loss
         for j, (batch, (_, counted)) in enumerate(zip(micro_batches, parts, strict=True)):
             batch = to_device(self.distiller.prepare(batch), device)
             with accumulating(self.net, last=j == cfg.grad_accum - 1):
                 with self.place.autocast():
-                    loss, ce_sum = self.net(batch, n_target, cfg.grad_accum, counted)
+                    loss, ce_sum, ce_part = self.net(batch, n_target, cfg.grad_accum, counted)
                 # DDP and FSDP average gradients over the ranks; this rank's share of the loss,
                 # times the world size, averages to the whole step's (distill.ranks).
                 self.scaler.scale(loss * ranks.world).backward()
             total += loss.detach()
-            ce_total += ce_sum
-        loss_value, ce_value, bad = ranks.sum(torch.stack([total, ce_total, weights_bad])).tolist()
+            ce_total += torch.stack([ce_sum, ce_part])
+        loss_value, ce_value, ce_share, bad = ranks.sum(torch.cat([total[None], ce_total, weights_bad[None]])).tolist()
         if bad or not math.isfinite(loss_value):
             raise nonfinite_weights(step, self.ckpt_dir) if bad else nonfinite_loss(loss_value, step, self.ckpt_dir)
         self.scaler.unscale_(self.optimizer)
@@ -558,7 +563,8 @@ class _Stepper:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(len(self.examples[i]["input_ids"]) for idx in indices for i in idx)
-        return loss_value, ce_value / max(n_target, 1), tokens, nonfinite(self.params), grad_norm.detach()
+        return (loss_value, (ce_value / max(n_target, 1), ce_share), tokens, nonfinite(self.params),
+                grad_norm.detach())
 
 
 def _finish(model_path: str | Path, cfg: TrainConfig, out: TrainPaths, place: devices.Placement, ranks: Ranks,

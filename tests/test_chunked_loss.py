@@ -163,7 +163,7 @@ def test_each_objective_equals_its_full_logits_form(tiny_world, tmp_path, name):
     distiller = Distiller(cfg, tokenizer, tiny_world.teacher, TrainPaths(tmp_path), examples, place)
     batch = collate(examples[1:5], tokenizer.pad_token_id, [1, 2, 3, 4])
     n_target = int((batch["labels"][:, 1:] != IGNORE).sum()) + 3  # as if another micro-batch held 3 more
-    loss, ce_sum = distiller.loss(model, distiller.prepare(batch), n_target, grad_accum=2)
+    loss, ce_sum, _ = distiller.loss(model, distiller.prepare(batch), n_target, grad_accum=2)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     teacher = load_teacher(tiny_world.teacher, place) if distiller.store is None and objective != "sft" else None
     want = reference(cfg, model, teacher, batch, distiller.store, len(tokenizer), n_target, grad_accum=2)
@@ -188,7 +188,7 @@ def test_vocabulary_rows_past_the_tokenizer_are_ignored(tiny_world, tmp_path):
     distiller = Distiller(cfg, tokenizer, None, TrainPaths(tmp_path), examples, place)
     batch = collate(examples, tokenizer.pad_token_id, [0, 1, 2])
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
-    loss, _ = distiller.loss(model, distiller.prepare(batch), n, 1)
+    loss, *_ = distiller.loss(model, distiller.prepare(batch), n, 1)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert logits.size(-1) == len(tokenizer) + 13
     want = F.cross_entropy(logits[:, :-1, : len(tokenizer)].reshape(-1, len(tokenizer)),

@@ -93,7 +93,7 @@ def test_lora_batches_follow_the_model_wherever_it_was_placed(tiny_world):
     distiller = Distiller(cfg, tokenizer, None, TrainPaths(Path(".")), examples, place)
     batch = to_device(distiller.prepare(collate(examples, tokenizer.pad_token_id, [0, 1, 2, 3])), place.device)
     with MetaAccelerator():
-        loss, _ = distiller.loss(model, batch, n_target=10, grad_accum=1)
+        loss, *_ = distiller.loss(model, batch, n_target=10, grad_accum=1)
         loss.backward()
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad)
 
@@ -152,7 +152,7 @@ def test_a_loss_step_at_real_size_on_the_device():
     distiller = Distiller(cfg, tokenizer, None, TrainPaths(Path(".")), examples, place)
     batch = to_device(distiller.prepare(collate(examples, 0, [0, 1])), place.device)
     with MetaAccelerator():
-        loss, _ = distiller.loss(model, batch, n_target=111, grad_accum=1)
+        loss, *_ = distiller.loss(model, batch, n_target=111, grad_accum=1)
         loss.backward()
     head = output_head(model).weight
     assert head.grad is not None and head.grad.shape == (151_936, 1536)  # tied: the embedding's gradient

@@ -14,6 +14,7 @@ from distill.integrity import content_hash
 from distill.objectives.onpolicy import OnPolicy
 from distill.train_config import KDConfig, OnPolicyConfig, TrainConfig
 from distill.training import newest_checkpoint, tokenize_pairs, train
+from tests.conftest import ROOT
 from tests.test_training import pairs
 
 
@@ -67,15 +68,47 @@ def test_a_killed_and_resumed_run_samples_the_same_tokens_and_ends_at_the_same_l
 
 
 @pytest.mark.slow
-def test_lmbda_0_beta_0_is_forward_kl_kd_on_the_rationales(tiny_world, tmp_path):
-    onpolicy = train(tiny_world.student, pairs(), config(lmbda=0.0, beta=0.0), tmp_path / "onpolicy",
-                     progress=False, teacher_path=tiny_world.teacher)
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+def test_lmbda_0_beta_0_is_forward_kl_kd_on_the_rationales(tiny_world, tmp_path, ce_weight):
+    """With every micro-batch a verified rationale, onpolicy is KD, its CE share kd's 1 - alpha."""
+    onpolicy = train(tiny_world.student, pairs(), config(lmbda=0.0, beta=0.0, ce_weight=ce_weight),
+                     tmp_path / "onpolicy", progress=False, teacher_path=tiny_world.teacher)
     kd = TrainConfig(lr=1e-2, max_steps=4, batch_size=4, save_steps=2, log_steps=1, max_length=64, objective="kd",
-                     kd=KDConfig(loss="forward_kl", alpha=1.0), report_to=[])
+                     kd=KDConfig(loss="forward_kl", alpha=1.0 - ce_weight), report_to=[])
     offpolicy = train(tiny_world.student, pairs(), kd, tmp_path / "kd", progress=False, teacher_path=tiny_world.teacher)
     assert onpolicy.loss == pytest.approx(offpolicy.loss, abs=1e-6)
-    assert [h["loss"] for h in history(tmp_path / "onpolicy")] == pytest.approx(
-        [h["loss"] for h in history(tmp_path / "kd")], abs=1e-6)
+    for key in ("loss", "ce", "teacher_term"):
+        assert [h[key] for h in history(tmp_path / "onpolicy")] == pytest.approx(
+            [h[key] for h in history(tmp_path / "kd")], abs=1e-6)
+    if ce_weight:  # the CE's share is in the loss, and out of the teacher's term
+        h = history(tmp_path / "onpolicy")[0]
+        assert h["loss"] - h["teacher_term"] == pytest.approx(ce_weight * h["ce"], abs=1e-5)
+
+
+def test_sampled_micro_batches_carry_no_cross_entropy(tiny_world):
+    """Under ce_weight the rationales' micro-batches mix in their CE; the student's own samples
+    are never targets: their micro-batch's teacher term has all the weight."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.training import collate
+
+    tok = AutoTokenizer.from_pretrained(tiny_world.student)
+    trainer = SimpleNamespace(student=AutoModelForCausalLM.from_pretrained(tiny_world.student), tokenizer=tok)
+    examples = tokenize_pairs(tok, pairs()[:4], 64)
+    objective = OnPolicy(config(lmbda=0.5, ce_weight=0.25))
+    kinds = {objective.sampled(step, 0) for step in range(8)}
+    assert kinds == {True, False}
+    for step in range(8):
+        batch = collate(objective.resample(trainer, examples, [0, 1, 2, 3], step, 0), tok.pad_token_id)
+        assert objective.batch_alpha(batch) == (1.0 if objective.sampled(step, 0) else 0.75)
+
+
+def test_ce_weight_without_rationale_micro_batches_is_refused(tmp_path):
+    from distill.config import load_config
+    from distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.onpolicy\.ce_weight.*lmbda 1 every one is sampled"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["train.objective=onpolicy", "train.onpolicy.ce_weight=0.2"])
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])

@@ -3,9 +3,10 @@
 The demo's models are built here and share a toy tokenizer, so what only a real checkpoint
 exercises is checked on this one: its chat template applied once, its end-of-turn token ending
 generation, left padding for generation, answers extracted from real prose, and the training
-data surviving a tokenizer round trip. The run is the example config cut to 12 problems and a
-few steps, through the driver and the local executor (each stage a process of its own, as a job).
-"""
+data surviving a tokenizer round trip. The run is the example config cut to 32 training and 12
+test problems and a few steps, through the driver and the local executor (each stage a process
+of its own, as a job). Its precision is the example's `auto`, float32 on a CPU: where bf16 is
+emulated it is about 5 times slower."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.real
 CONFIG = ROOT / "configs" / "examples" / "smollm2-selfdistill-cpu.yaml"
 MODEL = ROOT / "models" / "smollm2-135m-instruct"
-SMALL = ["data.train_limit=16", "eval.limit=12", "undo.probe_limit=12", "eval.baselines=false",
+SMALL = ["data.train_limit=32", "eval.limit=12", "undo.probe_limit=12", "eval.baselines=false",
          "generation.max_new_tokens=160", "eval.max_new_tokens=160", "train.max_steps=4", "train.save_steps=2",
          "train.log_steps=1", "train.batch_size=4"]
 
@@ -63,16 +64,17 @@ def test_the_chat_template_is_applied_once_and_the_end_of_turn_token_ends_answer
 
     tok = AutoTokenizer.from_pretrained(MODEL)
     records = read_jsonl(RunPaths(run.run_dir).generations(0))
-    assert len(records) == 16 * run.generation.n
+    assert len(records) == run.data.train_limit * run.generation.n
     for r in records:
         assert r["prompt"].count("<|im_start|>assistant\n") == 1 and r["prompt"].endswith("<|im_start|>assistant\n")
         assert r["prompt"].count("<|im_start|>user\n") == 1 and r["prompt"].startswith("<|im_start|>system\n")
         assert "<|im_end|>" not in r["response"]
-    # The model's end-of-turn token (its EOS, id 2) ends answers before the limit; the others
-    # stop exactly at it.
+    # The model's end-of-turn token (its EOS, id 2, counted) ends answers within the limit (as its
+    # last token, at the latest); the others stop exactly at it.
     ended = [r for r in records if r["finished"]]
     assert tok.eos_token == "<|im_end|>" and len(ended) >= len(records) // 3
-    assert all(r["n_tokens"] < run.generation.max_new_tokens for r in ended)
+    assert all(r["n_tokens"] <= run.generation.max_new_tokens for r in ended)
+    assert sum(r["n_tokens"] < run.generation.max_new_tokens for r in ended) >= len(ended) // 2
     assert all(r["n_tokens"] == run.generation.max_new_tokens for r in records if not r["finished"])
 
 
@@ -105,7 +107,7 @@ def test_training_data_survives_the_tokenizer_round_trip_and_ends_with_eos(run):
 def test_generation_pads_on_the_left(run):
     from distill.generation import TransformersBackend
 
-    backend = TransformersBackend(MODEL, device="cpu", dtype="bf16")
+    backend = TransformersBackend(MODEL, device="cpu", dtype="auto")
     assert backend.tokenizer.padding_side == "left"
     enc = backend.tokenizer(["a", "a much longer prompt than the first"], padding=True, return_tensors="pt")
     assert enc["attention_mask"][0, 0] == 0 and enc["attention_mask"][0, -1] == 1

@@ -95,6 +95,11 @@ class Objective:
         """The weight of the teacher term (the CE gets 1 - alpha)."""
         return 0.0
 
+    def batch_alpha(self, batch: dict[str, Any]) -> float:
+        """The teacher term's weight in one micro-batch (the same in every one, unless the
+        objective draws micro-batches of different kinds)."""
+        return self.alpha()
+
     def logit_weight(self) -> float:
         """What the averaged divergence is multiplied by (alpha, and T² for a temperature)."""
         return self.alpha()

@@ -3,8 +3,9 @@
 For a share `lmbda` of the micro-batches the student samples the completions itself, from the
 current weights; the others train on the verified rationales. The loss is the generalised JSD
 (`beta`: 0 forward KL, 1 reverse KL, the default) between the teacher's distribution and the
-student's at every completion token, the teacher scoring the student's own tokens. No
-cross-entropy joins it: the student's samples are not targets.
+student's at every completion token, the teacher scoring the student's own tokens. The
+micro-batches of verified rationales may mix in their cross-entropy (`ce_weight`: (1 - w) · JSD
++ w · CE there); the sampled ones never do: the student's own samples are not targets.
 
 What is sampled depends on (train.seed, step, micro-batch, example) alone: each example is
 sampled on its own under its own seed, so a resumed run samples the same tokens, and several
@@ -44,19 +45,28 @@ class OnPolicy(Objective):
         if self.cfg.distributed == "fsdp":
             raise ConfigError(f"{at('train.distributed', 'train.objective')}: onpolicy samples from the whole student "
                               "on each rank, which fsdp shards; use ddp")
+        p = self.cfg.onpolicy
+        if p.ce_weight and p.lmbda == 1.0:
+            raise ConfigError(f"{at('train.onpolicy.ce_weight', 'train.onpolicy.lmbda')}: the cross-entropy joins "
+                              "the micro-batches of verified rationales, and with lmbda 1 every one is sampled; "
+                              "lower lmbda or drop ce_weight")
 
     def teacher(self) -> Teacher:
         return "online"
 
     def alpha(self) -> float:
-        return 1.0
+        return 1.0 - self.cfg.onpolicy.ce_weight
+
+    def batch_alpha(self, batch: dict[str, Any]) -> float:
+        return 1.0 if batch.get("sampled") else self.alpha()
 
     def chunk_kind(self) -> ChunkKind:
         return "kd"
 
     def describe(self) -> str:
         p = self.cfg.onpolicy
-        return f"lmbda {p.lmbda}, beta {p.beta}, sampled at T {p.temperature}, <= {p.max_new_tokens} tokens"
+        ce = f", CE {p.ce_weight} on rationales" if p.ce_weight else ""
+        return f"lmbda {p.lmbda}, beta {p.beta}, sampled at T {p.temperature}, <= {p.max_new_tokens} tokens{ce}"
 
     def sampled(self, step: int, micro: int) -> bool:
         """Whether micro-batch `micro` of step `step` trains on the student's own samples."""
@@ -110,7 +120,7 @@ class OnPolicy(Objective):
         completion = out[0, len(prompt):].tolist()
         if tok.eos_token_id in completion:
             completion = completion[: completion.index(tok.eos_token_id) + 1]
-        return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}
+        return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion, "sampled": True}
 
     def divergence(self, trainer: Trainer, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         from distill import divergences
