@@ -99,12 +99,13 @@ test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-
 
 TRIALS ?= 20
 
-bench: venv venv-vllm  ## side by side: generation (transformers, vLLM), training, grading, stored KD logprobs, loss memory, 2-rank training, plan accuracy, SLURM arrays (JSON in runs/bench)
+bench: venv venv-vllm  ## side by side: generation (transformers, vLLM), training, grading, stored KD logprobs, on-policy sampling, loss memory, 2-rank training, plan accuracy, SLURM arrays (JSON in runs/bench)
 	$(PY) bench/generation_overhead.py
 	$(VENV_VLLM)/bin/python bench/vllm_generation.py
 	$(PY) bench/training_throughput.py
 	$(PY) bench/grading_throughput.py
 	$(PY) bench/topk_storage.py
+	$(VENV_VLLM)/bin/python bench/onpolicy_sampling.py
 	$(PY) bench/loss_memory.py
 	$(PY) bench/distributed_throughput.py
 	$(PY) bench/plan_accuracy.py

@@ -295,6 +295,7 @@ UNHASHED_AT_DEFAULT = frozenset({
     "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins",
     "train.report_to", "data.decontaminate", "data.decontaminate_share", "train.onpolicy", "undo.objective",
     "undo.onpolicy_errors", "train.onpolicy.ce_weight",
+    "train.onpolicy.sampler", "train.onpolicy.kv_cache_gib",
 })
 
 
@@ -458,6 +459,7 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("train.onpolicy.temperature", POSITIVE),
     ("train.onpolicy.max_new_tokens", AT_LEAST_1),
     ("train.onpolicy.ce_weight", ZERO_TO_ONE),
+    ("train.onpolicy.kv_cache_gib", POSITIVE),
     ("train.seed", SEED),
     ("train.loss_chunk", AT_LEAST_1),
     ("train.lora.r", AT_LEAST_1),

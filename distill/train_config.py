@@ -46,6 +46,11 @@ class OnPolicyConfig:
     # The cross-entropy's weight in the micro-batches of verified rationales (lmbda < 1):
     # (1 - ce_weight) * JSD + ce_weight * CE there. Sampled micro-batches carry the JSD alone.
     ce_weight: float = 0.0
+    # Who samples: transformers' generate on the training device, or a vLLM engine in the train
+    # job whose weights are pushed from the student before each step (docs/objectives.md).
+    sampler: Literal["transformers", "vllm"] = "transformers"
+    # sampler vllm: the engine's KV cache in GiB (it shares the job's GPU, or host RAM, with training).
+    kv_cache_gib: float = 1.0
 
 
 @dataclass

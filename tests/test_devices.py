@@ -193,3 +193,16 @@ def test_gpu_check_runs_here_and_says_what_it_skipped(tmp_path):
         for name in ("chunked loss at V 151,936, L 4096", "generation: vLLM, tensor parallel 2"):
             assert rows[name]["status"] == "skip" and rows[name]["detail"] == "no CUDA device"
     assert "| check | status |" in proc.stdout and (tmp_path / "gpu-check.md").exists()
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_kept_with_a_warning(monkeypatch, caplog):
+    from distill import device as devices
+
+    assert devices.cpu_has_bf16("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
+    assert devices.cpu_has_bf16("flags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert not devices.cpu_has_bf16("flags : fpu avx2 avx512f\n") and not devices.cpu_has_bf16("")
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="distill.device"):
+        assert devices.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+        assert devices.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert [r.message for r in caplog.records if "emulated" in r.message] and len(caplog.records) == 1

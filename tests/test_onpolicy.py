@@ -103,12 +103,16 @@ def test_sampled_micro_batches_carry_no_cross_entropy(tiny_world):
         assert objective.batch_alpha(batch) == (1.0 if objective.sampled(step, 0) else 0.75)
 
 
-def test_ce_weight_without_rationale_micro_batches_is_refused(tmp_path):
+@pytest.mark.parametrize(("sets", "says"), [
+    (["train.onpolicy.ce_weight=0.2"], r"train\.onpolicy\.ce_weight.*lmbda 1 every one is sampled"),
+    (["train.onpolicy.sampler=vllm", "train.distributed=ddp"], r"train\.onpolicy\.sampler.*one engine in one process"),
+])
+def test_settings_that_cannot_work_are_refused_by_key(sets, says):
     from distill.config import load_config
     from distill.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"train\.onpolicy\.ce_weight.*lmbda 1 every one is sampled"):
-        load_config(ROOT / "configs" / "tiny.yaml", ["train.objective=onpolicy", "train.onpolicy.ce_weight=0.2"])
+    with pytest.raises(ConfigError, match=says):
+        load_config(ROOT / "configs" / "tiny.yaml", ["train.objective=onpolicy", *sets])
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])

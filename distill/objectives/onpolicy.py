@@ -18,8 +18,10 @@ weights is not used.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
+from distill.errors import DistillError
 from distill.objectives import IGNORE, ChunkKind, Objective, Teacher, Trainer
 
 if TYPE_CHECKING:
@@ -46,6 +48,11 @@ class OnPolicy(Objective):
             raise ConfigError(f"{at('train.distributed', 'train.objective')}: onpolicy samples from the whole student "
                               "on each rank, which fsdp shards; use ddp")
         p = self.cfg.onpolicy
+        if p.sampler == "vllm" and (self.cfg.distributed != "none" or self.cfg.quantize == "4bit"):
+            what = "train.distributed" if self.cfg.distributed != "none" else "train.quantize"
+            raise ConfigError(f"{at('train.onpolicy.sampler', what)}: the vLLM sampler runs one engine in one "
+                              "process from full-precision weights; with several ranks or QLoRA use "
+                              "sampler: transformers")
         if p.ce_weight and p.lmbda == 1.0:
             raise ConfigError(f"{at('train.onpolicy.ce_weight', 'train.onpolicy.lmbda')}: the cross-entropy joins "
                               "the micro-batches of verified rationales, and with lmbda 1 every one is sampled; "
@@ -78,15 +85,50 @@ class OnPolicy(Objective):
                  micro: int) -> list[dict[str, list[int]]]:
         if not examples or not self.sampled(step, micro):
             return examples
+        sources = [self.prompt_source(trainer, ex, (self.cfg.seed, step, micro, i + 1))
+                   for ex, i in zip(examples, indices, strict=True)]
+        seeds = [seed_of(self.cfg.seed, step, micro, i + 1) for i in indices]
+        if self.cfg.onpolicy.sampler == "vllm":
+            return self.sample_vllm(trainer, sources, seeds, step)
         model = trainer.student
         was_training = model.training
         model.eval()
         try:
-            return [self.sample(trainer, self.prompt_source(trainer, ex, (self.cfg.seed, step, micro, i + 1)),
-                                seed_of(self.cfg.seed, step, micro, i + 1))
-                    for ex, i in zip(examples, indices, strict=True)]
+            return [self.sample(trainer, ex, seed) for ex, seed in zip(sources, seeds, strict=True)]
         finally:
             model.train(was_training)
+
+    def prompt_and_room(self, example: dict[str, list[int]]) -> tuple[list[int], int]:
+        """The example's prompt tokens, and how many tokens a completion of it may have."""
+        prompt = example["input_ids"][: next(i for i, lab in enumerate(example["labels"]) if lab != IGNORE)]
+        return prompt, min(self.cfg.onpolicy.max_new_tokens, self.cfg.max_length - len(prompt))
+
+    def sample_vllm(self, trainer: Trainer, sources: list[dict[str, list[int]]], seeds: list[int],
+                    step: int) -> list[dict[str, list[int]]]:
+        """The micro-batch's samples from the vLLM engine, synced to the student's weights first."""
+        from distill.policy_sampling import VLLMSampler
+
+        if getattr(self, "engine", None) is None:
+            if importlib.util.find_spec("vllm") is None:
+                raise DistillError("train.onpolicy.sampler: vllm is not installed in this environment "
+                                   "(make venv-vllm builds one that has it), or use sampler: transformers")
+            self.engine = VLLMSampler(trainer.student, trainer.place.precision, self.cfg.onpolicy.kv_cache_gib)
+        self.engine.sync(trainer.student, step)
+        asked = [(j, *self.prompt_and_room(ex)) for j, ex in enumerate(sources)]
+        asked = [(j, prompt, room) for j, prompt, room in asked if room >= 1]
+        out = list(sources)
+        got = self.engine.sample([p for _, p, _ in asked], [seeds[j] for j, _, _ in asked], [r for _, _, r in asked],
+                                 self.cfg.onpolicy.temperature, trainer.tokenizer.eos_token_id)
+        for (j, prompt, _), completion in zip(asked, got, strict=True):
+            out[j] = self.completed(trainer, prompt, completion)
+        return out
+
+    def completed(self, trainer: Trainer, prompt: list[int], completion: list[int]) -> dict[str, list[int]]:
+        """A sampled example: the completion cut after its first end-of-sequence token."""
+        eos = trainer.tokenizer.eos_token_id
+        if eos in completion:
+            completion = completion[: completion.index(eos) + 1]
+        return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion, "sampled": True}
 
     def prompt_source(self, trainer: Trainer, example: dict[str, list[int]], key: tuple[int, ...]) -> dict:
         """The example whose prompt is sampled in `example`'s place: with the trainer's focus
@@ -105,8 +147,7 @@ class OnPolicy(Objective):
         import torch
         from transformers import GenerationConfig
 
-        prompt = example["input_ids"][: next(i for i, lab in enumerate(example["labels"]) if lab != IGNORE)]
-        room = min(self.cfg.onpolicy.max_new_tokens, self.cfg.max_length - len(prompt))
+        prompt, room = self.prompt_and_room(example)
         if room < 1:
             return example
         tok = trainer.tokenizer
@@ -117,10 +158,7 @@ class OnPolicy(Objective):
                                         max_new_tokens=room, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id)  # the model's own defaults left out
             out = trainer.student.generate(torch.tensor([prompt], device=device), generation_config=settings)
-        completion = out[0, len(prompt):].tolist()
-        if tok.eos_token_id in completion:
-            completion = completion[: completion.index(tok.eos_token_id) + 1]
-        return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion, "sampled": True}
+        return self.completed(trainer, prompt, out[0, len(prompt):].tolist())
 
     def divergence(self, trainer: Trainer, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         from distill import divergences
