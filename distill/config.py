@@ -295,7 +295,7 @@ UNHASHED_AT_DEFAULT = frozenset({
     "eval.tensor_parallel_size", "eval.gpu_memory_utilization", "eval.dtype", "eval.kv_cache_gib", "plugins",
     "train.report_to", "data.decontaminate", "data.decontaminate_share", "train.onpolicy", "undo.objective",
     "undo.onpolicy_errors", "train.onpolicy.ce_weight",
-    "train.onpolicy.sampler", "train.onpolicy.kv_cache_gib",
+    "train.onpolicy.sampler", "train.onpolicy.kv_cache_gib", "train.onpolicy.context",
 })
 
 

@@ -51,6 +51,9 @@ class OnPolicyConfig:
     sampler: Literal["transformers", "vllm"] = "transformers"
     # sampler vllm: the engine's KV cache in GiB (it shares the job's GPU, or host RAM, with training).
     kv_cache_gib: float = 1.0
+    # The teacher reads each completion after its own prompt, train.kd.context_template (the
+    # student's prompt in its slot): on-policy context distillation.
+    context: bool = False
 
 
 @dataclass

@@ -85,6 +85,35 @@ def test_lmbda_0_beta_0_is_forward_kl_kd_on_the_rationales(tiny_world, tmp_path,
         assert h["loss"] - h["teacher_term"] == pytest.approx(ce_weight * h["ce"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_lmbda_0_beta_0_context_is_forward_kl_context_distillation(tiny_world, tmp_path):
+    onpolicy = train(tiny_world.student, pairs(), config(lmbda=0.0, beta=0.0, context=True), tmp_path / "onpolicy",
+                     progress=False, teacher_path=tiny_world.teacher)
+    context = TrainConfig(lr=1e-2, max_steps=4, batch_size=4, save_steps=2, log_steps=1, max_length=64,
+                          objective="context", kd=KDConfig(loss="forward_kl", alpha=1.0), report_to=[])
+    offpolicy = train(tiny_world.student, pairs(), context, tmp_path / "context", progress=False,
+                      teacher_path=tiny_world.teacher)
+    assert onpolicy.loss == pytest.approx(offpolicy.loss, abs=1e-6)
+    plain = train(tiny_world.student, pairs(), config(lmbda=0.0, beta=0.0), tmp_path / "plain", progress=False,
+                  teacher_path=tiny_world.teacher)
+    assert abs(plain.loss - onpolicy.loss) > 1e-4  # the teacher's own prompt changes what it says
+
+
+def test_with_context_the_teacher_reads_the_student_s_sample_after_its_own_prompt(tiny_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_world.student)
+    trainer = SimpleNamespace(student=AutoModelForCausalLM.from_pretrained(tiny_world.student), tokenizer=tok)
+    objective = OnPolicy(config(context=True))
+    examples = tokenize_pairs(tok, pairs()[:2], 64, teacher_prompt=objective.teacher_prompt)
+    for source, sample in zip(examples, objective.resample(trainer, examples, [0, 1], 5, 0), strict=True):
+        own = [t for t, lab in zip(source["t_input_ids"], source["t_labels"], strict=True) if lab == -100]
+        completion = [t for t in sample["labels"] if t != -100]
+        assert tok.decode(own).startswith("Solve step by step") and completion
+        assert sample["t_input_ids"] == own + completion
+        assert sample["t_labels"] == [-100] * len(own) + completion
+
+
 def test_sampled_micro_batches_carry_no_cross_entropy(tiny_world):
     """Under ce_weight the rationales' micro-batches mix in their CE; the student's own samples
     are never targets: their micro-batch's teacher term has all the weight."""

@@ -5,7 +5,10 @@ current weights; the others train on the verified rationales. The loss is the ge
 (`beta`: 0 forward KL, 1 reverse KL, the default) between the teacher's distribution and the
 student's at every completion token, the teacher scoring the student's own tokens. The
 micro-batches of verified rationales may mix in their cross-entropy (`ce_weight`: (1 - w) · JSD
-+ w · CE there); the sampled ones never do: the student's own samples are not targets.
++ w · CE there); the sampled ones never do: the student's own samples are not targets. With
+`context` the teacher reads each completion after its own prompt (`train.kd.context_template`),
+as `context` distillation's teacher does, but on the student's samples: on-policy context
+distillation.
 
 What is sampled depends on (train.seed, step, micro-batch, example) alone: each example is
 sampled on its own under its own seed, so a resumed run samples the same tokens, and several
@@ -38,6 +41,7 @@ class OnPolicy(Objective):
     presets = {
         "onpolicy": ["train.objective=onpolicy"],
         "onpolicy-jsd": ["train.objective=onpolicy", "train.onpolicy.beta=0.5"],
+        "onpolicy-context": ["train.objective=onpolicy", "train.onpolicy.context=true"],
     }
     gpu_checks = {"onpolicy reverse KL": {"objective": "onpolicy", "onpolicy": {"max_new_tokens": 16}}}
 
@@ -73,7 +77,9 @@ class OnPolicy(Objective):
     def describe(self) -> str:
         p = self.cfg.onpolicy
         ce = f", CE {p.ce_weight} on rationales" if p.ce_weight else ""
-        return f"lmbda {p.lmbda}, beta {p.beta}, sampled at T {p.temperature}, <= {p.max_new_tokens} tokens{ce}"
+        context = ", teacher with train.kd.context_template" if p.context else ""
+        return (f"lmbda {p.lmbda}, beta {p.beta}, sampled at T {p.temperature}, <= {p.max_new_tokens} tokens"
+                f"{ce}{context}")
 
     def sampled(self, step: int, micro: int) -> bool:
         """Whether micro-batch `micro` of step `step` trains on the student's own samples."""
@@ -120,15 +126,24 @@ class OnPolicy(Objective):
         got = self.engine.sample([p for _, p, _ in asked], [seeds[j] for j, _, _ in asked], [r for _, _, r in asked],
                                  self.cfg.onpolicy.temperature, trainer.tokenizer.eos_token_id)
         for (j, prompt, _), completion in zip(asked, got, strict=True):
-            out[j] = self.completed(trainer, prompt, completion)
+            out[j] = self.completed(trainer, sources[j], prompt, completion)
         return out
 
-    def completed(self, trainer: Trainer, prompt: list[int], completion: list[int]) -> dict[str, list[int]]:
-        """A sampled example: the completion cut after its first end-of-sequence token."""
+    def completed(self, trainer: Trainer, source: dict[str, list[int]], prompt: list[int],
+                  completion: list[int]) -> dict[str, list[int]]:
+        """A sampled example: the completion cut after its first end-of-sequence token, after the
+        teacher's own prompt too where it has one (`context`)."""
         eos = trainer.tokenizer.eos_token_id
         if eos in completion:
             completion = completion[: completion.index(eos) + 1]
-        return {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion, "sampled": True}
+        out = {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion, "sampled": True}
+        if "t_input_ids" in source:
+            own = source["t_input_ids"][: next(i for i, lab in enumerate(source["t_labels"]) if lab != IGNORE)]
+            out |= {"t_input_ids": own + completion, "t_labels": [IGNORE] * len(own) + completion}
+        return out
+
+    def teacher_prompt(self, prompt: str) -> str | None:
+        return self.cfg.kd.context_template.format(prompt=prompt) if self.cfg.onpolicy.context else None
 
     def prompt_source(self, trainer: Trainer, example: dict[str, list[int]], key: tuple[int, ...]) -> dict:
         """The example whose prompt is sampled in `example`'s place: with the trainer's focus
@@ -158,7 +173,7 @@ class OnPolicy(Objective):
                                         max_new_tokens=room, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id)  # the model's own defaults left out
             out = trainer.student.generate(torch.tensor([prompt], device=device), generation_config=settings)
-        return self.completed(trainer, prompt, out[0, len(prompt):].tolist())
+        return self.completed(trainer, example, prompt, out[0, len(prompt):].tolist())
 
     def divergence(self, trainer: Trainer, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         from distill import divergences
