@@ -91,7 +91,7 @@ teacher: venv  ## rebuild data/tiny and models/tiny (tokenizer, student, trained
 
 test: venv venv-vllm real-model  ## ruff, then the test suite: .venv, then the vLLM and real-model tests in .venv-vllm
 	$(VENV)/bin/ruff check distill jobs tests bench
-	$(PY) -m pytest -q -m "not vllm and not real"
+	$(PY) -m pytest -q -m "not vllm and not real" --durations=20
 	$(VENV_VLLM)/bin/python -m pytest -q -m "vllm or real" --durations=0
 
 test-slurm: venv  ## only the tests against the local SLURM cluster (make slurm-up first), with their figures

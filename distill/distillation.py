@@ -158,6 +158,7 @@ class Distiller:
         self.student: Any = None  # set by `attach`
         self.examples = examples
         self.focus = focus or ([], 0.0)  # the examples draws lean toward (`training.Focus`), and their share
+        self._engine: Any = None  # the vLLM engine following the student, once an objective asks for it
         self.objective = objectives.build(cfg)
         self.ranks = ranks or Ranks()
         self.vocab = len(tokenizer)
@@ -289,6 +290,14 @@ class Distiller:
                                             use_cache=False)
                 hidden = _rows(out.last_hidden_state, batch["positions"].to(out.last_hidden_state.device))
         return {"t_hidden": hidden.to(self.place.device)}
+
+    def policy_engine(self, kv_cache_gib: float) -> Any:
+        """A vLLM engine holding a copy of the student (`distill.policy_sampling`), built on first use."""
+        if self._engine is None:
+            from distill.policy_sampling import VLLMSampler
+
+            self._engine = VLLMSampler(self.student, self.place.precision, kv_cache_gib)
+        return self._engine
 
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return self.ranks.sum(value)

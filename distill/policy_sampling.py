@@ -14,10 +14,13 @@ engine from the checkpoint's weights, samples what the uninterrupted one did.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+from distill.errors import DistillError
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +52,9 @@ class VLLMSampler:
     def __init__(self, model: torch.nn.Module, precision: str, kv_cache_gib: float) -> None:
         from distill.generation import Engine, VLLMBackend
 
+        if importlib.util.find_spec("vllm") is None:
+            raise DistillError("train.onpolicy.sampler: vllm is not installed in this environment "
+                               "(make venv-vllm builds one that has it), or use sampler: transformers")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
         path = model.get_base_model().config.name_or_path if hasattr(model, "get_base_model") else \
             model.config.name_or_path

@@ -56,6 +56,10 @@ class Trainer(Protocol):
         """`value` summed over the ranks of a multi-process run (itself on one process)."""
         ...
 
+    def policy_engine(self, kv_cache_gib: float) -> Any:
+        """A vLLM engine that samples from the student's current weights (`sync`, `sample`)."""
+        ...
+
 
 class Objective:
     """What an objective adds to the student's cross-entropy, and what it needs for it.

@@ -14,17 +14,16 @@ What is sampled depends on (train.seed, step, micro-batch, example) alone: each 
 sampled on its own under its own seed, so a resumed run samples the same tokens, and several
 ranks sample what one process would. In an UNDO iteration a share of the sampled prompts may be
 the mined errors' (`undo.onpolicy_errors`): the student practises where it failed. Samples come
-from transformers' `generate` on the training device; a vLLM engine holding a copy of the
-weights is not used.
+from transformers' `generate` on the training device, one example at a time, or (`sampler:
+vllm`) from a vLLM engine the trainer keeps in step with the student's weights
+(`distill.policy_sampling`), a micro-batch's prompts at once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from distill.errors import DistillError
 from distill.objectives import IGNORE, ChunkKind, Objective, Teacher, Trainer
 
 if TYPE_CHECKING:
@@ -112,18 +111,12 @@ class OnPolicy(Objective):
     def sample_vllm(self, trainer: Trainer, sources: list[dict[str, list[int]]], seeds: list[int],
                     step: int) -> list[dict[str, list[int]]]:
         """The micro-batch's samples from the vLLM engine, synced to the student's weights first."""
-        from distill.policy_sampling import VLLMSampler
-
-        if getattr(self, "engine", None) is None:
-            if importlib.util.find_spec("vllm") is None:
-                raise DistillError("train.onpolicy.sampler: vllm is not installed in this environment "
-                                   "(make venv-vllm builds one that has it), or use sampler: transformers")
-            self.engine = VLLMSampler(trainer.student, trainer.place.precision, self.cfg.onpolicy.kv_cache_gib)
-        self.engine.sync(trainer.student, step)
+        engine = trainer.policy_engine(self.cfg.onpolicy.kv_cache_gib)
+        engine.sync(trainer.student, step)
         asked = [(j, *self.prompt_and_room(ex)) for j, ex in enumerate(sources)]
         asked = [(j, prompt, room) for j, prompt, room in asked if room >= 1]
         out = list(sources)
-        got = self.engine.sample([p for _, p, _ in asked], [seeds[j] for j, _, _ in asked], [r for _, _, r in asked],
+        got = engine.sample([p for _, p, _ in asked], [seeds[j] for j, _, _ in asked], [r for _, _, r in asked],
                                  self.cfg.onpolicy.temperature, trainer.tokenizer.eos_token_id)
         for (j, prompt, _), completion in zip(asked, got, strict=True):
             out[j] = self.completed(trainer, sources[j], prompt, completion)
