@@ -13,10 +13,10 @@ engine from the checkpoint's weights, samples what the uninterrupted one did.
 
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -65,7 +65,7 @@ class VLLMSampler:
         # holds) were not loaded: once per optimizer step, that buries the training log.
         for name in ("vllm.model_executor.model_loader.reload", "vllm.v1.core.block_pool"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        atexit.register(self.backend.close)
+        weakref.finalize(self, self.backend.close)  # the engine goes with the trainer that holds it
 
     def sync(self, model: torch.nn.Module, step: int) -> None:
         """The engine's weights made the student's, once per optimizer step."""
