@@ -44,6 +44,7 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
     """Train and evaluate one student per objective (per objective and seed, with `seeds`: each
     row is then the mean ± sd over the seeds, with every seed's value); the markdown table."""
     from distill.evaluation import EvalSettings, run_eval
+    from distill.generation import engine_for
     from distill.layout import RunPaths
 
     if not progress:
@@ -71,10 +72,12 @@ def compare(config: str | Path, names: list[str], overrides: list[str], steps: i
                                    *([f"train.seed={seed}"] if seed is not None else [])])
         models[label], rows[label] = trained(cfg, records, root / label, progress)
     split = base.eval.split
+    engine = engine_for(base, "student", logprobs=False)  # the students run as the eval stage runs them
     settings = EvalSettings(source=str(getattr(base.data, split)), limit=base.eval.limit,
-                            max_new_tokens=base.eval.max_new_tokens, prompt=base.prompt,
+                            max_new_tokens=base.eval.max_new_tokens, prompt=base.prompt, backend=engine.backend,
                             data=dataclasses.replace(base.data, test=None))
-    summaries = run_eval(settings, models, root / "eval", batch_size=base.eval.batch_size, progress=progress)
+    summaries = run_eval(settings, models, root / "eval", batch_size=base.eval.batch_size, engine=engine,
+                         progress=progress)
     for label, s in summaries.items():
         rows[label] |= {"accuracy": s["accuracy"], "n": s["n"], "tokens_mean": s["tokens_mean"]}
     if seeds:
