@@ -15,7 +15,7 @@ RUN_ARGS := $(if $(RUN),--run $(RUN)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $
             $(if $(NO_PLAN_CHECK),--no-plan-check) $(if $(ACCEPT_DATA_CHANGE),--accept-data-change) \
             $(if $(DRY_RUN),--dry-run)
 
-.PHONY: compare config-reference doctor tensorboard help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
+.PHONY: compare compare-real config-reference doctor tensorboard help venv venv-vllm real-model demo-real iter status demo undo baseline report teacher test test-slurm lint clean slurm-up slurm-down sbatch-iter sbatch-undo bench faults gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -152,6 +152,15 @@ OBJECTIVES ?= sft,kd,kd-offline,ekd,context,feature,onpolicy
 SEEDS ?= 0 1 2
 compare: venv  ## every objective in OBJECTIVES at equal steps on the run's iteration-0 data, over SEEDS (mean ± sd)
 	$(PY) -m distill compare --config $(CONFIG) --objectives $(OBJECTIVES) --seeds $(SEEDS)
+
+# SmolLM2 as its own teacher: the teacher of context distillation reads two solved problems
+# before the prompt, the student answers without them; on-policy, the student samples on vLLM.
+REAL_OBJECTIVES ?= sft,context,onpolicy-context
+REAL_CONTEXT ?= Solved example: Dan has 5 apples and buys 3 more. How many apples does he have now? Dan has 5 + 3 = 8 apples. The answer is 8. Solved example: A box holds 13 pencils and 4 are taken out. How many pencils are left? 13 - 4 = 9 pencils are left. The answer is 9. {prompt}
+compare-real: venv-vllm real-model  ## SmolLM2: REAL_OBJECTIVES over SEEDS on the REAL_CONFIG run's iteration-0 rationales (RUN=name, STEPS=n; iteration 0 first)
+	$(VENV_VLLM)/bin/python -m distill compare --config $(REAL_CONFIG) --objectives $(REAL_OBJECTIVES) --seeds $(SEEDS) \
+		--set train.onpolicy.sampler=vllm --set train.onpolicy.max_new_tokens=160 \
+		--set 'train.kd.context_template="$(REAL_CONTEXT)"' $(if $(RUN),--set name=$(RUN)) $(if $(STEPS),--steps $(STEPS))
 
 clean:  ## remove runs/ (keeps the virtualenv)
 	rm -rf runs
