@@ -55,10 +55,19 @@ class VLLMSampler:
         if importlib.util.find_spec("vllm") is None:
             raise DistillError("train.onpolicy.sampler: vllm is not installed in this environment "
                                "(make venv-vllm builds one that has it), or use sampler: transformers")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
         path = model.get_base_model().config.name_or_path if hasattr(model, "get_base_model") else \
             model.config.name_or_path
-        self.backend = VLLMBackend(path, Engine(backend="vllm", dtype=precision, kv_cache_gib=kv_cache_gib))
+        # The engine core in this process, this engine only: the variable is read when an engine is
+        # built, and other engines of the process (generation, evaluation) keep their own processes.
+        before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        try:
+            self.backend = VLLMBackend(path, Engine(backend="vllm", dtype=precision, kv_cache_gib=kv_cache_gib))
+        finally:
+            if before is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
         self.synced_step: int | None = None
         self.push_s = 0.0  # seconds spent pushing weights, for the log
         # Each push logs two INFO lines and warns that rotary embeddings (which no checkpoint

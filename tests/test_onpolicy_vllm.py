@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import pytest
 import torch
@@ -55,6 +56,7 @@ def test_pushed_weights_give_the_lora_student_s_own_greedy_tokens(tiny_world):
     assert after == greedy_hf() and after != before
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert sampler.push_s > 0
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # other engines keep their processes
 
 
 @pytest.mark.slow
