@@ -35,6 +35,11 @@ def seed_of(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+def prompt_end(labels: list[int]) -> int:
+    """Where an example's prompt ends: its first labelled position."""
+    return next(i for i, lab in enumerate(labels) if lab != IGNORE)
+
+
 class OnPolicy(Objective):
     logit_term = True
     presets = {
@@ -105,7 +110,7 @@ class OnPolicy(Objective):
 
     def prompt_and_room(self, example: dict[str, list[int]]) -> tuple[list[int], int]:
         """The example's prompt tokens, and how many tokens a completion of it may have."""
-        prompt = example["input_ids"][: next(i for i, lab in enumerate(example["labels"]) if lab != IGNORE)]
+        prompt = example["input_ids"][: prompt_end(example["labels"])]
         return prompt, min(self.cfg.onpolicy.max_new_tokens, self.cfg.max_length - len(prompt))
 
     def sample_vllm(self, trainer: Trainer, sources: list[dict[str, list[int]]], seeds: list[int],
@@ -113,11 +118,10 @@ class OnPolicy(Objective):
         """The micro-batch's samples from the vLLM engine, synced to the student's weights first."""
         engine = trainer.policy_engine(self.cfg.onpolicy.kv_cache_gib)
         engine.sync(trainer.student, step)
-        asked = [(j, *self.prompt_and_room(ex)) for j, ex in enumerate(sources)]
-        asked = [(j, prompt, room) for j, prompt, room in asked if room >= 1]
+        asked = [(j, prompt, room) for j, (prompt, room) in enumerate(map(self.prompt_and_room, sources)) if room >= 1]
         out = list(sources)
         got = engine.sample([p for _, p, _ in asked], [seeds[j] for j, _, _ in asked], [r for _, _, r in asked],
-                                 self.cfg.onpolicy.temperature, trainer.tokenizer.eos_token_id)
+                            self.cfg.onpolicy.temperature, trainer.tokenizer.eos_token_id)
         for (j, prompt, _), completion in zip(asked, got, strict=True):
             out[j] = self.completed(trainer, sources[j], prompt, completion)
         return out
@@ -131,7 +135,7 @@ class OnPolicy(Objective):
             completion = completion[: completion.index(eos) + 1]
         out = {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion, "sampled": True}
         if "t_input_ids" in source:
-            own = source["t_input_ids"][: next(i for i, lab in enumerate(source["t_labels"]) if lab != IGNORE)]
+            own = source["t_input_ids"][: prompt_end(source["t_labels"])]
             out |= {"t_input_ids": own + completion, "t_labels": [IGNORE] * len(own) + completion}
         return out
 
